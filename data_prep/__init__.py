@@ -1,0 +1,1 @@
+"""spineseg data_prep package."""

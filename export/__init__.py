@@ -1,0 +1,1 @@
+"""spineseg export package."""

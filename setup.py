@@ -1,0 +1,27 @@
+"""spineseg: segment spine T2 MRI (background, disc, vertebra) with TensorFlow."""
+import setuptools
+
+setuptools.setup(
+    name="spineseg",
+    version="0.1.0",
+    description="Spine T2 MRI segmentation: convert -> train -> export -> serve.",
+    python_requires=">=3.11",
+    packages=["data_prep", "trainer", "export"],
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "numpy>=1.26",
+        "nibabel>=5.2",
+        "absl-py>=2.1",
+        "pillow>=10.0",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
+    entry_points={
+        "console_scripts": [
+            "spine-convert=data_prep.convert:run",
+            "spine-train=trainer.main:run",
+            "spine-export=export.export_saved_model:run",
+            "spine-predict=export.predict:run",
+            "spine-evaluate=export.evaluate:run",
+        ]
+    },
+)

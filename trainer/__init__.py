@@ -1,0 +1,1 @@
+"""spineseg trainer package."""

@@ -1,0 +1,51 @@
+"""Exports a trained model directory as a self-contained SavedModel for serving.
+
+  spine-export --model_dir=runs/seed --export_dir=models/spineseg/1
+
+`--export_dir` is a numbered version folder (TF Serving's layout: base path / version).
+The SavedModel needs only TensorFlow to load; see `export/serving.py` for its signatures.
+"""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+
+_MODEL_DIR = flags.DEFINE_string(
+    "model_dir", None, help="Trained model directory holding best.keras and dataset.json.",
+    required=True)
+_EXPORT_DIR = flags.DEFINE_string(
+    "export_dir", None,
+    help="Version folder to write, e.g. models/spineseg/1 (last component a positive "
+    "integer, as TF Serving expects).", required=True)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, help="Replace an existing non-empty --export_dir.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  version = pathlib.Path(_EXPORT_DIR.value).name
+  if not version.isdigit() or int(version) < 1:
+    raise app.UsageError(
+        f"--export_dir={_EXPORT_DIR.value}: the last folder must be a version number "
+        f"(e.g. {_EXPORT_DIR.value}/1), found {version!r}")
+  # Imported here so that --help and flag errors do not pay for loading TensorFlow.
+  from export import serving  # pylint: disable=g-import-not-at-top
+  try:
+    out = serving.export(_MODEL_DIR.value, _EXPORT_DIR.value, overwrite=_OVERWRITE.value)
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    print(f"spine-export: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"spine-export: wrote SavedModel to {out} (signatures: "
+        f"{', '.join(serving.SIGNATURES)})")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,296 @@
+"""The serving graph: a tf.Module around the trained Keras model, preprocessing in-graph.
+
+A client sends raw pixels; the graph runs the training preprocessing (the TF twins in
+`data_prep.preprocess`: normalization, aspect-preserving resize and pad to the square
+`image_size`), the model, a float32 softmax, and maps the probabilities back to the
+client's geometry. The normalization method and `image_size` are read from the model
+directory's `dataset.json` at export time and baked in as constants, so the SavedModel
+needs no project code and no custom objects to load.
+
+Signatures (inputs -> outputs):
+  serving_default   images float32 [N,H,W,1] (any H, W; one size per call), statistics
+                    per image -> probabilities float32 [N,H,W,3], mask uint8 [N,H,W].
+  segment_uint8     same, for uint8 pixels (a gRPC client sending 8-bit images).
+  segment_uint16    same, for uint16 pixels (16-bit PNG/DICOM-like intensities).
+  segment_volume    images float32 [S,H,W,1], the sagittal slices of ONE volume;
+                    normalization statistics over the whole volume, as the converter does
+                    for NIfTI -> same outputs. The model runs in chunks of VOLUME_CHUNK.
+  segment_png       png string [N] of 1-channel (grayscale) 8- or 16-bit PNGs, sizes may
+                    differ -> probabilities [N,Hmax,Wmax,3], mask [N,Hmax,Wmax] (zero-padded
+                    at the bottom/right beyond each image), height/width int32 [N].
+  segment_examples  serialized tf.Examples of `data_prep.schema` [N] -> probabilities
+                    [N,S,S,3] and mask [N,S,S] in the stored square geometry;
+                    original_mask [N,Hmax,Wmax] uint8 at each slice's original geometry
+                    (zero-padded), original_height/original_width int32 [N]; case_id
+                    string [N], slice_index int64 [N].
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from data_prep import manifest as manifest_lib
+from data_prep import preprocess
+from data_prep import schema
+
+# Slices per model call inside `segment_volume`: bounds memory for long volumes.
+VOLUME_CHUNK = 16
+MODEL_FILE = "best.keras"
+# Written next to the SavedModel (TF Serving ignores assets.extra): what was exported.
+METADATA_FILE = "assets.extra/spineseg.json"
+SIGNATURES = ("serving_default", "segment_uint8", "segment_uint16", "segment_volume",
+              "segment_png", "segment_examples")
+
+
+def _pad_to(x: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+  """Zero-pads [h, w, ...] at the bottom/right to [height, width, ...]."""
+  h, w = tf.shape(x)[0], tf.shape(x)[1]
+  rank = len(x.shape)
+  paddings = [[0, height - h], [0, width - w]] + [[0, 0]] * (rank - 2)
+  return tf.pad(x, paddings)
+
+
+class SegmentationModule(tf.Module):
+  """Keras segmentation model plus its preprocessing, with serving signatures."""
+
+  def __init__(self, model: keras.Model, *, image_size: int, norm_method: str,
+               num_classes: int = 3):
+    """Wraps `model` (float logits [N,S,S,num_classes] from [N,S,S,1]).
+
+    Raises:
+      ValueError: for an unknown normalization method or a bad image size.
+    """
+    super().__init__(name="spineseg")
+    if norm_method not in preprocess.NORMALIZATIONS:
+      raise ValueError(f"unknown normalization {norm_method!r}; expected one of "
+                       f"{preprocess.NORMALIZATIONS}")
+    if int(image_size) < 1:
+      raise ValueError(f"image_size must be positive, found {image_size}")
+    self.model = model
+    self._size = int(image_size)
+    self._method = norm_method
+    self._classes = int(num_classes)
+
+  # --------------------------------------------------------------- building blocks
+
+  def _probabilities_square(self, squares: tf.Tensor) -> tf.Tensor:
+    # A mixed-precision model may return float16 logits; the contract is float32 out.
+    logits = self.model(squares, training=False)
+    return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+
+  def _probabilities_chunked(self, squares: tf.Tensor) -> tf.Tensor:
+    n = tf.shape(squares)[0]
+    k = VOLUME_CHUNK
+    padded = tf.pad(squares, [[0, (n + k - 1) // k * k - n], [0, 0], [0, 0], [0, 0]])
+    chunks = tf.reshape(padded, [-1, k, self._size, self._size, 1])
+    probs = tf.map_fn(
+        self._probabilities_square, chunks,
+        fn_output_signature=tf.TensorSpec([k, self._size, self._size, self._classes],
+                                          tf.float32))
+    return tf.reshape(probs, [-1, self._size, self._size, self._classes])[:n]
+
+  def preprocess(self, images: tf.Tensor, per_image: bool = True):
+    """Raw [N,H,W,1] pixels -> (squares [N,S,S,1] float32, geometry dict)."""
+    x = tf.cast(images, tf.float32)
+    offset, scale = preprocess.tf_normalization_params(x, self._method, per_image)
+    normalized = preprocess.tf_apply_normalization(x, self._method, offset, scale)
+    # Padding holds the normalized value of a raw 0 (air), as in the converter.
+    pad = preprocess.tf_apply_normalization(tf.zeros_like(offset), self._method, offset,
+                                            scale)
+    geometry = preprocess.tf_fit_geometry(tf.shape(x)[1], tf.shape(x)[2], self._size)
+    return preprocess.tf_fit_images(normalized, geometry, self._size, pad), geometry
+
+  def _segment(self, images: tf.Tensor, per_image: bool = True,
+               chunked: bool = False) -> dict[str, tf.Tensor]:
+    squares, geometry = self.preprocess(images, per_image)
+    if chunked:
+      probs_square = self._probabilities_chunked(squares)
+    else:
+      probs_square = self._probabilities_square(squares)
+    # Bilinear resampling of probabilities keeps them summing to one (convex weights).
+    probs = preprocess.tf_unfit(probs_square, geometry, tf.shape(images)[1],
+                                tf.shape(images)[2])
+    return {"probabilities": probs, "mask": tf.cast(tf.argmax(probs, axis=-1), tf.uint8)}
+
+  def _decode_png(self, png: tf.Tensor) -> tf.Tensor:
+    # Decode as 16 bit, then undo libpng's 8->16 bit expansion (v * 257) for 8-bit files,
+    # so 8-bit PNGs give the same numbers as the converter's reader (matters for
+    # "divide255"). The bit depth is byte 24 of every PNG (first chunk IHDR).
+    depth = tf.io.decode_raw(tf.strings.substr(png, 24, 1), tf.uint8)[0]
+    image = tf.io.decode_png(png, channels=0, dtype=tf.uint16)
+    tf.debugging.assert_equal(
+        tf.shape(image)[-1], 1,
+        message="segment_png expects 1-channel grayscale PNGs; found another channel count")
+    image = tf.cast(image, tf.float32)
+    return tf.where(depth <= 8, tf.round(image / 257.0), image)
+
+  # --------------------------------------------------------------------- signatures
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32,
+                                              name="images")])
+  def serve_float32(self, images):
+    return self._segment(images)
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.uint8,
+                                              name="images")])
+  def serve_uint8(self, images):
+    return self._segment(images)
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.uint16,
+                                              name="images")])
+  def serve_uint16(self, images):
+    return self._segment(images)
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32,
+                                              name="images")])
+  def segment_volume(self, images):
+    return self._segment(images, per_image=False, chunked=True)
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="png")])
+  def segment_png(self, png):
+    def header_int(offset):
+      raw = tf.strings.substr(png, offset, 4)
+      return tf.reshape(tf.io.decode_raw(raw, tf.int32, little_endian=False), [-1])
+
+    # Every PNG starts with IHDR: width at byte 16, height at 20 (big-endian).
+    widths, heights = header_int(16), header_int(20)
+    max_h, max_w = tf.reduce_max(heights), tf.reduce_max(widths)
+
+    def one(encoded):
+      out = self._segment(self._decode_png(encoded)[None])
+      return {"probabilities": _pad_to(out["probabilities"][0], max_h, max_w),
+              "mask": _pad_to(out["mask"][0], max_h, max_w)}
+
+    out = tf.map_fn(one, png, fn_output_signature={
+        "probabilities": tf.TensorSpec([None, None, self._classes], tf.float32),
+        "mask": tf.TensorSpec([None, None], tf.uint8)})
+    out.update(height=heights, width=widths)
+    return out
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+  def segment_examples(self, examples):
+    def parse(serialized):
+      f = schema.parse_example(serialized, self._size)
+      return (f["image"], tf.cast(f["geometry"], tf.int32), f["norm_method"],
+              f["case_id"], f["slice_index"])
+
+    images, geometry, methods, case_ids, slice_index = tf.map_fn(
+        parse, examples, fn_output_signature=(
+            tf.TensorSpec([self._size, self._size, 1], tf.float32),
+            tf.TensorSpec([6], tf.int32), tf.TensorSpec([], tf.string),
+            tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64)))
+    # Examples normalized another way would be silently mis-segmented: refuse them.
+    tf.debugging.assert_equal(
+        methods, tf.fill(tf.shape(methods), self._method),
+        message=f"segment_examples: examples are not normalized with {self._method!r}")
+    probs = self._probabilities_square(images)
+    max_h, max_w = tf.reduce_max(geometry[:, 0]), tf.reduce_max(geometry[:, 1])
+
+    def unfit(args):
+      p, g = args
+      geo = {"resized_height": g[2], "resized_width": g[3], "pad_top": g[4],
+             "pad_left": g[5]}
+      original = preprocess.tf_unfit(p[None], geo, g[0], g[1])[0]
+      return _pad_to(tf.cast(tf.argmax(original, axis=-1), tf.uint8), max_h, max_w)
+
+    original_mask = tf.map_fn(unfit, (probs, geometry),
+                              fn_output_signature=tf.TensorSpec([None, None], tf.uint8))
+    return {"probabilities": probs, "mask": tf.cast(tf.argmax(probs, axis=-1), tf.uint8),
+            "original_mask": original_mask, "original_height": geometry[:, 0],
+            "original_width": geometry[:, 1], "case_id": case_ids,
+            "slice_index": slice_index}
+
+  def signatures(self) -> dict[str, Any]:
+    """Concrete functions keyed by signature name, for `tf.saved_model.save`."""
+    return {
+        "serving_default": self.serve_float32.get_concrete_function(),
+        "segment_uint8": self.serve_uint8.get_concrete_function(),
+        "segment_uint16": self.serve_uint16.get_concrete_function(),
+        "segment_volume": self.segment_volume.get_concrete_function(),
+        "segment_png": self.segment_png.get_concrete_function(),
+        "segment_examples": self.segment_examples.get_concrete_function(),
+    }
+
+
+# ------------------------------------------------------------------------ export
+
+def load_model_dir(model_dir: str | os.PathLike) -> tuple[keras.Model, dict[str, Any]]:
+  """Loads `best.keras` and the dataset manifest of a trained model directory.
+
+  Raises:
+    FileNotFoundError: the directory, its model or its dataset.json is missing.
+    ValueError: the manifest is invalid.
+  """
+  model_dir = pathlib.Path(model_dir)
+  if not model_dir.is_dir():
+    raise FileNotFoundError(f"{model_dir}: no such model directory")
+  model_path = model_dir / MODEL_FILE
+  if not model_path.is_file():
+    raise FileNotFoundError(f"{model_path}: missing; expected a spine-train output "
+                            f"directory holding {MODEL_FILE} and {schema.MANIFEST_NAME}")
+  if not manifest_lib.path_of(model_dir).is_file():
+    raise FileNotFoundError(f"{manifest_lib.path_of(model_dir)}: missing; the model "
+                            "directory must hold a copy of the dataset manifest")
+  manifest = manifest_lib.load(model_dir)
+  model = keras.models.load_model(model_path, compile=False)
+  return model, manifest
+
+
+def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
+           overwrite: bool = False) -> pathlib.Path:
+  """Exports the model of `model_dir` as a SavedModel in `export_dir` (a version folder).
+
+  The SavedModel is written to a temporary sibling folder and renamed into place, so a
+  failed export leaves nothing behind.
+
+  Args:
+    model_dir: a trained model directory (best.keras + dataset.json).
+    export_dir: the target, e.g. `models/spineseg/1` (TF Serving's version layout).
+    overwrite: replace an existing non-empty `export_dir`.
+
+  Returns:
+    The export directory.
+
+  Raises:
+    FileExistsError: `export_dir` exists, is not empty, and `overwrite` is False.
+    FileNotFoundError, ValueError: see `load_model_dir`.
+  """
+  export_dir = pathlib.Path(export_dir)
+  if export_dir.exists() and (not export_dir.is_dir() or any(export_dir.iterdir())):
+    if not overwrite:
+      raise FileExistsError(f"{export_dir}: exists and is not empty; pass --overwrite "
+                            "to replace it")
+  model, manifest = load_model_dir(model_dir)
+  norm = manifest["normalization"]
+  module = SegmentationModule(model, image_size=int(manifest["image_size"]),
+                              norm_method=norm["method"],
+                              num_classes=int(manifest["num_classes"]))
+  export_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-",
+                                      dir=export_dir.parent))
+  try:
+    tf.saved_model.save(module, str(tmp), signatures=module.signatures())
+    metadata = {"model_dir": str(pathlib.Path(model_dir).resolve()),
+                "image_size": int(manifest["image_size"]), "normalization": norm,
+                "num_classes": int(manifest["num_classes"]),
+                "labels": manifest.get("labels", manifest_lib.LABELS),
+                "volume_chunk": VOLUME_CHUNK, "signatures": list(SIGNATURES),
+                "tensorflow_version": tf.__version__}
+    (tmp / "assets.extra").mkdir(exist_ok=True)
+    (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    if export_dir.is_dir():
+      shutil.rmtree(export_dir)
+    elif export_dir.exists():
+      export_dir.unlink()
+    os.replace(tmp, export_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return export_dir

@@ -1,0 +1,436 @@
+"""Deterministic conversion: split by case, sharded writing (temp + rename), manifest last.
+
+`convert_dataset` is the library behind `spine-convert`. Cases are processed in parallel
+(`slices.process_case` in "spawn" worker processes: TensorFlow is not fork-safe) but their
+results are consumed in case-id order with at most two cases per worker in flight, so
+memory stays bounded by a few cases whatever the dataset size, and the shards are
+byte-identical whatever `num_workers` is.
+
+Splits are drawn over case groups (a volume, a 2D file, or the group `case_id_regex`
+extracts): groups are ordered by SHA-256 of "seed:group", the first ones go to test, the
+next to val, the rest to train. A case whose slices are all pruned leaves its split that
+much smaller.
+
+Everything is written into a hidden temporary folder inside the output directory; only
+after every case succeeded are the shards renamed into place, and `dataset.json` (whose
+presence marks a finished dataset) is written last.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import multiprocessing
+import os
+import pathlib
+import re
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Optional, Sequence
+
+from data_prep import manifest as manifest_lib
+from data_prep import preprocess, readers, schema, slices
+
+DEFAULT_EXAMPLES_PER_SHARD = 512  # ~170 MB shards at 256 px: large reads, few files.
+COMPRESSIONS = ("none", "gzip")
+_TMP_PREFIX = ".spine-convert-tmp-"
+
+
+class ConversionError(RuntimeError):
+  """A fatal problem with the inputs or the output directory; the message says what."""
+
+
+def assign_splits(groups: Sequence[str], val_fraction: float, test_fraction: float,
+                  seed: int) -> dict[str, str]:
+  """Maps each case group to "train", "val" or "test", deterministically from `seed`.
+
+  Each non-zero fraction gets at least one group when there are two groups or more, and
+  train keeps at least one.
+  """
+  order = sorted(set(groups),
+                 key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+  n = len(order)
+
+  def count(fraction: float) -> int:
+    return 0 if fraction <= 0 or n < 2 else max(1, int(n * fraction + 0.5))
+
+  n_test = min(count(test_fraction), max(n - 1, 0))
+  n_val = min(count(val_fraction), max(n - 1 - n_test, 0))
+  return {g: ("test" if i < n_test else "val" if i < n_test + n_val else "train")
+          for i, g in enumerate(order)}
+
+
+def group_of(case_id: str, case_id_regex: Optional[str]) -> str:
+  """The split group of a case: the regex's first group (or whole match), else the id."""
+  if not case_id_regex:
+    return case_id
+  m = re.search(case_id_regex, case_id)
+  if not m:
+    raise ConversionError(f"case id {case_id!r} does not match --case_id_regex "
+                          f"{case_id_regex!r}")
+  return m.group(1) if m.groups() else m.group(0)
+
+
+class _ShardSet:
+  """Writes one split's examples into temporary shard files, named only at the end."""
+
+  def __init__(self, tmp_dir: Optional[pathlib.Path], split: str,
+               num_shards: Optional[int], examples_per_shard: Optional[int],
+               compression: str):
+    self.tmp_dir, self.split = tmp_dir, split
+    self.num_shards, self.per_shard = num_shards, examples_per_shard
+    self.options = "GZIP" if compression == "gzip" else ""
+    self.counts: list[int] = [0] * (num_shards or 0)
+    self.writers: dict[int, Any] = {}
+    self.total = 0
+
+  def _writer(self, index: int):
+    import tensorflow as tf  # Only the parent writes; workers never touch TF I/O.
+    if index not in self.writers:
+      self.writers[index] = tf.io.TFRecordWriter(str(self._tmp(index)), self.options)
+    return self.writers[index]
+
+  def _tmp(self, index: int) -> pathlib.Path:
+    return self.tmp_dir / f"{self.split}-{index:05d}.part"
+
+  def add(self, serialized: bytes) -> None:
+    if self.num_shards:  # Round robin: every shard gets a similar mix of cases.
+      index = self.total % self.num_shards
+    else:
+      index = self.total // self.per_shard
+      if index >= len(self.counts):
+        if index - 1 in self.writers:
+          self.writers.pop(index - 1).close()
+        self.counts.append(0)
+    self.counts[index] += 1
+    self.total += 1
+    if self.tmp_dir is not None:
+      self._writer(index).write(serialized)
+
+  def finish(self) -> list[tuple[pathlib.Path, str, int]]:
+    """Closes the files; returns (temporary path, final name, examples) per shard."""
+    if self.tmp_dir is not None and self.num_shards:
+      for index in range(self.num_shards):  # Empty shards still exist as empty files.
+        self._writer(index)
+    for w in self.writers.values():
+      w.close()
+    self.writers = {}
+    n = len(self.counts) if self.total else 0
+    return [(self._tmp(i), schema.shard_name(self.split, i, n), self.counts[i])
+            for i in range(n)]
+
+
+def _sha256(path: pathlib.Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+class _Progress:
+  """A one-line progress bar with ETA on stderr."""
+
+  def __init__(self, total: int, enabled: bool):
+    self.total, self.enabled = total, enabled
+    self.start = self.last = time.monotonic()
+
+  def update(self, done: int, written: int, force: bool = False) -> None:
+    now = time.monotonic()
+    if not self.enabled or (not force and now - self.last < 0.2):
+      return
+    self.last = now
+    elapsed = max(now - self.start, 1e-9)
+    eta = (self.total - done) * elapsed / done if done else 0.0
+    filled = int(30 * done / max(self.total, 1))
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} cases "
+                     f"{written} slices {written / elapsed:.1f} slices/s "
+                     f"ETA {int(eta) // 60}:{int(eta) % 60:02d} ")
+    if done == self.total:
+      sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _work(args) -> slices.CaseResult:
+  image_path, mask_path, kwargs = args
+  return slices.process_case(image_path, mask_path, **kwargs)
+
+
+def _results(tasks: list, num_workers: int):
+  """Yields results in task order with at most 2 tasks per worker in flight."""
+  if num_workers <= 1 or len(tasks) <= 1:
+    yield from map(_work, tasks)  # No pool: no process start-up cost for small jobs.
+    return
+  ctx = multiprocessing.get_context("spawn")
+  with ctx.Pool(num_workers) as pool:
+    pending: collections.deque = collections.deque()
+    it = iter(tasks)
+    for task in it:
+      pending.append(pool.apply_async(_work, (task,)))
+      if len(pending) >= 2 * num_workers:
+        break
+    while pending:
+      result = pending.popleft().get()
+      nxt = next(it, None)
+      if nxt is not None:
+        pending.append(pool.apply_async(_work, (nxt,)))
+      yield result
+
+
+def _check_options(image_size, normalization, compression, val_fraction, test_fraction,
+                   num_shards, examples_per_shard, num_workers, required_labels):
+  if image_size < 8:
+    raise ValueError(f"image_size must be at least 8, found {image_size}")
+  if normalization not in preprocess.NORMALIZATIONS:
+    raise ValueError(f"normalization must be one of {preprocess.NORMALIZATIONS}, found "
+                     f"{normalization!r}")
+  if compression not in COMPRESSIONS:
+    raise ValueError(f"compression must be one of {COMPRESSIONS}, found {compression!r}")
+  if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1
+          and val_fraction + test_fraction < 1):
+    raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) "
+                     "must be in [0, 1) and sum to less than 1")
+  if num_shards is not None and examples_per_shard is not None:
+    raise ValueError("give num_shards or examples_per_shard, not both")
+  if (num_shards is not None and num_shards < 1) or (
+      examples_per_shard is not None and examples_per_shard < 1):
+    raise ValueError("num_shards and examples_per_shard must be positive")
+  if num_workers < 1:
+    raise ValueError(f"num_workers must be positive, found {num_workers}")
+  bad = [x for x in required_labels if not 0 <= x < slices.NUM_CLASSES]
+  if bad:
+    raise ValueError(f"required_labels {bad} are not class ids 0..{slices.NUM_CLASSES - 1}")
+
+
+def _prepare_output(output_dir: pathlib.Path, overwrite: bool) -> None:
+  if output_dir.exists() and not output_dir.is_dir():
+    raise ConversionError(f"{output_dir}: output path exists and is not a directory")
+  if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+    raise ConversionError(f"{output_dir}: output directory is not empty; pass --overwrite "
+                          "to replace the dataset in it")
+  output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _publish(output_dir: pathlib.Path, staged: list[tuple[pathlib.Path, str]],
+             manifest: dict) -> None:
+  """Replaces an old dataset by the staged shards; the manifest goes last."""
+  old = manifest_lib.path_of(output_dir)
+  if old.exists():  # First, so a half-replaced dataset never looks finished.
+    old.unlink()
+  for split in schema.SPLITS:
+    for p in output_dir.glob(schema.shard_pattern(split)):
+      p.unlink()
+  for tmp, name in staged:
+    os.replace(tmp, output_dir / name)
+  manifest_lib.write_json_atomic(old, manifest)
+
+
+def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
+                    required_labels: Sequence[int] = (0, 1, 2),
+                    label_map: Optional[str] = None, val_fraction: float = 0.2,
+                    test_fraction: float = 0.0, seed: int = 0,
+                    num_shards: Optional[int] = None,
+                    examples_per_shard: Optional[int] = None, image_size: int = 256,
+                    normalization: str = "percentile", num_workers: Optional[int] = None,
+                    compression: str = "none", overwrite: bool = False,
+                    dry_run: bool = False, strict: bool = False,
+                    case_id_regex: Optional[str] = None,
+                    progress: bool = True) -> dict[str, Any]:
+  """Converts paired image/mask folders into sharded TFRecords plus `dataset.json`.
+
+  Args:
+    images_dir, masks_dir: source folders (2D images + .npy/PNG masks, or NIfTI).
+    output_dir: destination; must be empty or absent unless `overwrite`.
+    required_labels: keep only slices whose mask holds all of these (empty: keep all).
+    label_map: "SRC:DST,LO-HI:DST,..." collapsing source ids before filtering.
+    val_fraction, test_fraction, seed: split of the case groups.
+    num_shards, examples_per_shard: shards per split, or examples per shard (at most
+      one; default DEFAULT_EXAMPLES_PER_SHARD examples per shard).
+    image_size: side of the stored squares.
+    normalization: one of `preprocess.NORMALIZATIONS`.
+    num_workers: worker processes (default: all cores).
+    compression: "none" or "gzip" (TFRecord compression; names keep `.tfrecord`).
+    overwrite: replace the dataset in a non-empty `output_dir`.
+    dry_run: process everything but write nothing; the returned manifest tells what
+      would be written (its shards have no sha256).
+    strict: fail on any skipped file (orphan, unreadable or mismatched pair).
+    case_id_regex: groups cases for splitting (first group, or the whole match).
+    progress: draw a progress bar on stderr.
+
+  Returns:
+    The manifest (as written to `dataset.json`, plus "dry_run").
+
+  Raises:
+    ValueError: contradictory or unknown options.
+    readers.InputError: missing or empty input directories.
+    ConversionError: no pairs, everything pruned, a label error, --strict violations, or
+      an output directory that may not be written.
+  """
+  required_labels = sorted(set(int(x) for x in required_labels))
+  num_workers = num_workers or os.cpu_count() or 1
+  _check_options(image_size, normalization, compression, val_fraction, test_fraction,
+                 num_shards, examples_per_shard, num_workers, required_labels)
+  if num_shards is None and examples_per_shard is None:
+    examples_per_shard = DEFAULT_EXAMPLES_PER_SHARD
+  mapping = slices.parse_label_map(label_map)
+  if case_id_regex:
+    re.compile(case_id_regex)
+  pairs, orphans = readers.pair_files(images_dir, masks_dir)
+  if strict and orphans:
+    raise ConversionError(f"--strict: {len(orphans)} unpaired file(s), first "
+                          f"{orphans[0][0]}: {orphans[0][1]}")
+  if not pairs:
+    example = f", e.g. {orphans[0][0]}: {orphans[0][1]}" if orphans else ""
+    raise ConversionError(f"no image/mask pairs found between {images_dir} and "
+                          f"{masks_dir} ({len(orphans)} unpaired files{example})")
+  kinds = {"3d" if readers.is_nifti(p[1]) else "2d" for p in pairs}
+  if len(kinds) > 1:
+    raise ConversionError(f"{images_dir}: mixes 2D images and NIfTI volumes; convert them "
+                          "separately (their normalization differs: per image vs volume)")
+  groups = {cid: group_of(cid, case_id_regex) for cid, _, _ in pairs}
+  split_of = assign_splits(list(groups.values()), val_fraction, test_fraction, seed)
+
+  out = pathlib.Path(output_dir)
+  tmp_dir = None
+  if not dry_run:
+    _prepare_output(out, overwrite)
+    tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out))
+  try:
+    shard_sets = {s: _ShardSet(tmp_dir, s, num_shards, examples_per_shard, compression)
+                  for s in schema.SPLITS}
+    kwargs = dict(image_size=image_size, normalization=normalization,
+                  required_labels=required_labels, label_map=mapping)
+    tasks = [(img, msk, kwargs) for _, img, msk in pairs]
+    bar = _Progress(len(tasks), progress)
+    acc = _Accumulator(split_of, groups)
+    for done, result in enumerate(_results(tasks, min(num_workers, len(tasks))), 1):
+      if result.fatal:
+        raise ConversionError(result.fatal)
+      if result.error and strict:
+        raise ConversionError(f"--strict: {result.error}")
+      split = split_of[groups[result.case_id]]
+      for _, serialized in result.examples:
+        shard_sets[split].add(serialized)
+      acc.add(result, split)
+      bar.update(done, acc.slices_written, force=done == len(tasks))
+    if acc.slices_written == 0:
+      raise ConversionError(
+          f"every slice was pruned or skipped ({len(pairs)} pairs, "
+          f"{len(acc.skipped_slices)} slices without labels {required_labels}, "
+          f"{len(acc.failed)} unusable cases); nothing to write. Check --required_labels "
+          "and --label_map")
+    staged, split_info = [], {}
+    for split, shard_set in shard_sets.items():
+      shards = []
+      for tmp, name, count in shard_set.finish():
+        entry = {"file": name, "examples": count}
+        if not dry_run:
+          entry["sha256"] = _sha256(tmp)
+          staged.append((tmp, name))
+        shards.append(entry)
+      split_info[split] = {"cases": acc.cases_per_split[split],
+                           "slices": shard_set.total, "shards": shards}
+    flags = dict(images_dir=str(images_dir), masks_dir=str(masks_dir),
+                 output_dir=str(output_dir), required_labels=required_labels,
+                 label_map=label_map or "", val_fraction=val_fraction,
+                 test_fraction=test_fraction, seed=seed, num_shards=num_shards,
+                 examples_per_shard=examples_per_shard, image_size=image_size,
+                 normalization=normalization, compression=compression, strict=strict,
+                 case_id_regex=case_id_regex or "")
+    manifest = acc.manifest(flags, split_info, orphans, kinds.pop(), image_size,
+                            normalization, compression)
+    if not dry_run:
+      _publish(out, staged, manifest)
+    return dict(manifest, dry_run=dry_run)
+  finally:
+    if tmp_dir is not None:
+      shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+class _Accumulator:
+  """Collects per-case results into the manifest's statistics and skip lists."""
+
+  def __init__(self, split_of: dict[str, str], groups: dict[str, str]):
+    self.split_of, self.groups = split_of, groups
+    self.cases: list[dict] = []
+    self.failed: list[dict] = []
+    self.skipped_slices: list[dict] = []
+    self.cases_per_split = {s: 0 for s in schema.SPLITS}
+    self.class_counts = {s: [0] * slices.NUM_CLASSES for s in schema.SPLITS}
+    self.raw: list[float] = []
+    self.stored: list[float] = []
+    self.slices_written = 0
+
+  def add(self, r: slices.CaseResult, split: str) -> None:
+    if r.error:
+      self.failed.append({"path": r.image_path, "reason": r.error})
+      return
+    self.skipped_slices += [{"case_id": r.case_id, "slice_index": i,
+                             "source": r.image_path, "reason": why}
+                            for i, why in r.skipped_slices]
+    if r.examples:
+      self.cases_per_split[split] += 1
+    self.slices_written += len(r.examples)
+    self.class_counts[split] = [a + b for a, b in zip(self.class_counts[split],
+                                                       r.class_counts)]
+    self.raw = slices.merge_stats(self.raw, r.raw_stats)
+    self.stored = slices.merge_stats(self.stored, r.stored_stats)
+    self.cases.append({
+        "id": r.case_id, "group": self.groups[r.case_id], "split": split,
+        "kind": r.kind, "image": r.image_path, "mask": r.mask_path,
+        "shape": list(r.shape), "spacing": list(r.spacing),
+        "slices_kept": [i for i, _ in r.examples],
+        "normalization": {"offset": r.norm_offset, "scale": r.norm_scale}})
+
+  def manifest(self, flags, split_info, orphans, kind, image_size, normalization,
+               compression) -> dict[str, Any]:
+    def freqs(counts):
+      total = sum(counts)
+      return [c / total if total else 0.0 for c in counts]
+
+    all_counts = [sum(c) for c in zip(*self.class_counts.values())]
+    return {
+        "format_version": schema.FORMAT_VERSION,
+        "image_size": image_size,
+        "num_classes": slices.NUM_CLASSES,
+        "labels": dict(manifest_lib.LABELS),
+        "normalization": {"method": normalization,
+                          "per": "volume" if kind == "3d" else "image",
+                          "percentiles": list(preprocess.PERCENTILES)},
+        "compression": compression,
+        "input_kind": kind,
+        "splits": split_info,
+        "flags": flags,
+        "class_pixel_counts": dict(self.class_counts, all=all_counts),
+        "class_pixel_frequencies": {**{s: freqs(c) for s, c in self.class_counts.items()},
+                                    "all": freqs(all_counts)},
+        "intensity_statistics": {"raw": slices.describe_stats(self.raw),
+                                 "stored": slices.describe_stats(self.stored)},
+        "cases": self.cases,
+        "skipped": {"files": [{"path": p, "reason": why} for p, why in orphans]
+                             + self.failed,
+                    "slices": self.skipped_slices},
+        "totals": {"pairs": len(self.cases) + len(self.failed),
+                   "cases_converted": sum(self.cases_per_split.values()),
+                   "slices_written": self.slices_written,
+                   "slices_skipped": len(self.skipped_slices),
+                   "files_skipped": len(orphans) + len(self.failed)},
+    }
+
+
+def format_summary(manifest: dict[str, Any]) -> str:
+  """A short human-readable summary of a conversion."""
+  t = manifest["totals"]
+  lines = [f"{'would write' if manifest.get('dry_run') else 'wrote'} "
+           f"{t['slices_written']} slices from {t['cases_converted']} cases "
+           f"({t['slices_skipped']} slices pruned, {t['files_skipped']} files skipped)"]
+  for split, info in manifest["splits"].items():
+    lines.append(f"  {split:5s}: {info['cases']} cases, {info['slices']} slices, "
+                 f"{len(info['shards'])} shards")
+  freq = ", ".join(f"{manifest['labels'][str(i)]} {f:.3f}"
+                   for i, f in enumerate(manifest["class_pixel_frequencies"]["all"]))
+  lines.append(f"  class pixel frequencies: {freq}")
+  for f in manifest["skipped"]["files"]:
+    lines.append(f"  skipped file {f['path']}: {f['reason']}")
+  return "\n".join(lines)

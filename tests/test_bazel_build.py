@@ -1,0 +1,52 @@
+"""BUILD is generated from the imports of the tree; it must be current and exact."""
+import importlib.util
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _gen_build():
+  spec = importlib.util.spec_from_file_location("gen_build",
+                                                REPO / "tools" / "bazel" / "gen_build.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _write(root, files):
+  for name, text in files.items():
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_deps_follow_imports(tmp_path):
+  _write(tmp_path, {
+      "data_prep/__init__.py": "",
+      "data_prep/schema.py": "import numpy as np\n",
+      "data_prep/phantom.py": "from data_prep import schema as s\nimport os\n",
+      "trainer/__init__.py": "",
+      "trainer/main.py": "import data_prep.phantom\nfrom trainer import nothing_here\n",
+      "export/__init__.py": "",
+      "tests/test_x.py": "from trainer import main\nimport pytest\n",
+  })
+  build = _gen_build().render(tmp_path)
+  phantom = build[build.index('name = "data_prep_phantom"'):].split(")\n")[0]
+  assert '":data_prep_schema"' in phantom and '":data_prep"' in phantom
+  main = build[build.index('name = "trainer_main"'):].split(")\n")[0]
+  # A name that is not a module (here a missing one) falls back to the package.
+  assert '":data_prep_phantom"' in main and '":trainer"' in main
+  assert ":numpy" not in build and ":os" not in build
+  assert 'name = "spine-train"' in build and 'name = "spine-phantom"' in build
+  assert 'name = "spine-convert"' not in build  # its module does not exist here
+  test = build[build.index('name = "test_x"'):].split(")\n")[0]
+  assert '"$(location tests/test_x.py)"' in test and '":trainer_main"' in test
+
+
+def test_build_file_is_current():
+  gen = _gen_build()
+  expected = gen.render(REPO)
+  actual = (REPO / "BUILD").read_text()
+  assert actual == expected, (
+      "BUILD is stale (a module, import or test changed): run "
+      "`.venv/bin/python tools/bazel/gen_build.py` and commit BUILD")

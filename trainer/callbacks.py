@@ -1,0 +1,274 @@
+"""Keras callbacks of the trainer: whole-split validation Dice, input wait, checkpoints."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pathlib
+import sys
+import threading
+import time
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tensorflow.core.framework import summary_pb2
+
+from data_prep import manifest as manifest_lib
+from trainer import metrics
+
+# Overlay colours: background transparent, disc red, vertebra green.
+_COLOURS = np.array([[0, 0, 0], [1, 0.2, 0.2], [0.2, 1, 0.2]], np.float32)
+
+
+class SplitDice(keras.callbacks.Callback):
+  """Dice per class over the WHOLE validation split, after every epoch.
+
+  Counts are accumulated over all batches before dividing (see `trainer.metrics`), added
+  to the epoch logs as `val_<label>_dice` and `val_mean_dice` (so TensorBoard and
+  history see them), printed, and the model with the best `val_mean_dice` is saved.
+  Validation runs the model in cross-replica context on one device of each worker: the
+  split is small next to training, and every worker gets the same numbers without
+  collectives.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, *, num_classes: int, labels: dict,
+               best_path: str | None, best_value: tf.Variable,
+               image_dir: str | None = None, num_images: int = 4):
+    super().__init__()
+    self._dataset = dataset
+    self._num_classes = num_classes
+    self._labels = labels
+    self._best_path = best_path
+    self._best = best_value
+    self._writer = tf.summary.create_file_writer(image_dir) if image_dir else None
+    self._num_images = num_images
+    self._step = None
+
+  def _counts(self):
+    if self._step is None:
+      model, num_classes = self.model, self._num_classes
+
+      @tf.function
+      def step(images, masks):
+        logits = model(images, training=False)
+        predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        return metrics.overlap_counts(masks[..., 0], predictions, num_classes), predictions
+
+      self._step = step
+    total = np.zeros((3, self._num_classes), np.int64)
+    shown = []
+    for images, masks in self._dataset:
+      counts, predictions = self._step(images, masks)
+      total += counts.numpy()
+      if len(shown) < self._num_images:
+        shown.append((images.numpy(), masks.numpy()[..., 0], predictions.numpy()))
+    return total, shown
+
+  def on_epoch_end(self, epoch, logs=None):
+    logs = logs if logs is not None else {}
+    total, shown = self._counts()
+    dice = metrics.dice_from_counts(*total)
+    summary = metrics.summarize(dice, self._labels)
+    for key, value in summary.items():
+      logs[f"val_{key}"] = value
+    text = ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
+    print(f"epoch {epoch + 1}: validation over the whole split: {text}", flush=True)
+    if summary["mean_dice"] > float(self._best.numpy()):
+      self._best.assign(summary["mean_dice"])
+      if self._best_path:
+        _save_model(self.model, self._best_path)
+        print(f"epoch {epoch + 1}: new best val_mean_dice {summary['mean_dice']:.4f}, "
+              f"saved {self._best_path}", flush=True)
+    if self._writer is not None and shown:
+      write_images(self._writer, "val_overlay", _overlays(shown, self._num_images),
+                   epoch + 1)
+
+
+def _metadata(plugin: str) -> bytes:
+  return summary_pb2.SummaryMetadata(
+      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin)
+  ).SerializeToString()
+
+
+def write_images(writer, tag: str, images: np.ndarray, step: int) -> None:
+  """Writes float [K, H, W, 3] images in [0, 1] in TensorBoard's image-plugin format.
+
+  `tf.summary.image` needs the `tensorboard` package; this writes the same event with
+  TensorFlow alone (plugin data: width, height, then one PNG per image).
+  """
+  pngs = [tf.io.encode_png(tf.cast(tf.clip_by_value(i, 0, 1) * 255 + 0.5, tf.uint8))
+          for i in images]
+  tensor = tf.stack([tf.as_string(images.shape[2]), tf.as_string(images.shape[1])] + pngs)
+  with writer.as_default():
+    tf.summary.write(tag, tensor, step=step, metadata=_metadata("images"))
+  writer.flush()
+
+
+class TensorBoardScalars(keras.callbacks.Callback):
+  """Epoch logs as TensorBoard scalars: `train/` and `validation/` (keys with val_).
+
+  Written with `tf.summary.write` and the scalars-plugin metadata, so no `tensorboard`
+  package is needed to produce them (only to view them).
+  """
+
+  def __init__(self, log_dir: str):
+    super().__init__()
+    self._writers = {name: tf.summary.create_file_writer(os.path.join(log_dir, name))
+                     for name in ("train", "validation")}
+
+  def on_epoch_end(self, epoch, logs=None):
+    for key, value in (logs or {}).items():
+      name = "validation" if key.startswith("val_") else "train"
+      tag = "epoch_" + (key[4:] if name == "validation" else key)
+      try:
+        value = float(value)
+      except (TypeError, ValueError):
+        continue
+      with self._writers[name].as_default():
+        tf.summary.write(tag, tf.constant(value, tf.float32), step=epoch + 1,
+                         metadata=_metadata("scalars"))
+    for writer in self._writers.values():
+      writer.flush()
+
+
+def _overlays(shown, limit):
+  """Image | truth overlay | prediction overlay, side by side, as [K, H, 3W, 3] floats."""
+  rows = []
+  for images, truth, pred in shown:
+    for image, t, p in zip(images, truth, pred):
+      gray = image[..., 0]
+      gray = (gray - gray.min()) / max(float(gray.max() - gray.min()), 1e-6)
+      gray = np.repeat(gray[..., None], 3, axis=-1)
+      panels = [gray]
+      for labels in (t, p):
+        colour = _COLOURS[np.clip(labels, 0, len(_COLOURS) - 1)]
+        alpha = (labels > 0)[..., None] * 0.5
+        panels.append(gray * (1 - alpha) + colour * alpha)
+      rows.append(np.concatenate(panels, axis=1))
+      if len(rows) == limit:
+        return np.stack(rows)
+  return np.stack(rows)
+
+
+def _save_model(model: keras.Model, path: str) -> None:
+  """model.save to a temporary name in the same folder, then rename."""
+  tmp = str(pathlib.Path(path).with_name(f".tmp-{os.getpid()}-{pathlib.Path(path).name}"))
+  model.save(tmp)
+  os.replace(tmp, path)
+
+
+class SaveLastModel(keras.callbacks.Callback):
+  """Saves the model after every epoch (used as `best.keras` when there is no val split)."""
+
+  def __init__(self, path: str):
+    super().__init__()
+    self._path = path
+
+  def on_epoch_end(self, epoch, logs=None):
+    _save_model(self.model, self._path)
+
+
+class InputWait(keras.callbacks.Callback):
+  """How much of each training step was spent waiting for the input pipeline.
+
+  The pipeline calls `batch_ready()` when a batch leaves it (before prefetch). A step
+  that begins before its batch was ready waited `ready - begin`; the epoch's figure is
+  the summed wait over the summed step time. `batches_per_step` is the number of
+  per-replica batches one step takes from this worker's pipeline.
+  """
+
+  def __init__(self, batches_per_step: int = 1):
+    super().__init__()
+    self._per_step = batches_per_step
+    self._ready = collections.deque()
+    self._lock = threading.Lock()
+    self._begin = 0.0
+    self._wait = 0.0
+    self._total = 0.0
+
+  def batch_ready(self) -> None:
+    with self._lock:
+      self._ready.append(time.perf_counter())
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._wait = 0.0
+    self._total = 0.0
+
+  def on_train_batch_begin(self, batch, logs=None):
+    self._begin = time.perf_counter()
+
+  def on_train_batch_end(self, batch, logs=None):
+    end = time.perf_counter()
+    ready = None
+    with self._lock:
+      for _ in range(self._per_step):
+        if self._ready:
+          ready = self._ready.popleft()
+    if ready is not None:
+      self._wait += min(max(0.0, ready - self._begin), end - self._begin)
+    self._total += end - self._begin
+
+  def on_epoch_end(self, epoch, logs=None):
+    fraction = self._wait / self._total if self._total > 0 else 0.0
+    if logs is not None:
+      logs["input_wait_fraction"] = fraction
+    print(f"epoch {epoch + 1}: {100 * fraction:.1f}% of step time waiting for input"
+          f"{' (input-bound: the accelerator starves)' if fraction > 0.1 else ''}",
+          flush=True)
+
+
+class Checkpoint(keras.callbacks.Callback):
+  """Saves model, optimizer, completed epoch count and best Dice after every epoch.
+
+  `tf.train.CheckpointManager` writes the files first and the `checkpoint` index last,
+  so a `kill -9` mid-save leaves the previous checkpoint as the latest.
+  """
+
+  def __init__(self, manager: tf.train.CheckpointManager, epoch: tf.Variable):
+    super().__init__()
+    self._manager = manager
+    self._epoch = epoch
+
+  def on_epoch_end(self, epoch, logs=None):
+    self._epoch.assign(epoch + 1)
+    self._manager.save(checkpoint_number=epoch + 1)
+
+
+class HistoryFile(keras.callbacks.Callback):
+  """Appends each epoch's logs to `history.json` (entries from a resumed run are kept)."""
+
+  def __init__(self, path: str, previous: list[dict[str, Any]], optimizer):
+    super().__init__()
+    self._path = path
+    self._entries = list(previous)
+    self._optimizer = optimizer
+    self._start = 0.0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._start = time.perf_counter()
+
+  def on_epoch_end(self, epoch, logs=None):
+    entry = {"epoch": epoch + 1, "seconds": time.perf_counter() - self._start,
+             "learning_rate": float(np.asarray(self._optimizer.learning_rate))}
+    for key, value in (logs or {}).items():
+      try:
+        entry[key] = float(value)
+      except (TypeError, ValueError):
+        pass
+    self._entries.append(entry)
+    manifest_lib.write_json_atomic(self._path, self._entries)
+
+
+def read_history(path: str, completed_epochs: int) -> list[dict[str, Any]]:
+  """Entries of an earlier run's history.json for the epochs a checkpoint holds."""
+  if not os.path.exists(path):
+    return []
+  try:
+    entries = json.loads(pathlib.Path(path).read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    print(f"warning: {path}: unreadable ({e}); starting a new history", file=sys.stderr)
+    return []
+  return [e for e in entries if e.get("epoch", 0) <= completed_epochs]

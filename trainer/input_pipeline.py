@@ -1,0 +1,123 @@
+"""The input pipeline: converted TFRecord shards -> batches of (image, mask).
+
+One public builder, `make_dataset`. Training: shuffled shard list -> parallel,
+non-deterministic interleave of readers -> shuffle of the serialized records -> parse
+with `data_prep.schema` -> joint augmentation (`trainer.augment`) -> batch -> prefetch.
+Evaluation: shards in manifest order, no augmentation, every example exactly once.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import tensorflow as tf
+
+from data_prep import manifest as manifest_lib
+from data_prep import schema
+from trainer import augment as augment_lib
+
+_COMPRESSION = {"none": "", "gzip": "GZIP"}
+
+
+def compression_type(manifest: dict[str, Any]) -> str:
+  """The TFRecordDataset compression type of a converted dataset.
+
+  Raises:
+    ValueError: for a compression this reader does not know.
+  """
+  value = manifest["compression"]
+  if value not in _COMPRESSION:
+    raise ValueError(f"dataset.json: unknown compression {value!r}; expected one of "
+                     f"{sorted(_COMPRESSION)}")
+  return _COMPRESSION[value]
+
+
+def make_dataset(files: Sequence[str], *, image_size: int, compression: str,
+                 global_batch_size: int, training: bool,
+                 input_context: tf.distribute.InputContext | None = None,
+                 augment: augment_lib.AugmentConfig | None = None,
+                 seed: int | None = None, shuffle_buffer: int = 512,
+                 on_batch: Callable[[], None] | None = None) -> tf.data.Dataset:
+  """Builds the dataset of (image float32 [B, S, S, 1], mask int32 [B, S, S, 1]).
+
+  Args:
+    files: shard paths (`data_prep.manifest.shard_paths`).
+    image_size: S, the manifest's square side.
+    compression: "" or "GZIP" (see `compression_type`).
+    global_batch_size: batch over all replicas; each input pipeline yields per-replica
+      batches of global_batch_size / num_replicas_in_sync.
+    training: repeat forever, shuffle, augment and drop the last partial batch; else one
+      deterministic, unaugmented pass.
+    input_context: given by `distribute_datasets_from_function`; training shards the
+      input per worker with it.
+    augment: augmentation ranges, or None for no augmentation.
+    seed: seeds shuffling and augmentation (None: nondeterministic).
+    shuffle_buffer: records in the shuffle buffer.
+    on_batch: called (through `tf.py_function`) when a batch leaves the pipeline, before
+      prefetch; the trainer uses it to time how long steps wait for input.
+
+  Returns:
+    A tf.data.Dataset.
+
+  Raises:
+    ValueError: when there is no file, or a file is missing.
+  """
+  if not files:
+    raise ValueError("no shard files to read")
+  missing = [f for f in files if not os.path.exists(f)]
+  if missing:
+    raise ValueError(f"shard files listed in the manifest are missing: {missing[:3]}")
+  batch_size = global_batch_size
+  if input_context is not None:
+    batch_size = input_context.get_per_replica_batch_size(global_batch_size)
+
+  def parse(serialized):
+    example = schema.parse_example(serialized, image_size)
+    return example["image"], example["mask"]
+
+  def to_model(image, mask):
+    return image, tf.cast(mask, tf.int32)
+
+  if not training:
+    ds = tf.data.TFRecordDataset(list(files), compression_type=compression)
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(to_model).batch(batch_size)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+  ds = tf.data.Dataset.from_tensor_slices(list(files))
+  num_pipelines = input_context.num_input_pipelines if input_context else 1
+  pipeline_id = input_context.input_pipeline_id if input_context else 0
+  shard_files = num_pipelines > 1 and len(files) >= num_pipelines
+  if shard_files:
+    # Whole files per worker: no worker reads bytes it then throws away.
+    ds = ds.shard(num_pipelines, pipeline_id)
+  # Reshuffle the file order every pass so shard boundaries do not recur in each epoch.
+  ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
+  ds = ds.interleave(
+      lambda f: tf.data.TFRecordDataset(f, compression_type=compression),
+      cycle_length=min(len(files), 8), block_length=1,
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  if num_pipelines > 1 and not shard_files:
+    # Fewer files than workers: fall back to every n-th record.
+    ds = ds.shard(num_pipelines, pipeline_id)
+  # Shuffle the small serialized records, not the decoded float slices.
+  ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  if augment is not None:
+    seeds = tf.data.Dataset.random(seed=seed).batch(2)
+    ds = tf.data.Dataset.zip((ds, seeds)).map(
+        lambda pair, s: augment_lib.augment(pair[0], pair[1], s, augment),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ds = ds.map(to_model).batch(batch_size, drop_remainder=True)
+  if on_batch is not None:
+    def mark(image, mask):
+      tick = tf.py_function(lambda: (on_batch(), 0)[1], [], tf.int32)
+      with tf.control_dependencies([tick]):
+        return tf.identity(image), mask
+    ds = ds.map(mark)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def split_files(data_dir: str, manifest: dict[str, Any], split: str) -> list[str]:
+  """Shard paths of `split` (empty list when the converter wrote none)."""
+  return manifest_lib.shard_paths(data_dir, manifest, split)

@@ -189,7 +189,9 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
         image, fitted_mask, case_id=case.case_id, slice_index=index, source=image_path,
         geometry=geometry, spacing=case.spacing, norm_method=normalization,
         norm_offset=offset, norm_scale=scale)
-    result.examples.append((index, example.SerializeToString()))
+    # deterministic=True: map entries (the feature keys) are otherwise serialized in an
+    # order that varies between processes, which breaks byte-identical shards.
+    result.examples.append((index, example.SerializeToString(deterministic=True)))
     counts = np.bincount(fitted_mask.ravel(), minlength=NUM_CLASSES)
     result.class_counts = [a + int(b) for a, b in zip(result.class_counts, counts)]
     result.raw_stats = merge_stats(result.raw_stats, _stats(case.image[index]))

@@ -91,7 +91,9 @@ class _ShardSet:
       self.writers[index] = tf.io.TFRecordWriter(str(self._tmp(index)), self.options)
     return self.writers[index]
 
-  def _tmp(self, index: int) -> pathlib.Path:
+  def _tmp(self, index: int) -> Optional[pathlib.Path]:
+    if self.tmp_dir is None:  # dry run
+      return None
     return self.tmp_dir / f"{self.split}-{index:05d}.part"
 
   def add(self, serialized: bytes) -> None:

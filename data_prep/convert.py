@@ -1,0 +1,105 @@
+r"""spine-convert: raw spine MRI folders -> sharded, label-complete TFRecords + dataset.json.
+
+2D slices (PNG/JPEG/TIFF images with .npy or PNG masks) or NIfTI volumes (images and
+label volumes of the same stem, nnU-Net `case_0000.nii.gz` naming accepted); see
+`writer.convert_dataset` for what is written and how.
+
+  spine-convert --images_dir=../shared/data/spine2d/images \
+      --masks_dir=../shared/data/spine2d/masks --output_dir=/tmp/spine2d_tfrecords
+
+  spine-convert --images_dir=../shared/data/spine3d/images \
+      --masks_dir=../shared/data/spine3d/masks --output_dir=/tmp/vb2 \
+      --required_labels=2 --image_size=128
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+
+from data_prep import preprocess, readers, slices, writer
+
+_IMAGES_DIR = flags.DEFINE_string(
+    "images_dir", None, help="Folder of images: 2D PNG/JPEG/TIFF or NIfTI volumes.",
+    required=True)
+_MASKS_DIR = flags.DEFINE_string(
+    "masks_dir", None, help="Folder of masks with the same stems (.npy/PNG or NIfTI).",
+    required=True)
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, help="Where shards and dataset.json go; must be empty or absent "
+    "unless --overwrite.", required=True)
+_REQUIRED_LABELS = flags.DEFINE_list(
+    "required_labels", ["0", "1", "2"], help="Keep only slices whose mask contains every "
+    "one of these labels (after --label_map). An empty value keeps all slices.")
+_LABEL_MAP = flags.DEFINE_string(
+    "label_map", None, help="Collapse source label ids before filtering, e.g. "
+    "'1-5:1,6-12:2' (0 maps to 0 unless listed). Unmapped values are an error.")
+_VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.2, help="Fraction of cases for val.")
+_TEST_FRACTION = flags.DEFINE_float("test_fraction", 0.0, help="Fraction of cases for test.")
+_SEED = flags.DEFINE_integer("seed", 0, help="Seed of the split by case.")
+_NUM_SHARDS = flags.DEFINE_integer(
+    "num_shards", None, help="Shards per split (examples dealt round robin).")
+_EXAMPLES_PER_SHARD = flags.DEFINE_integer(
+    "examples_per_shard", None,
+    help=f"Examples per shard (default {writer.DEFAULT_EXAMPLES_PER_SHARD}).")
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", 256, help="Side of the stored square slices (aspect ratio kept, padded).")
+_NORMALIZATION = flags.DEFINE_enum(
+    "normalization", "percentile", list(preprocess.NORMALIZATIONS),
+    help="Intensity normalization, per image (2D) or per volume (NIfTI).")
+_NUM_WORKERS = flags.DEFINE_integer(
+    "num_workers", None, help="Worker processes (default: all cores).")
+_COMPRESSION = flags.DEFINE_enum(
+    "compression", "none", list(writer.COMPRESSIONS),
+    help="TFRecord compression; shard names keep the .tfrecord suffix either way.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, help="Replace the dataset in a non-empty --output_dir.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, help="Read and process everything, report what would be written, "
+    "write nothing.")
+_STRICT = flags.DEFINE_bool(
+    "strict", False, help="Fail on any skipped file (orphan, unreadable, mismatched pair) "
+    "instead of reporting it.")
+_CASE_ID_REGEX = flags.DEFINE_string(
+    "case_id_regex", None, help="Group files into subjects for the split: the first "
+    "capture group (or the whole match) of this regex on the file stem, e.g. '^(p\\d+)_'.")
+
+flags.mark_flags_as_mutual_exclusive(["num_shards", "examples_per_shard"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    required = [int(x) for x in _REQUIRED_LABELS.value if x.strip()]
+  except ValueError as e:
+    raise app.UsageError(f"--required_labels: expected integers, found "
+                         f"{_REQUIRED_LABELS.value}") from e
+  try:
+    result = writer.convert_dataset(
+        _IMAGES_DIR.value, _MASKS_DIR.value, _OUTPUT_DIR.value,
+        required_labels=required, label_map=_LABEL_MAP.value,
+        val_fraction=_VAL_FRACTION.value, test_fraction=_TEST_FRACTION.value,
+        seed=_SEED.value, num_shards=_NUM_SHARDS.value,
+        examples_per_shard=_EXAMPLES_PER_SHARD.value, image_size=_IMAGE_SIZE.value,
+        normalization=_NORMALIZATION.value, num_workers=_NUM_WORKERS.value,
+        compression=_COMPRESSION.value, overwrite=_OVERWRITE.value,
+        dry_run=_DRY_RUN.value, strict=_STRICT.value, case_id_regex=_CASE_ID_REGEX.value,
+        progress=True)
+  except (readers.InputError, slices.LabelError, writer.ConversionError, ValueError) as e:
+    # User errors: one clear line, no traceback, non-zero exit.
+    sys.exit(f"spine-convert: error: {e}")
+  print(writer.format_summary(result))
+  if _DRY_RUN.value:
+    print(json.dumps(result["splits"], indent=2))
+  else:
+    print(f"dataset: {_OUTPUT_DIR.value}/dataset.json")
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,251 @@
+"""spine-convert end to end: real data, determinism, manifest, and every bad input."""
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from data_prep import manifest, preprocess, readers, schema, slices, writer
+
+SIZE = 48
+
+
+def _read_examples(data_dir, split, compression="none"):
+  m = manifest.load(data_dir)
+  paths = manifest.shard_paths(data_dir, m, split)
+  ds = tf.data.TFRecordDataset(paths, compression_type="GZIP" if compression == "gzip"
+                               else "")
+  return [{k: v.numpy() for k, v in schema.parse_example(s, m["image_size"]).items()}
+          for s in ds]
+
+
+def _convert(src, out, **kwargs):
+  kwargs.setdefault("image_size", SIZE)
+  kwargs.setdefault("num_workers", 1)
+  kwargs.setdefault("progress", False)
+  return writer.convert_dataset(str(src / "images"), str(src / "masks"), str(out), **kwargs)
+
+
+def _synthetic_2d(root, n=6, shape=(40, 30), labels=(0, 1, 2), prefix="s"):
+  """n PNG slices with .npy masks holding `labels`, in root/images and root/masks."""
+  (root / "images").mkdir(parents=True, exist_ok=True)
+  (root / "masks").mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(len(prefix) + n)
+  for i in range(n):
+    image = rng.integers(0, 255, shape).astype(np.uint8)
+    mask = np.zeros(shape, np.int64)
+    for j, label in enumerate(labels):
+      mask[j * 5:(j + 1) * 5, :] = label
+    Image.fromarray(image).save(root / "images" / f"{prefix}{i}.png")
+    np.save(root / "masks" / f"{prefix}{i}.npy", mask)
+  return root
+
+
+def _digest(out):
+  return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(out.glob("*.tfrecord"))}
+
+
+def test_spine2d_label_complete_and_decodes_to_source(shared_data, tmp_path):
+  src = shared_data / "spine2d"
+  out = tmp_path / "out"
+  result = _convert(src, out)
+  m = manifest.load(out)
+  assert m["totals"]["slices_written"] == 10
+  assert sum(m["splits"][s]["slices"] for s in schema.SPLITS) == 10
+  skipped = {s["case_id"]: s["reason"] for s in m["skipped"]["slices"]}
+  assert set(skipped) == {"0", "1", "5", "10", "13"}
+  assert "missing label(s) [1, 2]" in skipped["0"] and "missing label(s) [2]" in skipped["1"]
+  assert m["normalization"] == {"method": "percentile", "per": "image",
+                                "percentiles": [0.5, 99.5]}
+  assert m["compression"] == "none" and m["image_size"] == SIZE and result["dry_run"] is False
+  freq = m["class_pixel_frequencies"]["all"]
+  assert sum(freq) == pytest.approx(1.0) and all(f > 0 for f in freq)
+  for split in schema.SPLITS:
+    for shard in m["splits"][split]["shards"]:
+      path = out / shard["file"]
+      assert shard["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+  seen = []
+  for split in ("train", "val"):
+    for ex in _read_examples(out, split):
+      case_id = ex["case_id"].decode()
+      seen.append(case_id)
+      image = np.asarray(Image.open(src / "images" / f"{case_id}.png"), np.float32)
+      mask = np.load(src / "masks" / f"{case_id}.npy")
+      off, scale = preprocess.normalization_params(image, "percentile")
+      geo = preprocess.fit_geometry(*image.shape, SIZE)
+      expected = preprocess.fit_image(
+          preprocess.apply_normalization(image, "percentile", off, scale), geo, SIZE,
+          preprocess.pad_value("percentile", off, scale))
+      np.testing.assert_array_equal(ex["image"][..., 0], expected)
+      np.testing.assert_array_equal(ex["mask"][..., 0], preprocess.fit_mask(mask, geo, SIZE))
+      assert list(ex["geometry"]) == [256, 256, SIZE, SIZE, 0, 0]
+      assert ex["norm_offset"] == pytest.approx(off) and ex["slice_index"] == 0
+  assert sorted(seen, key=int) == ["2", "3", "4", "6", "7", "8", "9", "11", "12", "14"]
+  assert len(os.listdir(out)) == 1 + sum(len(m["splits"][s]["shards"]) for s in schema.SPLITS)
+
+
+def test_byte_identical_across_runs_and_workers_gzip(shared_data, tmp_path):
+  src = shared_data / "spine2d"
+  a = _convert(src, tmp_path / "a", num_workers=1, compression="gzip", num_shards=3,
+               test_fraction=0.2)
+  b = _convert(src, tmp_path / "b", num_workers=2, compression="gzip", num_shards=3,
+               test_fraction=0.2)
+  assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+  assert a["splits"] == b["splits"]
+  assert [s["file"] for s in a["splits"]["train"]["shards"]] == [
+      schema.shard_name("train", i, 3) for i in range(3)]
+  assert len(_read_examples(tmp_path / "a", "train", "gzip")) == a["splits"]["train"]["slices"]
+  assert manifest.load(tmp_path / "a")["compression"] == "gzip"
+  c = _convert(src, tmp_path / "c", seed=1, compression="gzip", num_shards=3,
+               test_fraction=0.2)
+  assert [x["split"] for x in c["cases"]] != [x["split"] for x in a["cases"]]
+
+
+def test_nifti_single_class_volumes_and_mismatched_pair(shared_data, tmp_path):
+  src = shared_data / "spine3d"
+  out = tmp_path / "vb"
+  m = _convert(src, out, required_labels=[2], val_fraction=0)
+  skipped_files = {pathlib.Path(f["path"]).name: f["reason"] for f in m["skipped"]["files"]}
+  assert list(skipped_files) == ["vb2_04.nii.gz"]
+  assert "(381, 381, 77)" in skipped_files["vb2_04.nii.gz"]
+  assert [c["id"] for c in m["cases"]] == ["ivd_11", "vb2_05"]
+  assert m["normalization"]["per"] == "volume"
+  case = readers.read_case(src / "images" / "vb2_05.nii.gz", src / "masks" / "vb2_05.nii.gz")
+  with_label = [i for i in range(case.mask.shape[0]) if (case.mask[i] == 2).any()]
+  examples = _read_examples(out, "train")
+  assert [int(e["slice_index"]) for e in examples] == with_label
+  off, scale = preprocess.normalization_params(case.image, "percentile")  # whole volume
+  geo = preprocess.fit_geometry(381, 381, SIZE)
+  ex = examples[len(examples) // 2]
+  index = int(ex["slice_index"])
+  np.testing.assert_array_equal(ex["mask"][..., 0],
+                                preprocess.fit_mask(case.mask[index], geo, SIZE))
+  np.testing.assert_allclose(ex["image"][..., 0], preprocess.fit_image(
+      preprocess.apply_normalization(case.image[index], "percentile", off, scale), geo, SIZE,
+      0.0), atol=1e-6)
+
+  # ivd_11 alone (symlinked, never copied) with its single class.
+  ivd = tmp_path / "ivd"
+  for sub in ("images", "masks"):
+    (ivd / sub).mkdir(parents=True)
+    (ivd / sub / "ivd_11.nii.gz").symlink_to(src / sub / "ivd_11.nii.gz")
+  m = _convert(ivd, tmp_path / "ivd_out", required_labels=[1])
+  assert m["splits"]["train"]["cases"] == 1 and m["splits"]["val"]["slices"] == 0
+  assert m["totals"]["slices_written"] > 0 and m["class_pixel_counts"]["all"][2] == 0
+
+
+def test_label_map_grouping_and_shard_sizes(tmp_path):
+  src = tmp_path / "src"
+  _synthetic_2d(src, n=4, labels=(0, 3, 7), prefix="p1_")
+  _synthetic_2d(src, n=4, labels=(0, 4, 9), prefix="p2_")
+  _synthetic_2d(src, n=4, labels=(0, 5, 12), prefix="p3_")
+  with pytest.raises(slices.LabelError, match=r"s?p\d_0.npy.*\[3, 7\]|values \["):
+    slices.apply_label_map(np.array([0, 3, 7]), {}, "p1_0.npy")
+  with pytest.raises(writer.ConversionError, match=r"masks/p1_0.npy.*\[7\].*not covered"):
+    _convert(src, tmp_path / "bad", label_map="1-5:1")
+  assert not (tmp_path / "bad" / "dataset.json").exists()
+  m = _convert(src, tmp_path / "out", label_map="1-5:1,6-12:2", case_id_regex=r"^(p\d)_",
+               examples_per_shard=3, val_fraction=0.34)
+  splits = {}
+  for c in m["cases"]:
+    splits.setdefault(c["group"], set()).add(c["split"])
+  assert all(len(s) == 1 for s in splits.values()) and len(splits) == 3
+  assert m["splits"]["val"]["cases"] == 4 and m["splits"]["train"]["cases"] == 8
+  assert [s["examples"] for s in m["splits"]["train"]["shards"]] == [3, 3, 2]
+  assert m["splits"]["train"]["shards"][0]["file"] == "train-00000-of-00003.tfrecord"
+  masks = np.stack([e["mask"] for e in _read_examples(tmp_path / "out", "train")])
+  assert set(np.unique(masks).tolist()) == {0, 1, 2}
+
+
+def test_splits_are_exact_and_deterministic():
+  groups = [f"c{i}" for i in range(20)]
+  a = writer.assign_splits(groups, 0.2, 0.1, seed=3)
+  assert sorted(a.values()).count("val") == 4 and list(a.values()).count("test") == 2
+  assert a == writer.assign_splits(list(reversed(groups)), 0.2, 0.1, seed=3)
+  assert writer.assign_splits(["only"], 0.5, 0.0, 0) == {"only": "train"}
+
+
+def test_output_dir_safety_overwrite_and_dry_run(tmp_path):
+  src = _synthetic_2d(tmp_path / "src", n=5)
+  out = tmp_path / "out"
+  dry = _convert(src, out, dry_run=True)
+  assert dry["dry_run"] and dry["totals"]["slices_written"] == 5 and not out.exists()
+  first = _convert(src, out, num_shards=2)
+  with pytest.raises(writer.ConversionError, match="not empty.*--overwrite"):
+    _convert(src, out)
+  # A failing run with --overwrite leaves the old dataset complete and intact.
+  np.save(src / "masks" / "s4.npy", np.full((40, 30), 9, np.int64))
+  with pytest.raises(writer.ConversionError, match="s4.npy"):
+    _convert(src, out, overwrite=True)
+  assert manifest.load(out)["splits"] == first["splits"]
+  assert sorted(p.name for p in out.iterdir()) == sorted(
+      ["dataset.json"] + [s["file"] for sp in first["splits"].values() for s in sp["shards"]])
+  # A successful overwrite removes the old shards (other shard count).
+  np.save(src / "masks" / "s4.npy", np.zeros((40, 30), np.int64))
+  second = _convert(src, out, overwrite=True, num_shards=1)
+  assert second["totals"]["slices_written"] == 4
+  assert sorted(p.name for p in out.glob("*.tfrecord")) == [
+      s["file"] for sp in ("train", "val") for s in second["splits"][sp]["shards"]]
+
+
+def test_bad_inputs_are_reported(tmp_path):
+  src = _synthetic_2d(tmp_path / "src", n=4)
+  with pytest.raises(readers.InputError, match="nope.*does not exist"):
+    writer.convert_dataset(str(tmp_path / "nope"), str(src / "masks"), str(tmp_path / "o"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(readers.InputError, match="empty.*is empty"):
+    writer.convert_dataset(str(src / "images"), str(tmp_path / "empty"), str(tmp_path / "o"))
+  other = _synthetic_2d(tmp_path / "other", n=2, prefix="x")
+  with pytest.raises(writer.ConversionError, match="no image/mask pairs.*x0"):
+    writer.convert_dataset(str(src / "images"), str(other / "masks"), str(tmp_path / "o"))
+  with pytest.raises(writer.ConversionError, match="every slice was pruned"):
+    _convert(_synthetic_2d(tmp_path / "bg", n=2, labels=(0,)), tmp_path / "o")
+  assert not (tmp_path / "o").exists() or not (tmp_path / "o" / "dataset.json").exists()
+  with pytest.raises(writer.ConversionError, match=r"s0.npy.*\[5\].*--label_map"):
+    np.save(src / "masks" / "s0.npy", np.full((40, 30), 5, np.int64))
+    _convert(src, tmp_path / "o2")
+  # A corrupt image is skipped with its reason, or fails the run under --strict.
+  np.save(src / "masks" / "s0.npy", np.zeros((40, 30), np.int64))
+  (src / "images" / "s1.png").write_bytes(b"garbage")
+  (src / "masks" / "lonely.npy").write_bytes(b"x")
+  m = _convert(src, tmp_path / "o3")
+  reasons = {pathlib.Path(f["path"]).name: f["reason"] for f in m["skipped"]["files"]}
+  assert "unreadable image" in reasons["s1.png"] and "no image named" in reasons["lonely.npy"]
+  with pytest.raises(writer.ConversionError, match="--strict.*lonely.npy"):
+    _convert(src, tmp_path / "o4", strict=True)
+  (src / "masks" / "lonely.npy").unlink()
+  with pytest.raises(writer.ConversionError, match="--strict.*s1.png.*unreadable"):
+    _convert(src, tmp_path / "o5", strict=True)
+  # 2D and NIfTI inputs are not mixed.
+  nib.save(nib.Nifti1Image(np.zeros((3, 4, 5), np.int16), np.eye(4)),
+           str(src / "images" / "v.nii.gz"))
+  nib.save(nib.Nifti1Image(np.zeros((3, 4, 5), np.int16), np.eye(4)),
+           str(src / "masks" / "v.nii.gz"))
+  with pytest.raises(writer.ConversionError, match="mixes 2D images and NIfTI"):
+    _convert(src, tmp_path / "o6")
+  for bad in (dict(num_shards=2, examples_per_shard=3), dict(val_fraction=0.7,
+                                                              test_fraction=0.3),
+              dict(normalization="minmax"), dict(required_labels=[3])):
+    with pytest.raises(ValueError):
+      _convert(src, tmp_path / "o7", **bad)
+
+
+def test_binary_fails_with_one_clear_line(tmp_path):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run(
+      [sys.executable, "-m", "data_prep.convert", f"--images_dir={tmp_path}/none",
+       f"--masks_dir={tmp_path}", f"--output_dir={tmp_path}/out"],
+      capture_output=True, text=True, env=env, timeout=120,
+      cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert proc.returncode == 1
+  assert f"spine-convert: error: {tmp_path}/none: images directory does not exist" in (
+      proc.stderr)
+  assert "Traceback" not in proc.stderr

@@ -32,6 +32,8 @@ import numpy as np
 LABEL_DISC = 1
 LABEL_VERTEBRA = 2
 ORIENTATIONS_3D = ("RAS", "IPR")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,6 +328,7 @@ def _atomic(path: pathlib.Path, write) -> None:
   os.close(fd)
   try:
     write(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
@@ -340,7 +343,8 @@ def _write_info(out_dir: pathlib.Path, info: dict) -> None:
 
 
 def case_id(index: int) -> str:
-  return f"phantom_{index:04d}"
+  # Not "phantom_0000": readers take a NIfTI "X_0000" as channel 0 of case X (nnU-Net).
+  return f"phantom-{index:04d}"
 
 
 def write_2d_dataset(out_dir: str | os.PathLike, num_cases: int, seed: int = 0, *,

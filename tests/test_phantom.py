@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from data_prep import phantom
+from data_prep import readers
 
 
 def _runs(sequence):
@@ -78,7 +79,7 @@ def test_same_case_same_volume_across_orientations():
 def test_write_2d_dataset_reads_back(tmp_path, bit_depth):
   ids = phantom.write_2d_dataset(tmp_path / "a", 3, seed=4, bit_depth=bit_depth,
                                  min_size=48, max_size=80)
-  assert ids == ["phantom_0000", "phantom_0001", "phantom_0002"]
+  assert ids == ["phantom-0000", "phantom-0001", "phantom-0002"]
   phantom.write_2d_dataset(tmp_path / "b", 3, seed=4, bit_depth=bit_depth, min_size=48,
                            max_size=80)
   for cid in ids:
@@ -105,6 +106,9 @@ def test_write_3d_dataset_reads_back(tmp_path):
     assert set(np.unique(np.asarray(mask.dataobj))) == {0, 1, 2}
     codes.append("".join(nib.aff2axcodes(image.affine)))
   assert codes == ["RAS", "IPR"]
+  # The converter's reader pairs every image with its mask by case id, with no orphans.
+  pairs, orphans = readers.pair_files(tmp_path / "images", tmp_path / "masks")
+  assert [p[0] for p in pairs] == ids and not orphans
 
 
 def test_refuses_non_empty_output_without_overwrite(tmp_path):
@@ -121,7 +125,7 @@ def test_cli_writes_and_refuses(tmp_path):
          "--format=3d", "--num_cases=1", "--size=32", "--num_slices=4"]
   done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
   assert done.returncode == 0, done.stderr
-  assert (tmp_path / "images" / "phantom_0000.nii.gz").is_file()
+  assert (tmp_path / "images" / "phantom-0000.nii.gz").is_file()
   again = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
   assert again.returncode == 1 and "not empty" in again.stderr
   assert "Traceback" not in again.stderr

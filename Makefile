@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Debian's Bazel 4 and its platforms repository (see third_party/bazel/README.md).
+BAZEL_DEBS := bazel-bootstrap bazel-platforms
+SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench bazel-test build-file clean
 
 venv: $(STAMP)
 
@@ -18,5 +21,29 @@ $(STAMP): setup.py
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15 tests
 
+# Phantom data -> convert -> train -> export -> predict -> evaluate, all under demo_out/.
+demo: $(STAMP)
+	tools/demo.sh
+
+# Every benchmark in bench/ with its default (small) settings.
+bench: $(STAMP)
+	@set -e; for b in bench/*_bench.py; do echo "== $$b"; $(PY) $$b; done
+
+# The suite under Bazel (py_test per test file, the .venv interpreter), offline once the
+# Debian packages are installed.
+bazel-test: $(STAMP)
+	@if ! command -v bazel >/dev/null || [ ! -d /usr/share/bazel/tools/platforms ]; then \
+	  echo "installing $(BAZEL_DEBS) with apt-get"; \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(BAZEL_DEBS); \
+	fi
+	$(PY) tools/bazel/gen_build.py --check
+	bazel test --local_test_jobs=2 //...
+
+# Rewrite BUILD after adding or removing a module, an import or a test file.
+build-file: $(STAMP)
+	$(PY) tools/bazel/gen_build.py
+
 clean:
+	-command -v bazel >/dev/null && bazel clean --expunge
 	rm -rf $(VENV) demo_out *.egg-info

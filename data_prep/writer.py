@@ -1,8 +1,9 @@
 """Deterministic conversion: split by case, sharded writing (temp + rename), manifest last.
 
 `convert_dataset` is the library behind `spine-convert`. Cases are processed in parallel
-(`slices.process_case` in "spawn" worker processes: TensorFlow is not fork-safe) but their
-results are consumed in case-id order with at most two cases per worker in flight, so
+(`slices.process_case` in "spawn" worker processes: TensorFlow is not fork-safe; small jobs
+stay in the parent, see `_POOL_MIN_REMAINING_S`) but their results are consumed in case-id
+order with at most two cases per worker in flight, so
 memory stays bounded by a few cases whatever the dataset size, and the shards are
 byte-identical whatever `num_workers` is.
 
@@ -159,22 +160,38 @@ def _work(args) -> slices.CaseResult:
   return slices.process_case(image_path, mask_path, **kwargs)
 
 
+# A "spawn" worker is a fresh interpreter that imports TensorFlow (via schema/preprocess):
+# 7.5 s and 620 MB each on the 2-core dev machine (bench/convert_bench.py). Cases therefore
+# run in the parent until the estimated remaining work exceeds this many seconds; only
+# then is the pool started for the rest. The output does not depend on where a case ran.
+_POOL_MIN_REMAINING_S = 15.0
+
+
 def _results(tasks: list, num_workers: int):
-  """Yields results in task order with at most 2 tasks per worker in flight."""
-  if num_workers <= 1 or len(tasks) <= 1:
-    yield from map(_work, tasks)  # No pool: no process start-up cost for small jobs.
+  """Yields results in task order; with a pool, at most 2 tasks per worker in flight."""
+  start, i = time.monotonic(), 0
+  while i < len(tasks):
+    if num_workers > 1 and len(tasks) - i > 1:
+      if _POOL_MIN_REMAINING_S <= 0:
+        break
+      if i > 0 and ((time.monotonic() - start) / i * (len(tasks) - i)
+                    > _POOL_MIN_REMAINING_S):
+        break
+    yield _work(tasks[i])
+    i += 1
+  rest = iter(tasks[i:])
+  if i == len(tasks):
     return
   ctx = multiprocessing.get_context("spawn")
-  with ctx.Pool(num_workers) as pool:
+  with ctx.Pool(min(num_workers, len(tasks) - i)) as pool:
     pending: collections.deque = collections.deque()
-    it = iter(tasks)
-    for task in it:
+    for task in rest:
       pending.append(pool.apply_async(_work, (task,)))
       if len(pending) >= 2 * num_workers:
         break
     while pending:
       result = pending.popleft().get()
-      nxt = next(it, None)
+      nxt = next(rest, None)
       if nxt is not None:
         pending.append(pool.apply_async(_work, (nxt,)))
       yield result
@@ -212,6 +229,8 @@ def _prepare_output(output_dir: pathlib.Path, overwrite: bool) -> None:
     raise ConversionError(f"{output_dir}: output directory is not empty; pass --overwrite "
                           "to replace the dataset in it")
   output_dir.mkdir(parents=True, exist_ok=True)
+  for stale in output_dir.glob(_TMP_PREFIX + "*"):  # left by a killed run
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def _publish(output_dir: pathlib.Path, staged: list[tuple[pathlib.Path, str]],

@@ -92,10 +92,12 @@ def test_spine2d_label_complete_and_decodes_to_source(shared_data, tmp_path):
   assert len(os.listdir(out)) == 1 + sum(len(m["splits"][s]["shards"]) for s in schema.SPLITS)
 
 
-def test_byte_identical_across_runs_and_workers_gzip(shared_data, tmp_path):
+def test_byte_identical_across_runs_and_workers_gzip(shared_data, tmp_path, monkeypatch):
   src = shared_data / "spine2d"
   a = _convert(src, tmp_path / "a", num_workers=1, compression="gzip", num_shards=3,
                test_fraction=0.2)
+  # Force the worker pool even for this small job (examples built in other processes).
+  monkeypatch.setattr(writer, "_POOL_MIN_REMAINING_S", 0.0)
   b = _convert(src, tmp_path / "b", num_workers=2, compression="gzip", num_shards=3,
                test_fraction=0.2)
   assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
@@ -188,12 +190,15 @@ def test_output_dir_safety_overwrite_and_dry_run(tmp_path):
   assert manifest.load(out)["splits"] == first["splits"]
   assert sorted(p.name for p in out.iterdir()) == sorted(
       ["dataset.json"] + [s["file"] for sp in first["splits"].values() for s in sp["shards"]])
+  # A killed run leaves only a hidden temporary folder, removed by the next --overwrite.
+  (out / ".spine-convert-tmp-killed").mkdir()
+  (out / ".spine-convert-tmp-killed" / "train-00000.part").write_bytes(b"partial")
   # A successful overwrite removes the old shards (other shard count).
   np.save(src / "masks" / "s4.npy", np.zeros((40, 30), np.int64))
   second = _convert(src, out, overwrite=True, num_shards=1)
   assert second["totals"]["slices_written"] == 4
-  assert sorted(p.name for p in out.glob("*.tfrecord")) == [
-      s["file"] for sp in ("train", "val") for s in second["splits"][sp]["shards"]]
+  assert sorted(p.name for p in out.iterdir()) == sorted(["dataset.json"] + [
+      s["file"] for sp in ("train", "val") for s in second["splits"][sp]["shards"]])
 
 
 def test_bad_inputs_are_reported(tmp_path):

@@ -22,6 +22,7 @@ from data_prep import manifest as manifest_lib
 from trainer import augment as augment_lib
 from trainer import callbacks as callbacks_lib
 from trainer import input_pipeline
+from trainer import keras_workarounds
 from trainer import losses
 from trainer import unet
 
@@ -268,6 +269,7 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   cbs.append(callbacks_lib.Checkpoint(manager, epoch_var))
   if is_chief:
     cbs.append(callbacks_lib.TensorBoardScalars(str(model_dir / "logs")))
+  keras_workarounds.apply(model, strategy, config.global_batch_size // replicas, image_size)
   if initial_epoch < config.epochs:
     model.fit(train_ds, epochs=config.epochs, initial_epoch=initial_epoch,
               steps_per_epoch=steps_per_epoch, callbacks=cbs, shuffle=False,

@@ -39,7 +39,7 @@ import json, resource, sys, time
 from data_prep import writer
 src, out, workers, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 if sys.argv[5] == "pool":  # start the worker pool whatever the job size
-  writer._POOL_MIN_REMAINING_S = 0.0
+  writer._WORKER_START_S = 0.0
 t = time.perf_counter()
 m = writer.convert_dataset(src + "/images", src + "/masks", out, required_labels=[],
                            num_workers=workers, image_size=size, progress=False)

@@ -2,7 +2,7 @@
 
 `convert_dataset` is the library behind `spine-convert`. Cases are processed in parallel
 (`slices.process_case` in "spawn" worker processes: TensorFlow is not fork-safe; small jobs
-stay in the parent, see `_POOL_MIN_REMAINING_S`) but their results are consumed in case-id
+stay in the parent, see `_WORKER_START_S`) but their results are consumed in case-id
 order with at most two cases per worker in flight, so
 memory stays bounded by a few cases whatever the dataset size, and the shards are
 byte-identical whatever `num_workers` is.
@@ -161,10 +161,16 @@ def _work(args) -> slices.CaseResult:
 
 
 # A "spawn" worker is a fresh interpreter that imports TensorFlow (via schema/preprocess):
-# 7.5 s and 620 MB each on the 2-core dev machine (bench/convert_bench.py). Cases therefore
-# run in the parent until the estimated remaining work exceeds this many seconds; only
-# then is the pool started for the rest. The output does not depend on where a case ran.
-_POOL_MIN_REMAINING_S = 15.0
+# 7.5 s and 620 MB each on the loaded 2-core dev machine (bench/convert_bench.py). Cases
+# therefore run in the parent until the estimated remaining work exceeds what a pool of W
+# workers could save, start-up * W / (W - 1), with a safety factor of 2 for imperfect
+# scaling (measured: 1200 slices took 17.6 s in the parent, 23.2 s with 2 workers).
+# Where a case ran never changes the output.
+_WORKER_START_S = 7.5
+
+
+def _pool_pays_off(remaining_s: float, num_workers: int) -> bool:
+  return remaining_s > 2.0 * _WORKER_START_S * num_workers / (num_workers - 1)
 
 
 def _results(tasks: list, num_workers: int):
@@ -172,10 +178,8 @@ def _results(tasks: list, num_workers: int):
   start, i = time.monotonic(), 0
   while i < len(tasks):
     if num_workers > 1 and len(tasks) - i > 1:
-      if _POOL_MIN_REMAINING_S <= 0:
-        break
-      if i > 0 and ((time.monotonic() - start) / i * (len(tasks) - i)
-                    > _POOL_MIN_REMAINING_S):
+      if _WORKER_START_S <= 0 or (i > 0 and _pool_pays_off(
+          (time.monotonic() - start) / i * (len(tasks) - i), num_workers)):
         break
     yield _work(tasks[i])
     i += 1

@@ -97,7 +97,7 @@ def test_byte_identical_across_runs_and_workers_gzip(shared_data, tmp_path, monk
   a = _convert(src, tmp_path / "a", num_workers=1, compression="gzip", num_shards=3,
                test_fraction=0.2)
   # Force the worker pool even for this small job (examples built in other processes).
-  monkeypatch.setattr(writer, "_POOL_MIN_REMAINING_S", 0.0)
+  monkeypatch.setattr(writer, "_WORKER_START_S", 0.0)
   b = _convert(src, tmp_path / "b", num_workers=2, compression="gzip", num_shards=3,
                test_fraction=0.2)
   assert _digest(tmp_path / "a") == _digest(tmp_path / "b")

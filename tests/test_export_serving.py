@@ -1,0 +1,222 @@
+"""Export: the SavedModel reloads in a TensorFlow-only process and matches the Keras model.
+
+Reference outputs are computed here with the converter's NumPy preprocessing
+(`data_prep.preprocess`), the Keras model and a float32 softmax. Tolerance: 1e-4 absolute
+on probabilities (the NumPy and TF bilinear resizes differ by ~5e-5 in float32 rounding);
+masks must agree wherever the top two probabilities differ by more than 1e-3.
+"""
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import export_testlib
+from data_prep import preprocess
+from data_prep import schema
+from export import serving
+S = export_testlib.IMAGE_SIZE
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+
+# Runs in a fresh interpreter with -I (no PYTHONPATH, no script dir) and refuses any
+# project import, so the SavedModel must be self-contained.
+CHECK_SCRIPT = r'''
+import pathlib, sys
+class Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("data_prep", "export", "trainer", "tests"):
+      raise ImportError(f"the SavedModel must not need {name}")
+sys.meta_path.insert(0, Block())
+import numpy as np, tensorflow as tf
+model, d = tf.saved_model.load(sys.argv[1]), pathlib.Path(sys.argv[2])
+inp = np.load(d / "inputs.npz", allow_pickle=False)
+blobs = lambda prefix: [p.read_bytes() for p in sorted(d.glob(prefix + "*.bin"))]
+calls = {
+    "default": ("serving_default", {"images": inp["images"]}),
+    "uint8": ("segment_uint8", {"images": inp["images_u8"]}),
+    "uint16": ("segment_uint16", {"images": inp["images_u16"]}),
+    "volume": ("segment_volume", {"images": inp["volume"]}),
+    "png": ("segment_png", {"png": blobs("png")}),
+    "examples": ("segment_examples", {"examples": blobs("example")}),
+}
+out = {}
+for key, (name, kwargs) in calls.items():
+  result = model.signatures[name](**{k: tf.constant(v) for k, v in kwargs.items()})
+  for k, v in result.items():
+    out[f"{key}/{k}"] = v.numpy().astype(str) if v.dtype == tf.string else v.numpy()
+np.savez(d / "outputs.npz", **out)
+'''
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  root = tmp_path_factory.mktemp("export")
+  model_dir = export_testlib.write_model_dir(root / "model")
+  export_dir = serving.export(model_dir, root / "serving" / "1")
+  model = keras.models.load_model(model_dir / "best.keras", compile=False)
+  return model_dir, export_dir, model
+
+
+def _reference_squares(images, per_image):
+  method = "percentile"
+  h, w = images.shape[1:3]
+  geo = preprocess.fit_geometry(h, w, S)
+  stats = [preprocess.normalization_params(x if per_image else images, method)
+           for x in images]
+  squares = np.stack([
+      preprocess.fit_image(preprocess.apply_normalization(x, method, off, sc), geo, S,
+                           preprocess.pad_value(method, off, sc))
+      for x, (off, sc) in zip(images, stats)])
+  return squares, geo
+
+
+def _probs(model, squares):
+  logits = model(squares[..., None].astype(np.float32), training=False)
+  return tf.nn.softmax(tf.cast(logits, tf.float32)).numpy()
+
+
+def _unfit(probs, geo):
+  geometry = {"resized_height": geo.resized_height, "resized_width": geo.resized_width,
+              "pad_top": geo.pad_top, "pad_left": geo.pad_left}
+  return preprocess.tf_unfit(probs, geometry, geo.original_height,
+                             geo.original_width).numpy()
+
+
+def _reference(model, images, per_image=True):
+  squares, geo = _reference_squares(np.asarray(images, np.float32), per_image)
+  return _unfit(_probs(model, squares), geo)
+
+
+def _assert_matches(probs, mask, ref_probs):
+  assert probs.dtype == np.float32 and mask.dtype == np.uint8
+  assert probs.shape == ref_probs.shape and mask.shape == ref_probs.shape[:-1]
+  np.testing.assert_allclose(probs, ref_probs, atol=1e-4)
+  top2 = np.sort(ref_probs, axis=-1)[..., -2:]
+  clear = (top2[..., 1] - top2[..., 0]) > 1e-3
+  assert clear.mean() > 0.5  # the comparison below must not be vacuous
+  np.testing.assert_array_equal(mask[clear], ref_probs.argmax(-1)[clear])
+
+
+def test_signatures_in_fresh_tensorflow_only_process(exported, tmp_path):
+  _, export_dir, model = exported
+  rng = np.random.default_rng(1)
+  images_u8 = rng.integers(0, 256, (2, 200, 310, 1)).astype(np.uint8)
+  images_u16 = (images_u8[:, :48, :40].astype(np.uint16) * 11)
+  volume = rng.gamma(2.0, 100.0, (5, 40, 60, 1)).astype(np.float32)
+  pngs = [images_u8[0, :50, :70], images_u16[1]]
+  for i, p in enumerate(pngs):
+    (tmp_path / f"png{i}.bin").write_bytes(tf.io.encode_png(p).numpy())
+  ex_images, ex_geos = [], []
+  for i, (h, w) in enumerate([(20, 30), (S, S), (45, 17)]):
+    geo = preprocess.fit_geometry(h, w, S)
+    image = rng.random((S, S)).astype(np.float32)
+    example = schema.make_example(
+        image, np.zeros((S, S), np.uint8), case_id=f"case{i}", slice_index=i,
+        source=f"s{i}.png", geometry=geo, spacing=[1.0, 1.0], norm_method="percentile",
+        norm_offset=0.0, norm_scale=1.0)
+    (tmp_path / f"example{i}.bin").write_bytes(example.SerializeToString())
+    ex_images.append(image)
+    ex_geos.append(geo)
+  np.savez(tmp_path / "inputs.npz", images=images_u8.astype(np.float32),
+           images_u8=images_u8, images_u16=images_u16, volume=volume)
+  script = tmp_path / "check.py"
+  script.write_text(CHECK_SCRIPT)
+  proc = subprocess.run([sys.executable, "-I", str(script), str(export_dir), str(tmp_path)],
+                        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = np.load(tmp_path / "outputs.npz", allow_pickle=False)
+
+  # Any size: a 200x310 batch comes back 200x310, uint8 and float32 inputs agree.
+  ref = _reference(model, images_u8[..., 0])
+  _assert_matches(out["default/probabilities"], out["default/mask"], ref)
+  np.testing.assert_array_equal(out["uint8/probabilities"], out["default/probabilities"])
+  _assert_matches(out["uint16/probabilities"], out["uint16/mask"],
+                  _reference(model, images_u16[..., 0]))
+  # The volume shares one set of statistics over all its slices.
+  _assert_matches(out["volume/probabilities"], out["volume/mask"],
+                  _reference(model, volume[..., 0], per_image=False))
+
+  # PNGs of different sizes: each in its own geometry, zero-padded to the largest.
+  np.testing.assert_array_equal(out["png/height"], [50, 48])
+  np.testing.assert_array_equal(out["png/width"], [70, 40])
+  for i, p in enumerate(pngs):
+    h, w = p.shape[:2]
+    _assert_matches(out["png/probabilities"][i:i + 1, :h, :w],
+                    out["png/mask"][i:i + 1, :h, :w], _reference(model, p[None, ..., 0]))
+    assert not out["png/mask"][i, h:].any() and not out["png/mask"][i, :, w:].any()
+
+  # Examples: the stored square geometry, and each slice's original geometry.
+  sq = _probs(model, np.stack(ex_images))
+  _assert_matches(out["examples/probabilities"], out["examples/mask"], sq)
+  np.testing.assert_array_equal(out["examples/case_id"], ["case0", "case1", "case2"])
+  np.testing.assert_array_equal(out["examples/slice_index"], [0, 1, 2])
+  for i, geo in enumerate(ex_geos):
+    h, w = geo.original_height, geo.original_width
+    assert (out["examples/original_height"][i], out["examples/original_width"][i]) == (h, w)
+    _assert_matches(_unfit(out["examples/probabilities"][i:i + 1], geo),
+                    out["examples/original_mask"][i:i + 1, :h, :w], _unfit(sq[i:i + 1], geo))
+
+
+def test_saved_model_cli_lists_signatures(exported):
+  _, export_dir, _ = exported
+  cli = pathlib.Path(sys.executable).parent / "saved_model_cli"
+  proc = subprocess.run([str(cli), "show", "--all", "--dir", str(export_dir)], env=ENV,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for name in serving.SIGNATURES:
+    assert f"signature_def['{name}']" in proc.stdout
+  assert "outputs['probabilities']" in proc.stdout and "outputs['mask']" in proc.stdout
+
+
+def test_rgb_png_is_refused(exported):
+  _, export_dir, _ = exported
+  loaded = tf.saved_model.load(str(export_dir))
+  rgb = tf.io.encode_png(np.zeros((8, 8, 3), np.uint8))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="1-channel grayscale"):
+    loaded.signatures["segment_png"](png=tf.stack([rgb]))
+
+
+def test_no_overwrite_without_flag_and_atomic_replace(exported):
+  model_dir, export_dir, _ = exported
+  before = sorted(p.name for p in export_dir.iterdir())
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    serving.export(model_dir, export_dir)
+  assert sorted(p.name for p in export_dir.iterdir()) == before
+  # A failing export (missing model) leaves no temporary folder behind.
+  with pytest.raises(FileNotFoundError, match="best.keras"):
+    serving.export(export_dir.parent, export_dir.parent / "2")
+  assert sorted(p.name for p in export_dir.parent.iterdir()) == ["1"]
+
+
+def test_model_dir_errors_name_the_path(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no such model directory"):
+    serving.load_model_dir(tmp_path / "missing")
+  (tmp_path / "best.keras").write_text("")
+  with pytest.raises(FileNotFoundError, match="dataset.json"):
+    serving.load_model_dir(tmp_path)
+
+
+def test_cli_refuses_unversioned_export_dir(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "export.export_saved_model", f"--model_dir={tmp_path}",
+       f"--export_dir={tmp_path}/latest"], cwd=REPO, env=ENV, capture_output=True,
+      text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "version number" in proc.stderr and "latest" in proc.stderr
+
+
+def test_png_decoding_keeps_8_and_16_bit_values(exported):
+  # Percentile/zscore are scale-invariant, so the signature test cannot see an 8-bit PNG
+  # decoded as 16-bit (v * 257); "divide255" would. Check the decoder's numbers directly.
+  _, _, model = exported
+  module = serving.SegmentationModule(model, image_size=S, norm_method="divide255")
+  u8 = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
+  u16 = (np.arange(256, dtype=np.uint16) * 250).reshape(16, 16, 1)
+  for image in (u8, u16):
+    decoded = module._decode_png(tf.io.encode_png(image)).numpy()  # pylint: disable=protected-access
+    np.testing.assert_array_equal(decoded, image.astype(np.float32))

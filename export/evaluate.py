@@ -13,15 +13,11 @@ the cases where the class is present; "pooled" rows count all voxels of all case
 """
 from __future__ import annotations
 
-import json
-import math
 import pathlib
 import sys
-from typing import Any
 
 from absl import app
 from absl import flags
-import numpy as np
 
 _SAVED_MODEL = flags.DEFINE_string(
     "saved_model", None, help="SavedModel version folder written by spine-export.",
@@ -39,198 +35,6 @@ _OUTPUT_JSON = flags.DEFINE_string("output_json", None, help="Write the scores h
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, help="Slices per model call.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, help="Replace an existing JSON.")
 
-NUM_CLASSES = 3
-
-
-def parse_label_map(text: str | None) -> dict[int, int] | None:
-  """'0:0,128:1,255:2' -> {0: 0, 128: 1, 255: 2}.
-
-  Raises:
-    ValueError: malformed text or a class outside 0..2.
-  """
-  if not text:
-    return None
-  out = {}
-  for item in text.split(","):
-    raw, sep, cls = item.partition(":")
-    try:
-      raw_v, cls_v = int(raw), int(cls)
-    except ValueError:
-      raise ValueError(f"--label_map item {item!r}: expected 'value:class'") from None
-    if not sep or not 0 <= cls_v < NUM_CLASSES:
-      raise ValueError(f"--label_map item {item!r}: class must be in 0..{NUM_CLASSES - 1}")
-    out[raw_v] = cls_v
-  return out
-
-
-def apply_label_map(mask: np.ndarray, label_map: dict[int, int] | None,
-                    path: str) -> np.ndarray:
-  """Maps raw mask values to classes; unknown values are an error naming the file."""
-  values = np.unique(mask)
-  allowed = set(label_map) if label_map else set(range(NUM_CLASSES))
-  unknown = [int(v) for v in values if int(v) not in allowed]
-  if unknown:
-    raise ValueError(f"{path}: mask values {unknown[:5]} are not in the label map "
-                     f"{sorted(allowed)}; pass --label_map=value:class,...")
-  if not label_map:
-    return mask.astype(np.uint8)
-  lut = np.zeros(max(label_map) + 1, dtype=np.uint8)
-  for raw, cls in label_map.items():
-    lut[raw] = cls
-  return lut[mask]
-
-
-def _case_row(case_id: str, kind: str, counts: np.ndarray,
-              hd: dict[str, Any] | None) -> dict[str, Any]:
-  from export import metrics  # pylint: disable=g-import-not-at-top
-  row = {"case_id": case_id, "kind": kind, "dice": metrics.dice_from_counts(counts),
-         "counts": counts.tolist()}
-  if hd is not None:
-    row["hd95_mm"] = hd
-  return row
-
-
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-  """Overall scores: mean over cases (absent skipped) and pooled over all voxels."""
-  from export import metrics  # pylint: disable=g-import-not-at-top
-  if not rows:
-    return {}
-  keys = list(rows[0]["dice"])
-  out = {"mean": {"dice": {k: metrics.mean_present([r["dice"][k] for r in rows])
-                           for k in keys}},
-         "pooled": {"dice": metrics.dice_from_counts(
-             np.sum([r["counts"] for r in rows], axis=0))}}
-  hd_rows = [r["hd95_mm"] for r in rows if "hd95_mm" in r]
-  if hd_rows:
-    out["mean"]["hd95_mm"] = {k: metrics.mean_present([h[k] for h in hd_rows])
-                              for k in hd_rows[0]}
-  return out
-
-
-def evaluate_folders(model, images_dir: str, masks_dir: str, *,
-                     label_map: dict[int, int] | None = None, batch_size: int = 8,
-                     progress: bool = True) -> dict[str, Any]:
-  """Scores the model on image/mask pairs of two folders.
-
-  Returns:
-    {"cases": [row...], "overall": summarize(rows), "failures": [message...]}; a row
-    holds case_id, kind ("2d"/"3d"), dice (per class and means), counts, and for
-    volumes hd95_mm per foreground class.
-
-  Raises:
-    InputError: a folder is missing or empty.
-  """
-  from data_prep import orientation, readers  # pylint: disable=g-import-not-at-top
-  from export import inference, metrics  # pylint: disable=g-import-not-at-top
-  pairs, orphans = readers.pair_files(images_dir, masks_dir)
-  failures = [f"{path}: {reason}" for path, reason in orphans]
-  rows: list[dict[str, Any]] = []
-  bar = inference.Progress(len(pairs), "spine-evaluate", progress)
-  gt_masks: dict[str, np.ndarray] = {}
-
-  def cases_2d():
-    for case_id, image_path, mask_path in pairs:
-      try:
-        case = readers.read_case(image_path, mask_path)
-        gt = apply_label_map(case.mask, label_map, mask_path)
-        if case.kind == "2d":
-          gt_masks[image_path] = gt[0]
-          yield case
-          continue
-        pred = inference.segment_volume(model, case.image)
-        spacing = orientation.display_voxel_sizes(case.affine, case.transform)
-        rows.append(_case_row(case_id, "3d", metrics.class_counts(pred, gt, NUM_CLASSES),
-                              metrics.hd95_per_class(pred, gt, spacing)))
-      except Exception as e:  # Keep going; failures are listed at the end.
-        failures.append(str(e) if image_path in str(e) or mask_path in str(e)
-                        else f"{image_path}: {type(e).__name__}: {e}")
-      bar.step()
-
-  for case, pred in inference.segment_cases_2d(model, cases_2d(), batch_size):
-    gt = gt_masks.pop(case.image_path)
-    rows.append(_case_row(case.case_id, "2d", metrics.class_counts(pred, gt, NUM_CLASSES),
-                          None))
-    bar.step()
-  rows.sort(key=lambda r: readers.natural_key(r["case_id"]))
-  return {"cases": rows, "overall": summarize(rows), "failures": failures}
-
-
-def evaluate_split(model, data_dir: str, split: str, *,
-                   batch_size: int = 8) -> dict[str, Any]:
-  """Scores the model on a converted split in the stored square geometry.
-
-  Slices are pooled per case id. No HD95: the records do not store the slice spacing.
-
-  Raises:
-    FileNotFoundError, ValueError: no manifest, or the split has no shards.
-  """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from data_prep import manifest as manifest_lib, schema  # pylint: disable=g-import-not-at-top
-  from export import metrics  # pylint: disable=g-import-not-at-top
-  manifest = manifest_lib.load(data_dir)
-  shards = manifest_lib.shard_paths(data_dir, manifest, split)
-  if not shards:
-    raise ValueError(f"{manifest_lib.path_of(data_dir)}: split {split!r} has no shards; "
-                     f"found splits {sorted(manifest['splits'])}")
-  if "segment_examples" not in model.signatures:
-    raise ValueError("the SavedModel lacks the segment_examples signature")
-  size = int(manifest["image_size"])
-
-  def parse(serialized):
-    f = schema.parse_example(serialized, size)
-    return serialized, f["mask"][..., 0], f["case_id"]
-
-  compression = "GZIP" if manifest["compression"] == "gzip" else ""
-  ds = tf.data.TFRecordDataset(shards, compression_type=compression).map(parse)
-  counts: dict[str, np.ndarray] = {}
-  slices: dict[str, int] = {}
-  for serialized, gt, case_ids in ds.batch(batch_size):
-    pred = model.signatures["segment_examples"](examples=serialized)["mask"].numpy()
-    for p, g, cid in zip(pred, gt.numpy(), case_ids.numpy()):
-      cid = cid.decode("utf-8")
-      counts[cid] = counts.get(cid, 0) + metrics.class_counts(p, g, NUM_CLASSES)
-      slices[cid] = slices.get(cid, 0) + 1
-  rows = [_case_row(cid, "3d" if slices[cid] > 1 else "2d", c, None)
-          for cid, c in sorted(counts.items())]
-  return {"cases": rows, "overall": summarize(rows), "failures": []}
-
-
-def _fmt(v: Any) -> str:
-  if isinstance(v, float):
-    return "inf" if math.isinf(v) else f"{v:.3f}"
-  return str(v)
-
-
-def format_table(report: dict[str, Any]) -> str:
-  """A plain-text table: one row per case, then the mean and pooled rows."""
-  cols = ["background", "disc", "vertebra", "mean_disc_vertebra", "mean_all"]
-  header = ["case", "kind", "bg", "disc", "vert", "mean d+v", "mean all",
-            "HD95 disc", "HD95 vert"]
-  lines = []
-  for r in report["cases"]:
-    hd = r.get("hd95_mm", {})
-    lines.append([r["case_id"], r["kind"]] + [_fmt(r["dice"][c]) for c in cols]
-                 + [_fmt(hd.get("disc", "-")), _fmt(hd.get("vertebra", "-"))])
-  overall = report.get("overall", {})
-  for name in ("mean", "pooled"):
-    if name in overall:
-      hd = overall[name].get("hd95_mm", {})
-      lines.append([name.upper(), ""] + [_fmt(overall[name]["dice"][c]) for c in cols]
-                   + [_fmt(hd.get("disc", "-")), _fmt(hd.get("vertebra", "-"))])
-  widths = [max(len(x) for x in col) for col in zip(header, *lines)]
-  return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths))
-                   for line in [header] + lines)
-
-
-def _json_safe(obj: Any) -> Any:
-  if isinstance(obj, float) and math.isinf(obj):
-    return "inf"  # Strict JSON has no Infinity.
-  if isinstance(obj, dict):
-    return {k: _json_safe(v) for k, v in obj.items()}
-  if isinstance(obj, list):
-    return [_json_safe(v) for v in obj]
-  return obj
-
 
 def main(argv):
   if len(argv) > 1:
@@ -244,30 +48,32 @@ def main(argv):
     raise app.UsageError("--label_map applies to --masks_dir only")
   if _BATCH_SIZE.value < 1:
     raise app.UsageError(f"--batch_size must be >= 1, found {_BATCH_SIZE.value}")
-  try:
-    label_map = parse_label_map(_LABEL_MAP.value)
-  except ValueError as e:
-    raise app.UsageError(str(e))
   out_json = pathlib.Path(_OUTPUT_JSON.value) if _OUTPUT_JSON.value else None
   if out_json and out_json.exists() and not _OVERWRITE.value:
     raise app.UsageError(f"{out_json} exists; pass --overwrite to replace it")
+  # Imported here so that --help and flag errors do not pay for loading TensorFlow.
   from data_prep import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
-  from export import inference  # pylint: disable=g-import-not-at-top
+  from export import evaluate_lib, inference  # pylint: disable=g-import-not-at-top
+  try:
+    label_map = evaluate_lib.parse_label_map(_LABEL_MAP.value)
+  except ValueError as e:
+    raise app.UsageError(str(e))
   try:
     model = inference.load_saved_model(_SAVED_MODEL.value)
     if folders:
-      report = evaluate_folders(model, _IMAGES_DIR.value, _MASKS_DIR.value,
-                                label_map=label_map, batch_size=_BATCH_SIZE.value)
+      report = evaluate_lib.evaluate_folders(
+          model, _IMAGES_DIR.value, _MASKS_DIR.value, label_map=label_map,
+          batch_size=_BATCH_SIZE.value)
     else:
-      report = evaluate_split(model, _DATA_DIR.value, _SPLIT.value,
-                              batch_size=_BATCH_SIZE.value)
+      report = evaluate_lib.evaluate_split(model, _DATA_DIR.value, _SPLIT.value,
+                                           batch_size=_BATCH_SIZE.value)
   except (FileNotFoundError, ValueError) as e:  # InputError is a ValueError.
     print(f"spine-evaluate: {e}", file=sys.stderr)
     sys.exit(1)
-  print(format_table(report))
+  print(evaluate_lib.format_table(report))
   if out_json:
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    manifest_lib.write_json_atomic(out_json, _json_safe(report))
+    manifest_lib.write_json_atomic(out_json, evaluate_lib.json_safe(report))
     print(f"spine-evaluate: wrote {out_json}")
   if report["failures"]:
     print(f"spine-evaluate: {len(report['failures'])} input(s) failed:", file=sys.stderr)

@@ -14,7 +14,13 @@ much smaller.
 
 Everything is written into a hidden temporary folder inside the output directory; only
 after every case succeeded are the shards renamed into place, and `dataset.json` (whose
-presence marks a finished dataset) is written last.
+presence marks a finished dataset) is written last. Besides the keys `manifest` documents,
+it holds: input_kind ("2d" | "3d"), flags, class_pixel_counts / class_pixel_frequencies
+(per split and "all", over the stored squares), intensity_statistics ("raw" intensities
+and "stored" normalized squares of the kept slices: min/max/mean/std), cases (id, group,
+split, source files, display shape [S, H, W], spacing, kept slice indices, normalization
+offset/scale), skipped {"files": [{path, reason}], "slices": [{case_id, slice_index,
+source, reason}]} and totals.
 """
 from __future__ import annotations
 

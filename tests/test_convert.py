@@ -254,3 +254,14 @@ def test_binary_fails_with_one_clear_line(tmp_path):
   assert f"spine-convert: error: {tmp_path}/none: images directory does not exist" in (
       proc.stderr)
   assert "Traceback" not in proc.stderr
+
+
+def test_label_map_parsing_and_regex_errors(tmp_path):
+  assert slices.parse_label_map("1-3:1, 7:2") == {0: 0, 1: 1, 2: 1, 3: 1, 7: 2}
+  for bad, match in (("1-3", "expected SRC:DST"), ("5-2:1", "below start"),
+                     ("1:3", "not a class id"), ("1:1,1:2", "twice")):
+    with pytest.raises(ValueError, match=match):
+      slices.parse_label_map(bad)
+  src = _synthetic_2d(tmp_path / "src", n=2)
+  with pytest.raises(writer.ConversionError, match="'s0' does not match --case_id_regex"):
+    _convert(src, tmp_path / "out", case_id_regex=r"^p\d")

@@ -76,6 +76,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     with os.fdopen(fd, "w") as f:
       json.dump(obj, f, indent=2, sort_keys=True)
       f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the manifest is as readable as the shards.
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -29,7 +29,8 @@ def test_deps_follow_imports(tmp_path):
       "trainer/main.py": "import data_prep.phantom\nfrom trainer import nothing_here\n",
       "export/__init__.py": "",
       "tests/test_x.py": "from trainer import main\nimport pytest\n",
-      "tests/test_y.py": "CMD = ['python', '-m', 'data_prep.phantom']\n",
+      "tests/test_y.py": ("CMD = ['python', '-m', 'data_prep.phantom']\n"
+                          "CODE = 'from trainer import main'\n"),
   })
   build = _gen_build().render(tmp_path)
   phantom = build[build.index('name = "data_prep_phantom"'):].split(")\n")[0]
@@ -43,7 +44,8 @@ def test_deps_follow_imports(tmp_path):
   test = build[build.index('name = "test_x"'):].split(")\n")[0]
   assert '"$(location tests/test_x.py)"' in test and '":trainer_main"' in test
   test = build[build.index('name = "test_y"'):].split(")\n")[0]
-  assert '":data_prep_phantom"' in test  # a module run in a subprocess
+  # Modules run in a subprocess, by name or in code.
+  assert '":data_prep_phantom"' in test and '":trainer_main"' in test
 
 
 def test_build_file_is_current():

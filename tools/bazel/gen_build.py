@@ -67,7 +67,10 @@ def target(module: str) -> str:
 
 def imported(path: pathlib.Path, known: set[str]) -> set[str]:
   """Project modules that `path` imports (a package import counts as its __init__)."""
-  tree = ast.parse(path.read_text(), filename=str(path))
+  return _imported_by(ast.parse(path.read_text(), filename=str(path)), known)
+
+
+def _imported_by(tree: ast.AST, known: set[str]) -> set[str]:
   deps = set()
   for node in ast.walk(tree):
     names = []
@@ -75,10 +78,15 @@ def imported(path: pathlib.Path, known: set[str]) -> set[str]:
       names = [a.name for a in node.names]
     elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
       names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
-    elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
-          and node.value in known):
-      # `python -m trainer.main` in a subprocess: the child sees the same runfiles.
-      names = [node.value]
+    elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+      # Subprocesses see the same runfiles: `python -m trainer.main`, or `python -c CODE`.
+      if node.value in known:
+        names = [node.value]
+      elif "import" in node.value:
+        try:
+          deps |= _imported_by(ast.parse(node.value), known)
+        except SyntaxError:
+          pass
     for name in names:
       parts = name.split(".")
       # The longest known prefix: `from data_prep import schema` -> data_prep.schema.
@@ -128,6 +136,19 @@ py_binary(
     main = "{path_of(module)}",
     python_version = "PY3",
     deps = [":{target(module)}"],
+)
+''')
+  # Benchmarks are entry points too: `bazel run //:bench_convert_bench`.
+  for path in sorted((root / "bench").glob("*_bench.py")):
+    rel = f"bench/{path.name}"
+    deps = sorted(imported(path, known))
+    out.append(f'''
+py_binary(
+    name = "bench_{path.stem}",
+    srcs = ["{rel}"],
+    main = "{rel}",
+    python_version = "PY3",
+    deps = {_list([":" + target(d) for d in deps])},
 )
 ''')
   runner = "tests/pytest_runner.py"

@@ -30,15 +30,34 @@ def test_augment_same_eagerly_and_in_tf_data():
   assert not np.allclose(eager[0], other[0])
 
 
+def test_augment_batch_same_eagerly_and_in_tf_data_and_independent_per_sample():
+  image, mask = trainer_testdata.synthetic_slice(np.random.default_rng(1), 32)
+  images = np.repeat(image[None, ..., None], 3, axis=0)
+  masks = np.repeat(mask[None, ..., None], 3, axis=0)
+  seed = tf.constant([5, 2], tf.int64)
+  eager = augment.augment_batch(images, masks, seed)
+  graph = next(iter(tf.data.Dataset.from_tensors((images, masks, seed)).map(
+      augment.augment_batch)))
+  np.testing.assert_allclose(eager[0], graph[0], atol=1e-5)
+  np.testing.assert_array_equal(eager[1], graph[1])
+  # Same input slice three times: each sample draws its own transform.
+  assert not np.allclose(eager[0][0], eager[0][1])
+  assert not np.allclose(eager[0][1], eager[0][2])
+
+
 def test_geometry_keeps_mask_on_the_image_edge():
   image, mask = square_example()
   geometric_only = augment.AugmentConfig(
       max_rotation_deg=30, scale_range=0.2, max_translation=0.1, geometric_prob=1.0,
       gamma_prob=0, contrast_prob=0, bias_field_prob=0, noise_prob=0)
   changed = 0
+  # One batch of 8 copies with an image offset per sample: each keeps its own air value.
+  images = np.stack([image + 10 * i for i in range(8)])
+  out_images, out_masks = augment.augment_batch(images, np.stack([mask] * 8),
+                                                tf.constant([0, 1]), geometric_only)
   for s in range(8):
-    out_image, out_mask = augment.augment(image, mask, tf.constant([s, 1]), geometric_only)
-    out_image, out_mask = out_image.numpy()[..., 0], out_mask.numpy()[..., 0]
+    out_image, out_mask = out_images.numpy()[s, ..., 0] - 10 * s, out_masks.numpy()[s, ..., 0]
+    assert out_image.min() > -1e-4 and out_image.max() < 1 + 1e-4
     assert set(np.unique(out_mask)) <= {0, 1}
     # Bilinear image > 0.5 <=> nearest mask == 1, up to a few corner pixels.
     agree = np.mean((out_image > 0.5) == (out_mask == 1))

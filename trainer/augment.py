@@ -6,8 +6,11 @@ Intensity changes (gamma, contrast/brightness, bias field, noise) touch the imag
 
 Every random draw is `tf.random.stateless_*` from a [2] int seed, so a given seed yields
 the same result eagerly and inside `tf.data` (tests hold the two to it), and the input
-pipeline can feed an independent seed per example from `tf.data.Dataset.random`.
-Layout: image float32 [H, W, 1], mask uint8 [H, W, 1].
+pipeline feeds an independent seed per batch from `tf.data.Dataset.random`.
+The work is done on whole batches (`augment_batch`, per-sample random parameters): one
+op over B slices instead of B small ops, which `bench/pipeline_bench.py` shows is what
+keeps augmentation from dominating the input pipeline. Layout: images float32
+[B, H, W, 1], masks integer [B, H, W, 1]; `augment` wraps one example.
 """
 from __future__ import annotations
 
@@ -35,124 +38,136 @@ class AugmentConfig:
   noise_prob: float = 0.3
 
 
-def affine_transform(size: tf.Tensor, angle: tf.Tensor, scale: tf.Tensor,
-                     shift: tf.Tensor) -> tf.Tensor:
-  """The [8] output->input projective transform of a rotation/scale about the centre + shift.
+def affine_transforms(size: tf.Tensor, angle: tf.Tensor, scale: tf.Tensor,
+                      shift: tf.Tensor) -> tf.Tensor:
+  """Output->input projective transforms of rotations/scales about the centre + shifts.
 
   Args:
-    size: float32 [2] (height, width) of the image.
-    angle: rotation in radians (scalar).
-    scale: zoom factor (> 1 enlarges the content).
-    shift: float32 [2] (dy, dx) translation of the content in pixels.
+    size: float32 [2] (height, width) of the images.
+    angle: [B] rotations in radians.
+    scale: [B] zoom factors (> 1 enlarges the content).
+    shift: [B, 2] (dy, dx) translations of the content in pixels.
 
   Returns:
-    float32 [8] as expected by `ImageProjectiveTransformV3` (maps OUTPUT pixel (x, y) to
-    the INPUT pixel it samples).
+    float32 [B, 8] as expected by `ImageProjectiveTransformV3` (maps OUTPUT pixel (x, y)
+    to the INPUT pixel it samples).
   """
   cy = (size[0] - 1.0) / 2.0
   cx = (size[1] - 1.0) / 2.0
   cos = tf.cos(angle) / scale
   sin = tf.sin(angle) / scale
-  # in = c + R(-angle)/scale * (out - c - shift)
-  ox = cx + shift[1]
-  oy = cy + shift[0]
-  a0, a1 = cos, sin
-  b0, b1 = -sin, cos
+  # in = c + R(-angle) / scale * (out - c - shift)
+  ox = cx + shift[:, 1]
+  oy = cy + shift[:, 0]
+  a0, a1, b0, b1 = cos, sin, -sin, cos
   a2 = cx - a0 * ox - a1 * oy
   b2 = cy - b0 * ox - b1 * oy
   zero = tf.zeros_like(a0)
-  return tf.stack([a0, a1, a2, b0, b1, b2, zero, zero])
+  return tf.stack([a0, a1, a2, b0, b1, b2, zero, zero], axis=1)
 
 
-def warp(image: tf.Tensor, mask: tf.Tensor, transform: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """Applies one [8] transform to image (bilinear) and mask (nearest).
+def warp(images: tf.Tensor, masks: tf.Tensor,
+         transforms: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """Applies [B, 8] transforms to images (bilinear) and masks (nearest), per sample.
 
-  Outside the source the image takes its minimum (the padding/air value of every
+  Outside the source each image takes its own minimum (the padding/air value of every
   normalization) and the mask takes background.
   """
-  shape = tf.shape(image)[:2]
-  transforms = transform[tf.newaxis, :]
-  fill = tf.reduce_min(image)
-  out_image = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[tf.newaxis], transforms=transforms, output_shape=shape,
-      fill_value=fill, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
-  out_mask = tf.raw_ops.ImageProjectiveTransformV3(
-      images=tf.cast(mask, tf.float32)[tf.newaxis], transforms=transforms,
-      output_shape=shape, fill_value=0.0, interpolation="NEAREST",
-      fill_mode="CONSTANT")[0]
-  out_image = tf.ensure_shape(out_image, image.shape)
-  out_mask = tf.ensure_shape(tf.cast(tf.round(out_mask), mask.dtype), mask.shape)
-  return out_image, out_mask
+  shape = tf.shape(images)[1:3]
+  low = tf.reduce_min(images, axis=[1, 2, 3], keepdims=True)
+  # The op fills with one scalar for the batch: shift so that each image's air is 0.
+  out_images = tf.raw_ops.ImageProjectiveTransformV3(
+      images=images - low, transforms=transforms, output_shape=shape, fill_value=0.0,
+      interpolation="BILINEAR", fill_mode="CONSTANT") + low
+  out_masks = tf.raw_ops.ImageProjectiveTransformV3(
+      images=tf.cast(masks, tf.float32), transforms=transforms, output_shape=shape,
+      fill_value=0.0, interpolation="NEAREST", fill_mode="CONSTANT")
+  out_images = tf.ensure_shape(out_images, images.shape)
+  out_masks = tf.ensure_shape(tf.cast(tf.round(out_masks), masks.dtype), masks.shape)
+  return out_images, out_masks
 
 
-def _uniform(seed, low=0.0, high=1.0, shape=()):
+def _uniform(seed, shape, low=0.0, high=1.0):
   return tf.random.stateless_uniform(shape, seed=seed, minval=low, maxval=high)
 
 
-def _smooth_field(seed, shape, grid=4):
-  """A smooth random field in [-1, 1]: a coarse grid upsampled bilinearly."""
-  coarse = _uniform(seed, -1.0, 1.0, [1, grid, grid, 1])
-  return tf.image.resize(coarse, shape, method="bilinear")[0]
+def _per_sample(x):
+  """[B] -> [B, 1, 1, 1], to broadcast over images."""
+  return x[:, tf.newaxis, tf.newaxis, tf.newaxis]
 
 
-def random_geometry(image, mask, seed, config: AugmentConfig):
-  """Random rotation/scale/translation of image and mask (same matrix)."""
-  seeds = tf.random.experimental.stateless_split(seed, 5)
-  size = tf.cast(tf.shape(image)[:2], tf.float32)
+def random_geometry(images, masks, seed, config: AugmentConfig):
+  """Random rotation/scale/translation per sample (same matrix for image and mask)."""
+  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+  batch = tf.shape(images)[:1]
+  size = tf.cast(tf.shape(images)[1:3], tf.float32)
   max_angle = config.max_rotation_deg * math.pi / 180.0
-  angle = _uniform(seeds[0], -max_angle, max_angle)
+  angle = _uniform(seeds[0], batch, -max_angle, max_angle)
   log_r = math.log1p(config.scale_range)
-  scale = tf.exp(_uniform(seeds[1], -log_r, log_r))
-  shift = _uniform(seeds[2], -config.max_translation, config.max_translation, [2]) * size
-  warped_image, warped_mask = warp(image, mask, affine_transform(size, angle, scale, shift))
-  apply = _uniform(seeds[3]) < config.geometric_prob
-  return (tf.where(apply, warped_image, image), tf.where(apply, warped_mask, mask))
+  scale = tf.exp(_uniform(seeds[1], batch, -log_r, log_r))
+  shift = _uniform(seeds[2], tf.concat([batch, [2]], 0), -config.max_translation,
+                   config.max_translation) * size
+  warped_images, warped_masks = warp(images, masks,
+                                     affine_transforms(size, angle, scale, shift))
+  apply = _per_sample(_uniform(seeds[3], batch) < config.geometric_prob)
+  return tf.where(apply, warped_images, images), tf.where(apply, warped_masks, masks)
 
 
-def random_intensity(image, seed, config: AugmentConfig):
-  """Random gamma, contrast/brightness, bias field and noise on the image only."""
-  seeds = tf.random.experimental.stateless_split(seed, 10)
-  lo = tf.reduce_min(image)
-  hi = tf.reduce_max(image)
-  span = tf.maximum(hi - lo, 1e-6)
-  std = tf.maximum(tf.math.reduce_std(image), 1e-6)
+def random_intensity(images, seed, config: AugmentConfig):
+  """Random gamma, contrast/brightness, bias field and noise, per sample, images only."""
+  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 10))
+  batch = tf.shape(images)[:1]
+  axes = [1, 2, 3]
+  lo = tf.reduce_min(images, axis=axes, keepdims=True)
+  span = tf.maximum(tf.reduce_max(images, axis=axes, keepdims=True) - lo, 1e-6)
+  std = tf.maximum(tf.math.reduce_std(images, axis=axes, keepdims=True), 1e-6)
+
+  def draw(i, low=0.0, high=1.0):
+    return _per_sample(_uniform(seeds[i], batch, low, high))
 
   # Gamma acts on [0, 1]; map there and back so any normalization works.
-  gamma = tf.exp(_uniform(seeds[0], math.log(config.gamma_range[0]),
-                          math.log(config.gamma_range[1])))
-  out = tf.where(_uniform(seeds[1]) < config.gamma_prob,
-                 lo + span * tf.pow((image - lo) / span, gamma), image)
+  gamma = tf.exp(draw(0, math.log(config.gamma_range[0]), math.log(config.gamma_range[1])))
+  out = tf.where(draw(1) < config.gamma_prob,
+                 lo + span * tf.pow((images - lo) / span, gamma), images)
 
-  mean = tf.reduce_mean(out)
-  contrast = _uniform(seeds[2], *config.contrast_range)
-  shift = _uniform(seeds[3], -config.brightness, config.brightness) * std
-  out = tf.where(_uniform(seeds[4]) < config.contrast_prob,
-                 (out - mean) * contrast + mean + shift, out)
+  mean = tf.reduce_mean(out, axis=axes, keepdims=True)
+  contrast = draw(2, *config.contrast_range)
+  shift = draw(3, -config.brightness, config.brightness) * std
+  out = tf.where(draw(4) < config.contrast_prob, (out - mean) * contrast + mean + shift, out)
 
-  # MRI coil inhomogeneity: a smooth multiplicative field around the air level.
-  field = tf.exp(config.bias_field_strength * _smooth_field(seeds[5], tf.shape(image)[:2]))
-  out = tf.where(_uniform(seeds[6]) < config.bias_field_prob, lo + (out - lo) * field, out)
+  # MRI coil inhomogeneity: a smooth multiplicative field around the air level,
+  # a coarse 4x4 random grid upsampled bilinearly.
+  coarse = _uniform(seeds[5], tf.concat([batch, [4, 4, 1]], 0), -1.0, 1.0)
+  field = tf.exp(config.bias_field_strength *
+                 tf.image.resize(coarse, tf.shape(images)[1:3], method="bilinear"))
+  out = tf.where(draw(6) < config.bias_field_prob, lo + (out - lo) * field, out)
 
-  sigma = _uniform(seeds[7], 0.0, config.noise_std) * std
-  noise = tf.random.stateless_normal(tf.shape(image), seed=seeds[8]) * sigma
-  out = tf.where(_uniform(seeds[9]) < config.noise_prob, out + noise, out)
-  return out
+  sigma = draw(7, 0.0, config.noise_std) * std
+  noise = tf.random.stateless_normal(tf.shape(images), seed=seeds[8]) * sigma
+  return tf.where(draw(9) < config.noise_prob, out + noise, out)
+
+
+def augment_batch(images: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor,
+                  config: AugmentConfig = AugmentConfig()) -> tuple[tf.Tensor, tf.Tensor]:
+  """Joint geometric + intensity augmentation of a batch, independent per sample.
+
+  Args:
+    images: float32 [B, H, W, 1] normalized slices.
+    masks: integer [B, H, W, 1] class ids.
+    seed: int [2] stateless seed; equal seeds give equal outputs.
+    config: the ranges.
+
+  Returns:
+    (images, masks) with the input shapes and dtypes.
+  """
+  seed = tf.cast(seed, tf.int64)
+  geo_seed, int_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  images, masks = random_geometry(images, masks, geo_seed, config)
+  return random_intensity(images, int_seed, config), masks
 
 
 def augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor,
             config: AugmentConfig = AugmentConfig()) -> tuple[tf.Tensor, tf.Tensor]:
-  """Joint geometric + intensity augmentation of one example.
-
-  Args:
-    image: float32 [H, W, 1] normalized slice.
-    mask: integer [H, W, 1] class ids.
-    seed: int32/int64 [2] stateless seed; equal seeds give equal outputs.
-    config: the ranges.
-
-  Returns:
-    (image, mask) with the input shapes and dtypes.
-  """
-  seed = tf.cast(seed, tf.int64)
-  geo_seed, int_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  image, mask = random_geometry(image, mask, geo_seed, config)
-  return random_intensity(image, int_seed, config), mask
+  """`augment_batch` of one example: image float32 [H, W, 1], mask [H, W, 1]."""
+  images, masks = augment_batch(image[tf.newaxis], mask[tf.newaxis], seed, config)
+  return images[0], masks[0]

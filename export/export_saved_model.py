@@ -12,6 +12,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None, help="Trained model directory holding best.keras and dataset.json.",
@@ -32,6 +33,7 @@ def main(argv):
     raise app.UsageError(
         f"--export_dir={_EXPORT_DIR.value}: the last folder must be a version number "
         f"(e.g. {_EXPORT_DIR.value}/1), found {version!r}")
+  logging.set_verbosity(logging.WARNING)  # SavedModel writing logs every step at INFO
   # Imported here so that --help and flag errors do not pay for loading TensorFlow.
   from export import serving  # pylint: disable=g-import-not-at-top
   try:

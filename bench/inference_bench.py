@@ -1,0 +1,128 @@
+r"""Benchmark of inference: the exported SavedModel versus the Keras model, and NIfTI volumes.
+
+Builds an UNTRAINED U-Net of the default architecture (experiments/default.flags:
+base_filters=32, depth=4, group norm; image_size 256, the converter's default), exports
+it with spine-export's library, then measures on the same batches of raw 256x256 slices
+  1. slices/s of the SavedModel's `serving_default` (raw pixels in: normalization, fit,
+     model, softmax, unfit and argmax all in the graph);
+  2. slices/s of the Keras model called directly on the already preprocessed squares
+     (`model(x, training=False)` eagerly, and `predict_on_batch`, a compiled function);
+  3. seconds per NIfTI volume for spine-predict's library (read, reorient,
+     `segment_volume`, write the label volume), volume S x 256 x 256.
+Weights do not change the cost, so an untrained model measures the real one.
+
+  .venv/bin/python bench/inference_bench.py                  # ~1-2 minutes on 2 cores
+  .venv/bin/python bench/inference_bench.py --base_filters=8 --depth=3 --image_size=128
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, help="Model input square side.")
+_BASE_FILTERS = flags.DEFINE_integer("base_filters", 32, help="U-Net base filters.")
+_DEPTH = flags.DEFINE_integer("depth", 4, help="U-Net depth.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, help="Slices per call.")
+_NUM_BATCHES = flags.DEFINE_integer("num_batches", 4, help="Timed batches per method.")
+_VOLUME_SLICES = flags.DEFINE_integer("volume_slices", 16, help="Slices of the NIfTI.")
+_WORK_DIR = flags.DEFINE_string("work_dir", None, help="Scratch folder (default: temp).")
+
+
+def _rate(fn, batches) -> float:
+  fn(batches[0])  # warm-up: tracing, thread pools, first allocation
+  start = time.perf_counter()
+  for b in batches:
+    fn(b)
+  return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+
+def main(argv):
+  del argv
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logging.set_verbosity(logging.WARNING)  # SavedModel writing logs every step at INFO
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from data_prep import manifest, preprocess, schema  # pylint: disable=g-import-not-at-top
+  from export import inference, predict_lib, serving  # pylint: disable=g-import-not-at-top
+  from trainer import unet  # pylint: disable=g-import-not-at-top
+
+  size, bs = _IMAGE_SIZE.value, _BATCH_SIZE.value
+  work = pathlib.Path(_WORK_DIR.value or tempfile.mkdtemp(prefix="inference_bench."))
+  model_dir = work / "model"
+  model_dir.mkdir(parents=True, exist_ok=True)
+  model = unet.build_unet(base_filters=_BASE_FILTERS.value, depth=_DEPTH.value,
+                          norm="group")
+  model.save(model_dir / "best.keras")
+  manifest.write_json_atomic(model_dir / schema.MANIFEST_NAME, {
+      "format_version": schema.FORMAT_VERSION, "image_size": size, "num_classes": 3,
+      "normalization": {"method": "percentile", "per": "image"}, "compression": "none",
+      "splits": {}})
+  t = time.perf_counter()
+  export_dir = serving.export(model_dir, work / "serving" / "1", overwrite=True)
+  export_s = time.perf_counter() - t
+  loaded = inference.load_saved_model(export_dir)
+
+  rng = np.random.default_rng(0)
+  raw = [rng.gamma(2.0, 100.0, (bs, size, size)).astype(np.float32)
+         for _ in range(_NUM_BATCHES.value)]
+  squares = []
+  for batch in raw:  # the converter's preprocessing, outside the timed region
+    geo = preprocess.fit_geometry(size, size, size)
+    fitted = []
+    for x in batch:
+      off, sc = preprocess.normalization_params(x, "percentile")
+      fitted.append(preprocess.fit_image(preprocess.apply_normalization(
+          x, "percentile", off, sc), geo, size, preprocess.pad_value("percentile", off, sc)))
+    squares.append(tf.constant(np.stack(fitted)[..., None]))
+  raw_t = [tf.constant(b[..., None]) for b in raw]
+  serve = loaded.signatures["serving_default"]
+  rates = {
+      "SavedModel serving_default (raw pixels in)": _rate(lambda b: serve(images=b), raw_t),
+      "Keras model(x) eager (preprocessed in)": _rate(
+          lambda b: model(b, training=False), squares),
+      "Keras predict_on_batch (preprocessed in)": _rate(model.predict_on_batch, squares),
+  }
+
+  volume = rng.gamma(2.0, 100.0, (size, size, _VOLUME_SLICES.value)).astype(np.float32)
+  vol_dir = work / "volumes"
+  vol_dir.mkdir(exist_ok=True)
+  # Scanner order (I, P, R) so that the reorientation is part of the cost.
+  affine = np.array([[0, 0, 1.0, 0], [0, -1.0, 0, 0], [-1.0, 0, 0, 0], [0, 0, 0, 1]])
+  nib.save(nib.Nifti1Image(volume, affine), vol_dir / "v.nii.gz")
+  predict_lib.predict(loaded, vol_dir / "v.nii.gz", work / "pred", overwrite=True,
+                      progress=False)  # warm-up
+  runs = 2
+  t = time.perf_counter()
+  for _ in range(runs):
+    predict_lib.predict(loaded, vol_dir / "v.nii.gz", work / "pred", overwrite=True,
+                        progress=False)
+  volume_s = (time.perf_counter() - t) / runs
+
+  base = rates["Keras model(x) eager (preprocessed in)"]
+  print(f"\nU-Net base_filters={_BASE_FILTERS.value} depth={_DEPTH.value} group norm "
+        f"({model.count_params():,} parameters), untrained; image {size}x{size}, "
+        f"batch {bs}, {_NUM_BATCHES.value} timed batches; {os.cpu_count()} CPU cores, "
+        f"TF {tf.__version__}; export took {export_s:.1f} s\n")
+  print("| method | slices/s | ratio vs Keras eager |")
+  print("| --- | ---: | ---: |")
+  for name, r in rates.items():
+    print(f"| {name} | {r:.2f} | {r / base:.2f} |")
+  print("\n| NIfTI volume via spine-predict | s/volume | s/slice |")
+  print("| --- | ---: | ---: |")
+  print(f"| {_VOLUME_SLICES.value} slices of {size}x{size}, scanner order | "
+        f"{volume_s:.2f} | {volume_s / _VOLUME_SLICES.value:.3f} |")
+  if _WORK_DIR.value is None:
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -47,12 +47,29 @@ moved = max(float(np.abs(a - b).max()) for a, b in zip(one[1], init))
 diff = max(float(np.abs(a - b).max()) for a, b in zip(one[1], two[1]))
 print("moved", moved, "diff", diff)
 assert moved > 1e-3 and diff < 1e-5 * max(1.0, moved), (moved, diff)
+
+# The whole trainer on the same 2 replicas: split Dice, checkpoints, best model, refusal.
+import sys
+from trainer import train
+train.make_strategy = lambda name: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+config = train.TrainConfig(data_dir=sys.argv[1], model_dir=sys.argv[2], epochs=1,
+                           base_filters=4, depth=2, global_batch_size=4, verbose=0)
+result = train.train_and_evaluate(config)
+assert result["epochs_completed"] == 1 and result["best_val_mean_dice"] is not None, result
+try:
+  train.train_and_evaluate(train.TrainConfig(**dict(
+      config.__dict__, global_batch_size=3, model_dir=sys.argv[2] + "_b")))
+  raise AssertionError("batch 3 on 2 replicas was accepted")
+except train.ConfigError as e:
+  assert "not divisible by the 2 replicas" in str(e)
 print("OK")
 """
 
 
-def test_two_replicas_match_one_replica_on_the_same_global_batch():
-  out = subprocess.run([sys.executable, "-c", _TWO_REPLICAS], cwd=REPO, env=ENV,
+def test_two_replicas_match_one_replica_on_the_same_global_batch(tmp_path):
+  data_dir = trainer_testdata.write_dataset(tmp_path / "data", num_train=4, num_val=2)
+  out = subprocess.run([sys.executable, "-c", _TWO_REPLICAS, data_dir,
+                        str(tmp_path / "model")], cwd=REPO, env=ENV,
                        capture_output=True, text=True, timeout=180)
   assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-3000:]
 

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 import trainer_testdata
+from trainer import callbacks
 from trainer import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,3 +112,20 @@ def test_resume_after_kill_continues_from_saved_epoch(tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 1 and "loss: 'dice' -> 'dice_ce'" in out.stderr
   assert "Traceback" not in out.stderr
+
+
+def test_input_wait_counts_only_time_before_the_batch_was_ready():
+  wait = callbacks.InputWait()
+  wait.on_epoch_begin(0)
+  wait.on_train_batch_begin(0)
+  time.sleep(0.05)
+  wait.batch_ready()  # The step had to wait ~50 ms of its ~100 ms.
+  time.sleep(0.05)
+  wait.on_train_batch_end(0)
+  wait.batch_ready()  # Ready before the next step begins: no wait.
+  wait.on_train_batch_begin(1)
+  time.sleep(0.05)
+  wait.on_train_batch_end(1)
+  logs = {}
+  wait.on_epoch_end(0, logs)
+  assert 0.2 < logs["input_wait_fraction"] < 0.45

@@ -336,10 +336,7 @@ def _atomic(path: pathlib.Path, write) -> None:
 
 
 def _write_info(out_dir: pathlib.Path, info: dict) -> None:
-  def write(tmp):
-    with open(tmp, "w") as f:
-      json.dump(info, f, indent=2)
-  _atomic(out_dir / "phantom.json", write)
+  _atomic(out_dir / "phantom.json", lambda p: pathlib.Path(p).write_text(json.dumps(info)))
 
 
 def case_id(index: int) -> str:
@@ -373,8 +370,9 @@ def write_2d_dataset(out_dir: str | os.PathLike, num_cases: int, seed: int = 0, 
   from PIL import Image  # pylint: disable=g-import-not-at-top
   if bit_depth not in (8, 16):
     raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
-  if num_cases < 1 or not 16 <= min_size <= max_size:
-    raise ValueError(f"need num_cases >= 1 and 16 <= min_size <= max_size, got "
+  if num_cases < 1 or not 16 <= min_size <= max_size or -(-min_size // 16) * 16 > max_size:
+    raise ValueError(f"need num_cases >= 1 and 16 <= min_size <= max_size with a multiple "
+                     f"of 16 between them, got "
                      f"{num_cases}, {min_size}, {max_size}")
   out = pathlib.Path(out_dir)
   _prepare_output(out, overwrite)
@@ -382,7 +380,7 @@ def write_2d_dataset(out_dir: str | os.PathLike, num_cases: int, seed: int = 0, 
   ids = []
   for i in range(num_cases):
     rng = np.random.default_rng([seed, i])
-    h, w = (int(v) * 16 for v in rng.integers(min_size // 16, max_size // 16 + 1, 2))
+    h, w = (int(v) * 16 for v in rng.integers(-(-min_size // 16), max_size // 16 + 1, 2))
     image, mask = make_slice(rng, h, w, dtype)
     cid = case_id(i)
     _atomic(out / "images" / f"{cid}.png", lambda p, im=image: Image.fromarray(im).save(

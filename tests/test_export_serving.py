@@ -16,9 +16,11 @@ import pytest
 import tensorflow as tf
 
 import export_testlib
+from data_prep import manifest
 from data_prep import preprocess
 from data_prep import schema
 from export import serving
+from trainer import unet
 S = export_testlib.IMAGE_SIZE
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -220,3 +222,23 @@ def test_png_decoding_keeps_8_and_16_bit_values(exported):
   for image in (u8, u16):
     decoded = module._decode_png(tf.io.encode_png(image)).numpy()  # pylint: disable=protected-access
     np.testing.assert_array_equal(decoded, image.astype(np.float32))
+
+
+def test_mixed_precision_model_serves_float32(tmp_path):
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  try:
+    model = unet.build_unet(base_filters=4, depth=2)
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+  model_dir = tmp_path / "model"
+  model_dir.mkdir()
+  model.save(model_dir / "best.keras")
+  manifest.write_json_atomic(model_dir / schema.MANIFEST_NAME, {
+      "format_version": schema.FORMAT_VERSION, "image_size": S, "num_classes": 3,
+      "normalization": {"method": "zscore", "per": "image"}, "compression": "none",
+      "splits": {}})
+  loaded = tf.saved_model.load(str(serving.export(model_dir, tmp_path / "out" / "1")))
+  out = loaded.signatures["serving_default"](images=tf.random.uniform([2, 50, 40, 1]))
+  assert out["probabilities"].dtype == tf.float32
+  assert out["probabilities"].shape == (2, 50, 40, 3)
+  np.testing.assert_allclose(out["probabilities"].numpy().sum(-1), 1.0, atol=1e-3)

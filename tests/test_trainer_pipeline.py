@@ -66,6 +66,22 @@ def test_geometry_keeps_mask_on_the_image_edge():
   assert changed == 8
 
 
+def test_elastic_keeps_mask_on_the_image_edge_eagerly_and_in_tf_data():
+  image, mask = square_example()
+  elastic_only = augment.AugmentConfig(
+      geometric_prob=0, elastic_alpha=3.0, elastic_prob=1.0, gamma_prob=0,
+      contrast_prob=0, bias_field_prob=0, noise_prob=0)
+  images, masks = np.stack([image] * 4), np.stack([mask] * 4)
+  seed = tf.constant([9, 9])
+  out_images, out_masks = augment.augment_batch(images, masks, seed, elastic_only)
+  graph = next(iter(tf.data.Dataset.from_tensors((images, masks, seed)).map(
+      lambda i, m, s: augment.augment_batch(i, m, s, elastic_only))))
+  np.testing.assert_allclose(out_images, graph[0], atol=1e-5)
+  for out_image, out_mask in zip(out_images.numpy(), out_masks.numpy()):
+    assert np.mean((out_image > 0.5) == (out_mask == 1)) > 0.97
+    assert not np.array_equal(out_mask, mask)
+
+
 def test_intensity_augmentation_leaves_mask_and_shape():
   image, mask = trainer_testdata.synthetic_slice(np.random.default_rng(2), 32)
   intensity_only = augment.AugmentConfig(geometric_prob=0, gamma_prob=1, contrast_prob=1,

@@ -1,7 +1,8 @@
 """Joint augmentation of one slice and its mask, with stateless (seeded) randomness.
 
 Geometry (rotation, isotropic scale, translation) is ONE affine matrix applied to both the
-image (bilinear) and the mask (nearest), so labels stay on the anatomy they came from.
+image (bilinear) and the mask (nearest), so labels stay on the anatomy they came from;
+an optional smooth elastic field (off by default) is likewise shared by both.
 Intensity changes (gamma, contrast/brightness, bias field, noise) touch the image only.
 
 Every random draw is `tf.random.stateless_*` from a [2] int seed, so a given seed yields
@@ -27,6 +28,9 @@ class AugmentConfig:
   scale_range: float = 0.15          # scale drawn log-uniformly in [1 - r, 1 + r]
   max_translation: float = 0.08      # fraction of the side
   geometric_prob: float = 0.8
+  elastic_alpha: float = 0.0         # max displacement in pixels of the smooth elastic field
+  elastic_grid: int = 6              # control points per side of that field
+  elastic_prob: float = 0.0          # off by default: slow on CPU, see bench/pipeline_bench.py
   gamma_range: tuple[float, float] = (0.7, 1.5)
   gamma_prob: float = 0.3
   contrast_range: tuple[float, float] = (0.75, 1.25)
@@ -113,6 +117,46 @@ def random_geometry(images, masks, seed, config: AugmentConfig):
   return tf.where(apply, warped_images, images), tf.where(apply, warped_masks, masks)
 
 
+def _sample(x: tf.Tensor, rows: tf.Tensor, cols: tf.Tensor, bilinear: bool) -> tf.Tensor:
+  """Samples x [B, H, W, C] at float pixel coordinates rows/cols [B, H, W] (edge-clamped)."""
+  shape = tf.shape(x)
+  height, width = shape[1], shape[2]
+  b = tf.broadcast_to(tf.range(shape[0])[:, None, None], tf.shape(rows))
+
+  def at(r, c):
+    r = tf.clip_by_value(r, 0, height - 1)
+    c = tf.clip_by_value(c, 0, width - 1)
+    return tf.gather_nd(x, tf.stack([b, r, c], axis=-1))
+
+  if not bilinear:
+    return at(tf.cast(tf.round(rows), tf.int32), tf.cast(tf.round(cols), tf.int32))
+  r0 = tf.floor(rows)
+  c0 = tf.floor(cols)
+  fr = (rows - r0)[..., None]
+  fc = (cols - c0)[..., None]
+  r0 = tf.cast(r0, tf.int32)
+  c0 = tf.cast(c0, tf.int32)
+  top = at(r0, c0) * (1 - fc) + at(r0, c0 + 1) * fc
+  bottom = at(r0 + 1, c0) * (1 - fc) + at(r0 + 1, c0 + 1) * fc
+  return top * (1 - fr) + bottom * fr
+
+
+def random_elastic(images, masks, seed, config: AugmentConfig):
+  """Smooth random displacement per sample (image bilinear, mask nearest, same field)."""
+  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  batch = tf.shape(images)[:1]
+  size = tf.shape(images)[1:3]
+  grid = config.elastic_grid
+  coarse = _uniform(seeds[0], tf.concat([batch, [grid, grid, 2]], 0), -1.0, 1.0)
+  offsets = tf.image.resize(coarse, size, method="bicubic") * config.elastic_alpha
+  rows = tf.cast(tf.range(size[0]), tf.float32)[None, :, None] + offsets[..., 0]
+  cols = tf.cast(tf.range(size[1]), tf.float32)[None, None, :] + offsets[..., 1]
+  warped_images = _sample(images, rows, cols, bilinear=True)
+  warped_masks = _sample(masks, rows, cols, bilinear=False)
+  apply = _per_sample(_uniform(seeds[1], batch) < config.elastic_prob)
+  return tf.where(apply, warped_images, images), tf.where(apply, warped_masks, masks)
+
+
 def random_intensity(images, seed, config: AugmentConfig):
   """Random gamma, contrast/brightness, bias field and noise, per sample, images only."""
   seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 10))
@@ -161,8 +205,11 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor,
     (images, masks) with the input shapes and dtypes.
   """
   seed = tf.cast(seed, tf.int64)
-  geo_seed, int_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  geo_seed, int_seed, elastic_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 3))
   images, masks = random_geometry(images, masks, geo_seed, config)
+  if config.elastic_prob > 0 and config.elastic_alpha > 0:
+    images, masks = random_elastic(images, masks, elastic_seed, config)
   return random_intensity(images, int_seed, config), masks
 
 

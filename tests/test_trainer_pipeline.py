@@ -129,10 +129,14 @@ def test_training_dataset_batches_repeats_and_shards_per_worker(tmp_path):
     ds = input_pipeline.make_dataset(files, image_size=32, compression="",
                                      global_batch_size=4, training=True,
                                      input_context=context)
-    images = np.concatenate([b[0].numpy() for b in ds.take(3)])
-    assert images.shape == (6, 32, 32, 1)
-    seen.append({float(x.sum()) for x in images})
-  assert len(seen[0]) == 3 and len(seen[1]) == 3 and not seen[0] & seen[1]
+    images = np.concatenate([b[0].numpy() for b in ds.take(4)])
+    assert images.shape == (8, 32, 32, 1)
+    own = input_pipeline.make_dataset([files[worker]], image_size=32, compression="",
+                                      global_batch_size=8, training=False)
+    expected = {round(float(x.sum()), 3) for b in own for x in b[0].numpy()}
+    seen.append({round(float(x.sum()), 3) for x in images})
+    assert seen[-1] <= expected and len(expected) == 3
+  assert not seen[0] & seen[1]
 
 
 def test_missing_shard_is_reported(tmp_path):

@@ -1,4 +1,5 @@
 """Input pipeline and augmentation: eager == tf.data, alignment, counts, sharding."""
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -145,3 +146,77 @@ def test_missing_shard_is_reported(tmp_path):
                                 compression="", global_batch_size=1, training=False)
   with pytest.raises(ValueError, match="compression"):
     input_pipeline.compression_type({"compression": "zstd"})
+
+
+def test_warp_matches_image_projective_transform():
+  rng = np.random.default_rng(3)
+  images = rng.random((3, 24, 20, 1)).astype(np.float32) + 2.0
+  masks = rng.integers(0, 3, (3, 24, 20, 1)).astype(np.int32)
+  transforms = augment.affine_transforms(tf.constant([24.0, 20.0]),
+                                         tf.constant([0.3, -0.2, 0.05]),
+                                         tf.constant([1.1, 0.9, 1.0]),
+                                         tf.constant([[2.5, -1.0], [0.0, 3.2], [-4.0, 1.5]]))
+  out_images, out_masks = augment.warp(images, masks, transforms)
+  low = images.min(axis=(1, 2, 3), keepdims=True)
+  reference = tf.raw_ops.ImageProjectiveTransformV3(
+      images=images - low, transforms=transforms, output_shape=[24, 20], fill_value=0.0,
+      interpolation="BILINEAR", fill_mode="CONSTANT") + low
+  ref_masks = tf.raw_ops.ImageProjectiveTransformV3(
+      images=tf.cast(masks, tf.float32), transforms=transforms, output_shape=[24, 20],
+      fill_value=0.0, interpolation="NEAREST", fill_mode="CONSTANT")
+  np.testing.assert_allclose(out_images, reference, atol=1e-4)
+  assert np.mean(out_masks.numpy() == ref_masks.numpy().astype(np.int32)) > 0.995
+  assert out_masks.dtype == tf.int32
+
+
+def test_bias_field_upsampling_is_bilinear_resize():
+  coarse = tf.random.stateless_uniform([2, 4, 4], seed=[1, 1])
+  ours = tf.einsum("hk,bkl,wl->bhw", augment._bilinear_matrix(32, 4), coarse,  # pylint: disable=protected-access
+                   augment._bilinear_matrix(24, 4))  # pylint: disable=protected-access
+  np.testing.assert_allclose(ours, tf.image.resize(coarse[..., None], [32, 24])[..., 0],
+                             atol=1e-5)
+
+
+def test_cached_training_dataset_repeats_and_reshuffles(tmp_path):
+  data_dir = trainer_testdata.write_dataset(tmp_path, num_train=6, train_shards=2)
+  manifest = manifest_lib.load(data_dir)
+  files = manifest_lib.shard_paths(data_dir, manifest, "train")
+  ds = input_pipeline.make_dataset(files, image_size=32, compression="",
+                                   global_batch_size=6, training=True, seed=0, cache=True)
+  epochs = [b[0].numpy() for b in ds.take(3)]
+  sums = [[round(float(x.sum()), 3) for x in e] for e in epochs]
+  # Every pass holds the same 6 slices, in a new order.
+  assert sorted(sums[0]) == sorted(sums[1]) == sorted(sums[2]) and len(set(sums[0])) == 6
+  assert sums[0] != sums[1] or sums[1] != sums[2]
+
+
+def test_augment_in_train_step_aligns_and_only_trains():
+  image, mask = square_example()
+  images = np.stack([image] * 4)
+  masks = np.stack([mask.astype(np.int32)] * 4)
+  inputs = keras.Input((32, 32, 1))
+  model = keras.Model(inputs, keras.layers.Conv2D(3, 1)(inputs))
+  model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+  seen_images = tf.Variable(tf.zeros(images.shape))
+  seen_masks = tf.Variable(tf.zeros(masks.shape, tf.int32))
+
+  def recorder(data):  # Stands in for Keras' step: records what the step receives.
+    seen_images.assign(data[0])
+    seen_masks.assign(data[1])
+    return {"loss": tf.constant(0.0)}
+
+  model.train_step = recorder
+  geometric_only = augment.AugmentConfig(
+      max_rotation_deg=30, scale_range=0.2, max_translation=0.1, geometric_prob=1.0,
+      gamma_prob=0, contrast_prob=0, bias_field_prob=0, noise_prob=0)
+  augment.augment_in_train_step(model, geometric_only, seed=1)
+  model.fit(images, masks, batch_size=4, epochs=1, verbose=0)
+  out_images, out_masks = seen_images.numpy(), seen_masks.numpy()
+  for out_image, out_mask in zip(out_images, out_masks):
+    assert not np.array_equal(out_mask, masks[0])
+    assert np.mean((out_image > 0.5) == (out_mask == 1)) > 0.98
+  assert not np.array_equal(out_masks[0], out_masks[1])  # Per-sample transforms.
+  # Evaluation sees the data as given: its loss is that of the unaugmented batch.
+  expected = keras.losses.sparse_categorical_crossentropy(masks, model(images))
+  assert model.evaluate(images, masks, batch_size=4, verbose=0) == pytest.approx(
+      float(np.mean(expected)), rel=1e-5)

@@ -218,19 +218,22 @@ def _intensity(images, p, noise):
   return out + noise * _per_sample(p["sigma"]) * std
 
 
-def _normal_where(apply, shape, seed):
+def _normal_where(apply, shape, seed, static_shapes):
   """Standard normal noise for the samples where `apply`, zeros elsewhere.
 
   Drawn only for those samples (a third of a batch by default): normal draws are the
-  most expensive part of the intensity changes.
+  most expensive part of the intensity changes. With static_shapes (inside an
+  XLA-compiled step, where shapes cannot depend on data) it is drawn for all samples.
   """
+  if static_shapes:
+    return tf.random.stateless_normal(shape, seed=seed)
   index = tf.where(apply)
   count = tf.shape(index, out_type=tf.int32)[:1]
   noise = tf.random.stateless_normal(tf.concat([count, shape[1:]], 0), seed=seed)
   return tf.scatter_nd(index, noise, tf.cast(shape, tf.int64))
 
 
-def random_intensity(images, seed, config: AugmentConfig):
+def random_intensity(images, seed, config: AugmentConfig, static_shapes: bool = False):
   """Random gamma, contrast/brightness, bias field and noise, per sample, images only.
 
   Contrast shift and noise std are in units of each image's std; the bias field is a
@@ -256,12 +259,13 @@ def random_intensity(images, seed, config: AugmentConfig):
       "bias_on": draw(6) < config.bias_field_prob,
       "sigma": draw(7, 0.0, config.noise_std) * tf.cast(noise_on, tf.float32),
   }
-  noise = _normal_where(noise_on, tf.shape(images), seeds[8])
+  noise = _normal_where(noise_on, tf.shape(images), seeds[8], static_shapes)
   return _intensity(images, params, noise)
 
 
 def augment_batch(images: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor,
-                  config: AugmentConfig = AugmentConfig()) -> tuple[tf.Tensor, tf.Tensor]:
+                  config: AugmentConfig = AugmentConfig(),
+                  static_shapes: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
   """Joint geometric + intensity augmentation of a batch, independent per sample.
 
   The pixel work runs in XLA-compiled functions (also inside `tf.data` and a train
@@ -272,6 +276,8 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor,
     masks: integer [B, H, W, 1] class ids.
     seed: int [2] stateless seed; equal seeds give equal outputs.
     config: the ranges.
+    static_shapes: no data-dependent shapes (needed inside an XLA-compiled train step;
+      draws noise for every sample, a little slower, same distribution).
 
   Returns:
     (images, masks) with the input shapes and dtypes.
@@ -282,7 +288,7 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor,
   images, masks = random_geometry(images, masks, geo_seed, config)
   if config.elastic_prob > 0 and config.elastic_alpha > 0:
     images, masks = random_elastic(images, masks, elastic_seed, config)
-  return random_intensity(images, int_seed, config), masks
+  return random_intensity(images, int_seed, config, static_shapes), masks
 
 
 def augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor,
@@ -290,3 +296,34 @@ def augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor,
   """`augment_batch` of one example: image float32 [H, W, 1], mask [H, W, 1]."""
   images, masks = augment_batch(image[tf.newaxis], mask[tf.newaxis], seed, config)
   return images[0], masks[0]
+
+
+def augment_in_train_step(model, config: AugmentConfig, seed: int) -> None:
+  """Makes `model.fit` augment each batch inside its train step, on the accelerator.
+
+  The input pipeline then only reads and batches (`make_dataset(augment=None)`); the
+  augmentation runs in the (distributed, possibly XLA-compiled) step before the forward
+  pass, on the replica's own batch. `evaluate`/`predict` (test_step) are untouched.
+  Seeds: (seed + replica id, optimizer step), so every replica and step draws anew and a
+  resumed run continues the sequence.
+
+  Args:
+    model: a compiled Keras model (TensorFlow backend); its train_step is wrapped.
+    config: the ranges.
+    seed: base seed.
+  """
+  original = model.train_step
+  # Data-dependent shapes only where the step is not XLA-compiled.
+  static_shapes = bool(getattr(model, "jit_compile", True))
+
+  def train_step(data):
+    images, masks = data
+    context = tf.distribute.get_replica_context()
+    replica = context.replica_id_in_sync_group if context is not None else 0
+    step_seed = tf.stack([tf.cast(seed, tf.int64) + tf.cast(replica, tf.int64),
+                          tf.cast(model.optimizer.iterations, tf.int64)])
+    images, masks = augment_batch(images, masks, step_seed, config, static_shapes)
+    return original((images, masks))
+
+  model.train_step = train_step
+

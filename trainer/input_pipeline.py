@@ -37,6 +37,7 @@ def make_dataset(files: Sequence[str], *, image_size: int, compression: str,
                  input_context: tf.distribute.InputContext | None = None,
                  augment: augment_lib.AugmentConfig | None = None,
                  seed: int | None = None, shuffle_buffer: int = 512,
+                 cache: bool = False,
                  on_batch: Callable[[], None] | None = None) -> tf.data.Dataset:
   """Builds the dataset of (image float32 [B, S, S, 1], mask int32 [B, S, S, 1]).
 
@@ -53,6 +54,9 @@ def make_dataset(files: Sequence[str], *, image_size: int, compression: str,
     augment: augmentation ranges, or None for no augmentation.
     seed: seeds shuffling and augmentation (None: nondeterministic).
     shuffle_buffer: records in the shuffle buffer.
+    cache: training only: keep the parsed slices in memory after the first pass (parsing
+      is deterministic; shuffling and augmentation stay random every pass). For splits
+      that fit in memory; each pass then reads no file and decodes nothing.
     on_batch: called (through `tf.py_function`) when a batch leaves the pipeline, before
       prefetch; the trainer uses it to time how long steps wait for input.
 
@@ -91,8 +95,9 @@ def make_dataset(files: Sequence[str], *, image_size: int, compression: str,
   if shard_files:
     # Whole files per worker: no worker reads bytes it then throws away.
     ds = ds.shard(num_pipelines, pipeline_id)
-  # Reshuffle the file order every pass so shard boundaries do not recur in each epoch.
-  ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
+  if not cache:
+    # Reshuffle the file order every pass so shard boundaries do not recur in each epoch.
+    ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
   ds = ds.interleave(
       lambda f: tf.data.TFRecordDataset(f, compression_type=compression),
       cycle_length=min(len(files), 8), block_length=1,
@@ -100,9 +105,14 @@ def make_dataset(files: Sequence[str], *, image_size: int, compression: str,
   if num_pipelines > 1 and not shard_files:
     # Fewer files than workers: fall back to every n-th record.
     ds = ds.shard(num_pipelines, pipeline_id)
-  # Shuffle the small serialized records, not the decoded float slices.
-  ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-  ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  if cache:
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).cache()
+    # The decoded slices are in memory already: the buffer holds references, not copies.
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+  else:
+    # Shuffle the small serialized records, not the decoded float slices.
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
   # Batch before augmenting: vectorized ops over B slices cost far less than B small ones.
   ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=False)

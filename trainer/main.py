@@ -46,6 +46,10 @@ _STRATEGY = flags.DEFINE_enum(
 _SEED = flags.DEFINE_integer("seed", 0, help="Seed of weights, shuffling and augmentation.")
 _AUGMENT = flags.DEFINE_bool("augment", True,
                              help="Joint geometric + intensity augmentation of training data.")
+_AUGMENT_ON = flags.DEFINE_enum(
+    "augment_on", "device", train.AUGMENT_ON,
+    help="device: augment inside the train step (GPU/TPU, keeps tf.data cheap); host: "
+    "in the tf.data pipeline on the CPU.")
 
 
 def main(argv):
@@ -58,7 +62,8 @@ def main(argv):
       lr_schedule=_SCHEDULE.value, optimizer=_OPTIMIZER.value, loss=_LOSS.value,
       base_filters=_BASE_FILTERS.value, depth=_DEPTH.value, dropout=_DROPOUT.value,
       norm=_NORM.value, mixed_precision=_PRECISION.value, jit_compile=_JIT.value,
-      strategy=_STRATEGY.value, seed=_SEED.value, augment=_AUGMENT.value)
+      strategy=_STRATEGY.value, seed=_SEED.value, augment=_AUGMENT.value,
+      augment_on=_AUGMENT_ON.value)
   try:
     train.check_config(config)
     result = train.train_and_evaluate(config)

@@ -30,8 +30,10 @@ STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
+AUGMENT_ON = ("device", "host")
 # Settings a resumed run may change; any other difference means another experiment.
-_RESUMABLE_CHANGES = ("epochs", "strategy", "jit_compile", "verbose")
+# (augment_on moves the same augmentation between tf.data and the train step.)
+_RESUMABLE_CHANGES = ("epochs", "strategy", "jit_compile", "verbose", "augment_on")
 
 
 class ConfigError(ValueError):
@@ -60,6 +62,7 @@ class TrainConfig:
   strategy: str = "auto"
   seed: int = 0
   augment: bool = True
+  augment_on: str = "device"          # in the train step, or "host" (in tf.data)
   num_overlays: int = 4
   verbose: int = 1
 
@@ -71,7 +74,8 @@ def check_config(config: TrainConfig) -> None:
     ConfigError: naming the setting, the value found and what is expected.
   """
   enums = {"strategy": STRATEGIES, "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES,
-           "loss": losses.LOSSES, "norm": unet.NORMS, "mixed_precision": PRECISIONS}
+           "loss": losses.LOSSES, "norm": unet.NORMS, "mixed_precision": PRECISIONS,
+           "augment_on": AUGMENT_ON}
   for name, allowed in enums.items():
     if getattr(config, name) not in allowed:
       raise ConfigError(f"--{name}={getattr(config, name)!r}: expected one of {allowed}")
@@ -237,6 +241,9 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
 
   wait = callbacks_lib.InputWait(batches_per_step=len(strategy.extended.worker_devices))
   augment = augment_lib.AugmentConfig() if config.augment else None
+  if augment is not None and config.augment_on == "device":
+    augment_lib.augment_in_train_step(model, augment, seed=config.seed)
+    augment = None  # The pipeline only reads and batches.
 
   def train_fn(input_context):
     # Distinct per worker and per resumed run, so no example order is replayed.

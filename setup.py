@@ -13,6 +13,7 @@ setuptools.setup(
         "nibabel>=5.2",
         "absl-py>=2.1",
         "pillow>=10.0",
+        "tensorboard>=2.21,<2.22",  # to view the training logs
     ],
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
     entry_points={

@@ -1,14 +1,19 @@
 """Input pipeline and training-feed benchmark, printed as one table.
 
-  python bench/pipeline_bench.py            # ~2-3 minutes on 2 CPU cores
+  python bench/pipeline_bench.py            # ~3-4 minutes on 2 CPU cores
 
 Measures, on the same synthetic 256x256 slices:
-  * a plain Python loader reading PNG + .npy files one by one (the original approach),
-  * `trainer.input_pipeline.make_dataset` without and with augmentation (slices/s),
-  * training steps/s of a small U-Net fed by the pipeline (augmented) versus fed from
-    one batch held in memory (the ceiling: no input work at all).
-Goals (issue 3): augmented pipeline >= 10x the Python loader; pipeline-fed training
->= 0.95 of the ceiling.
+  * a plain Python loader reading PNG + .npy files one by one (the original approach:
+    PIL decode, float32 / 255, np.load of the int64 mask, np.stack into batches),
+  * `trainer.input_pipeline.make_dataset` without augmentation (what feeds the device
+    with --augment_on=device), with the decoded slices cached, and with host-side
+    augmentation (--augment_on=host), in slices/s,
+  * training steps/s of a small U-Net fed from one batch held in memory (the ceiling:
+    no input or augmentation work at all) versus fed by the pipeline with the
+    augmentation in the train step (device) or in tf.data (host).
+Goals (issue 3): the pipeline >= 10x the Python loader; pipeline-fed training
+>= 0.95 of the ceiling. On a CPU-only machine "device" is that same CPU, so the device
+rows there include the augmentation's compute in every step.
 """
 import os
 import pathlib
@@ -78,12 +83,13 @@ def python_loader(root: pathlib.Path, count: int, batch: int, passes: int = 2) -
   return done / (time.perf_counter() - start)
 
 
-def pipeline_rate(files, size, batch, slices, augment) -> float:
+def pipeline_rate(files, size, batch, slices, augment, cache=False) -> float:
+  """Slices/s drawn from `make_dataset` (after a warm-up pass over the data)."""
   ds = input_pipeline.make_dataset(files, image_size=size, compression="",
                                    global_batch_size=batch, training=True,
-                                   augment=augment, seed=0)
+                                   augment=augment, seed=0, cache=cache)
   it = iter(ds)
-  for _ in range(3):  # Warm-up: fill buffers, trace functions.
+  for _ in range(_SLICES.value // batch + 3):  # Warm-up: fill buffers, trace, cache.
     next(it)
   steps = slices // batch
   start = time.perf_counter()
@@ -92,10 +98,13 @@ def pipeline_rate(files, size, batch, slices, augment) -> float:
   return steps * batch / (time.perf_counter() - start)
 
 
-def train_rate(ds, size, steps) -> float:
+def train_rate(ds, steps, augment=None) -> float:
+  """Steps/s of `model.fit` on ds; augment: applied inside the train step."""
   model = unet.build_unet(base_filters=_FILTERS.value, depth=4)
   model.compile(optimizer="adam", loss=losses.make_loss("dice_ce", num_classes=3),
                 jit_compile=False)
+  if augment is not None:
+    augment_lib.augment_in_train_step(model, augment, seed=0)
   model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # Trace and warm up.
   start = time.perf_counter()
   model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
@@ -104,33 +113,47 @@ def train_rate(ds, size, steps) -> float:
 
 def main(argv):
   del argv
-  size, batch = _SIZE.value, _BATCH.value
+  size, batch, config = _SIZE.value, _BATCH.value, augment_lib.AugmentConfig()
+  load_before = os.getloadavg()[0]
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(tmp)
     files = write_data(root, _SLICES.value, size)
     loader = python_loader(root, _SLICES.value, batch)
     plain = pipeline_rate(files, size, batch, _READ.value, None)
-    augmented = pipeline_rate(files, size, batch, _READ.value, augment_lib.AugmentConfig())
-    fed = input_pipeline.make_dataset(files, image_size=size, compression="",
-                                      global_batch_size=batch, training=True,
-                                      augment=augment_lib.AugmentConfig(), seed=0)
-    one = next(iter(fed))
-    ceiling_ds = tf.data.Dataset.from_tensors(one).repeat()
-    ceiling = train_rate(ceiling_ds, size, _STEPS.value)
-    piped = train_rate(fed, size, _STEPS.value)
-  cores = os.cpu_count()
+    cached = pipeline_rate(files, size, batch, _READ.value, None, cache=True)
+    host = pipeline_rate(files, size, batch, _READ.value, config)
+
+    def feed(augment):
+      return input_pipeline.make_dataset(files, image_size=size, compression="",
+                                         global_batch_size=batch, training=True,
+                                         augment=augment, seed=0)
+
+    one = next(iter(feed(None)))
+    ceiling = train_rate(tf.data.Dataset.from_tensors(one).repeat(), _STEPS.value)
+    device_fed = train_rate(feed(None), _STEPS.value, augment=config)
+    host_fed = train_rate(feed(config), _STEPS.value)
   print(f"\npipeline_bench: {_SLICES.value} slices {size}x{size}, batch {batch}, "
-        f"{cores} CPU cores, TF {tf.__version__}")
+        f"{os.cpu_count()} CPU cores, TF {tf.__version__}, load average "
+        f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}")
   print("| feed | rate | ratio |")
   print("| --- | ---: | ---: |")
-  print(f"| Python loader (PNG + .npy, one by one) | {loader:.0f} slices/s | 1.00 |")
-  print(f"| tf.data pipeline, no augmentation | {plain:.0f} slices/s | {plain / loader:.2f} |")
-  print(f"| tf.data pipeline, augmented | {augmented:.0f} slices/s | "
-        f"{augmented / loader:.2f} |")
-  print(f"| U-Net (base {_FILTERS.value}) training, in-memory batch (ceiling) | "
-        f"{ceiling:.2f} steps/s | 1.00 |")
-  print(f"| U-Net training fed by the augmented pipeline | {piped:.2f} steps/s | "
-        f"{piped / ceiling:.2f} |")
+  rows = [
+      ("Python loader (PIL PNG decode, /255, np.load .npy, np.stack; one by one)",
+       loader, "slices/s", loader),
+      ("tf.data pipeline, no augmentation (feeds --augment_on=device)", plain, "slices/s",
+       loader),
+      ("tf.data pipeline, no augmentation, decoded slices cached", cached, "slices/s",
+       loader),
+      ("tf.data pipeline, host augmentation (--augment_on=host)", host, "slices/s", loader),
+      (f"U-Net (base {_FILTERS.value}) training, one in-memory batch, no augmentation "
+       "(ceiling)", ceiling, "steps/s", ceiling),
+      ("U-Net training, pipeline + augmentation in the train step (device)", device_fed,
+       "steps/s", ceiling),
+      ("U-Net training, pipeline with host augmentation", host_fed, "steps/s", ceiling),
+  ]
+  for name, rate, unit, base in rows:
+    print(f"| {name} | {rate:.{0 if unit == 'slices/s' else 2}f} {unit} | "
+          f"{rate / base:.2f} |")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ AUGMENT_ON = ("device", "host")
 # Settings a resumed run may change; any other difference means another experiment.
 # (augment_on moves the same augmentation between tf.data and the train step.)
 _RESUMABLE_CHANGES = ("epochs", "strategy", "jit_compile", "verbose", "augment_on")
+# Train splits whose decoded slices (float32 image + uint8 mask) fit in this many bytes
+# are cached in memory after the first epoch: later epochs read and decode nothing.
+_CACHE_BYTES = 1 << 30
 
 
 class ConfigError(ValueError):
@@ -252,6 +255,7 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
         train_files, image_size=image_size, compression=compression,
         global_batch_size=config.global_batch_size, training=True,
         input_context=input_context, augment=augment, seed=seed,
+        cache=train_slices * image_size**2 * 5 <= _CACHE_BYTES,
         on_batch=wait.batch_ready)
 
   train_ds = strategy.distribute_datasets_from_function(train_fn)

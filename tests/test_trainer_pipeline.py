@@ -171,8 +171,8 @@ def test_warp_matches_image_projective_transform():
 
 def test_bias_field_upsampling_is_bilinear_resize():
   coarse = tf.random.stateless_uniform([2, 4, 4], seed=[1, 1])
-  ours = tf.einsum("hk,bkl,wl->bhw", augment._bilinear_matrix(32, 4), coarse,  # pylint: disable=protected-access
-                   augment._bilinear_matrix(24, 4))  # pylint: disable=protected-access
+  matrix = augment._bilinear_matrix  # pylint: disable=protected-access
+  ours = tf.einsum("hk,bkl,wl->bhw", matrix(32, 4), coarse, matrix(24, 4))
   np.testing.assert_allclose(ours, tf.image.resize(coarse[..., None], [32, 24])[..., 0],
                              atol=1e-5)
 

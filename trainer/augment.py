@@ -9,9 +9,12 @@ Every random draw is `tf.random.stateless_*` from a [2] int seed, so a given see
 the same result eagerly and inside `tf.data` (tests hold the two to it), and the input
 pipeline feeds an independent seed per batch from `tf.data.Dataset.random`.
 The work is done on whole batches (`augment_batch`, per-sample random parameters): one
-op over B slices instead of B small ops, which `bench/pipeline_bench.py` shows is what
-keeps augmentation from dominating the input pipeline. Layout: images float32
-[B, H, W, 1], masks integer [B, H, W, 1]; `augment` wraps one example.
+op over B slices instead of B small ops. The pixel work (warp by flat gathers, the fused
+intensity chain) is XLA-compiled; the random draws are not (XLA's CPU samplers are
+slow). `augment_in_train_step` moves the whole thing into Keras' train step, so on an
+accelerator the input pipeline only reads and batches (see bench/pipeline_bench.py).
+Layout: images float32 [B, H, W, 1], masks integer [B, H, W, 1]; `augment` wraps one
+example.
 """
 from __future__ import annotations
 

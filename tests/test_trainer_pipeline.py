@@ -1,4 +1,6 @@
 """Input pipeline and augmentation: eager == tf.data, alignment, counts, sharding."""
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import trainer_testdata
 from data_prep import manifest as manifest_lib
 from trainer import augment
 from trainer import input_pipeline
+from trainer import train
 
 
 def square_example(size=32):
@@ -220,3 +223,14 @@ def test_augment_in_train_step_aligns_and_only_trains():
   expected = keras.losses.sparse_categorical_crossentropy(masks, model(images))
   assert model.evaluate(images, masks, batch_size=4, verbose=0) == pytest.approx(
       float(np.mean(expected)), rel=1e-5)
+
+
+def test_spine_train_with_device_augmentation(tmp_path):
+  data_dir = trainer_testdata.write_dataset(tmp_path / "data", num_train=4, num_val=0)
+  config = train.TrainConfig(data_dir=data_dir, model_dir=str(tmp_path / "model"),
+                             epochs=1, base_filters=4, depth=2, global_batch_size=2,
+                             norm="group", verbose=0, augment_on="device")
+  result = train.train_and_evaluate(config)
+  assert result["epochs_completed"] == 1 and np.isfinite(result["history"][0]["loss"])
+  with pytest.raises(train.ConfigError, match="augment_on"):
+    train.check_config(dataclasses.replace(config, augment_on="gpu"))

@@ -47,9 +47,9 @@ _SEED = flags.DEFINE_integer("seed", 0, help="Seed of weights, shuffling and aug
 _AUGMENT = flags.DEFINE_bool("augment", True,
                              help="Joint geometric + intensity augmentation of training data.")
 _AUGMENT_ON = flags.DEFINE_enum(
-    "augment_on", "device", train.AUGMENT_ON,
-    help="device: augment inside the train step (GPU/TPU, keeps tf.data cheap); host: "
-    "in the tf.data pipeline on the CPU.")
+    "augment_on", "auto", train.AUGMENT_ON,
+    help="device: augment inside the train step (keeps tf.data to reading and batching); "
+    "host: in the tf.data pipeline on the CPU; auto: device with a GPU/TPU, else host.")
 
 
 def main(argv):

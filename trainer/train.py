@@ -30,7 +30,7 @@ STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
-AUGMENT_ON = ("device", "host")
+AUGMENT_ON = ("auto", "device", "host")
 # Settings a resumed run may change; any other difference means another experiment.
 # (augment_on moves the same augmentation between tf.data and the train step.)
 _RESUMABLE_CHANGES = ("epochs", "strategy", "jit_compile", "verbose", "augment_on")
@@ -65,7 +65,8 @@ class TrainConfig:
   strategy: str = "auto"
   seed: int = 0
   augment: bool = True
-  augment_on: str = "device"          # in the train step, or "host" (in tf.data)
+  augment_on: str = "auto"            # device (train step), host (tf.data), auto: device
+                                      # with a GPU/TPU, host on CPU only
   num_overlays: int = 4
   verbose: int = 1
 
@@ -244,7 +245,13 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
 
   wait = callbacks_lib.InputWait(batches_per_step=len(strategy.extended.worker_devices))
   augment = augment_lib.AugmentConfig() if config.augment else None
-  if augment is not None and config.augment_on == "device":
+  augment_on = config.augment_on
+  if augment_on == "auto":
+    # bench/pipeline_bench.py: on CPU only, tf.data threads augment alongside the step
+    # (host is faster); an accelerator augments almost for free inside the step.
+    accelerated = any(d.device_type != "CPU" for d in tf.config.list_physical_devices())
+    augment_on = "device" if accelerated else "host"
+  if augment is not None and augment_on == "device":
     augment_lib.augment_in_train_step(model, augment, seed=config.seed)
     augment = None  # The pipeline only reads and batches.
 

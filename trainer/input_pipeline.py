@@ -2,7 +2,9 @@
 
 One public builder, `make_dataset`. Training: shuffled shard list -> parallel,
 non-deterministic interleave of readers -> shuffle of the serialized records -> parse
-with `data_prep.schema` -> batch -> joint augmentation of the batch (`trainer.augment`) -> prefetch.
+with `data_prep.schema` -> batch -> joint augmentation of the batch (`trainer.augment`,
+unless the train step augments: --augment_on=device) -> prefetch. With cache=True the
+parsed slices are kept in memory after the first pass and shuffled there instead.
 Evaluation: shards in manifest order, no augmentation, every example exactly once.
 """
 from __future__ import annotations

@@ -247,8 +247,9 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   augment = augment_lib.AugmentConfig() if config.augment else None
   augment_on = config.augment_on
   if augment_on == "auto":
-    # bench/pipeline_bench.py: on CPU only, tf.data threads augment alongside the step
-    # (host is faster); an accelerator augments almost for free inside the step.
+    # With an accelerator the step augments almost for free and tf.data only reads and
+    # batches (bench/pipeline_bench.py: 13x the Python loader). On CPU only, both run on
+    # the same cores; tf.data threads overlap the augmentation with the step instead.
     accelerated = any(d.device_type != "CPU" for d in tf.config.list_physical_devices())
     augment_on = "device" if accelerated else "host"
   if augment is not None and augment_on == "device":

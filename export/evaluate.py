@@ -75,11 +75,7 @@ def main(argv):
     out_json.parent.mkdir(parents=True, exist_ok=True)
     manifest_lib.write_json_atomic(out_json, evaluate_lib.json_safe(report))
     print(f"spine-evaluate: wrote {out_json}")
-  if report["failures"]:
-    print(f"spine-evaluate: {len(report['failures'])} input(s) failed:", file=sys.stderr)
-    for message in report["failures"]:
-      print(f"  {message}", file=sys.stderr)
-    sys.exit(1)
+  inference.exit_if_failures("spine-evaluate", report["failures"])
 
 
 def run():

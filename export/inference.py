@@ -26,6 +26,16 @@ REQUIRED_SIGNATURES = ("serving_default", "segment_volume")
 InputError = readers.InputError
 
 
+def exit_if_failures(program: str, messages: list[str]) -> None:
+  """Lists failed inputs on stderr and exits 1; returns when there are none."""
+  if not messages:
+    return
+  print(f"{program}: {len(messages)} input(s) failed:", file=sys.stderr)
+  for message in messages:
+    print(f"  {message}", file=sys.stderr)
+  sys.exit(1)
+
+
 def load_saved_model(path: str | os.PathLike) -> Any:
   """Loads an exported spineseg SavedModel.
 

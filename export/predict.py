@@ -46,11 +46,7 @@ def main(argv):
     print(f"spine-predict: {e}", file=sys.stderr)
     sys.exit(1)
   print(f"spine-predict: wrote {len(written)} files to {_OUTPUT.value}")
-  if failures:
-    print(f"spine-predict: {len(failures)} input(s) failed:", file=sys.stderr)
-    for _, message in failures:
-      print(f"  {message}", file=sys.stderr)
-    sys.exit(1)
+  inference.exit_if_failures("spine-predict", [message for _, message in failures])
 
 
 def run():

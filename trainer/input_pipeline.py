@@ -14,7 +14,6 @@ from typing import Any, Callable, Sequence
 
 import tensorflow as tf
 
-from data_prep import manifest as manifest_lib
 from data_prep import schema
 from trainer import augment as augment_lib
 
@@ -131,8 +130,3 @@ def make_dataset(files: Sequence[str], *, image_size: int, compression: str,
         return tf.identity(image), mask
     ds = ds.map(mark)
   return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def split_files(data_dir: str, manifest: dict[str, Any], split: str) -> list[str]:
-  """Shard paths of `split` (empty list when the converter wrote none)."""
-  return manifest_lib.shard_paths(data_dir, manifest, split)

@@ -115,7 +115,7 @@ def test_resume_after_kill_continues_from_saved_epoch(tmp_path):
 
 
 def test_input_wait_counts_only_time_before_the_batch_was_ready():
-  wait = callbacks.InputWait()
+  wait = callbacks.InputWait(images_per_step=8)
   wait.on_epoch_begin(0)
   wait.on_train_batch_begin(0)
   time.sleep(0.05)
@@ -129,3 +129,5 @@ def test_input_wait_counts_only_time_before_the_batch_was_ready():
   logs = {}
   wait.on_epoch_end(0, logs)
   assert 0.15 < logs["input_wait_fraction"] < 0.5
+  # 2 steps of 8 images in ~150 ms (sleeps only lengthen it): at most ~107 images/s.
+  assert 0 < logs["images_per_second"] <= 16 / 0.15

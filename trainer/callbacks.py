@@ -172,22 +172,30 @@ class SaveLastModel(keras.callbacks.Callback):
 
 
 class InputWait(keras.callbacks.Callback):
-  """How much of each training step was spent waiting for the input pipeline.
+  """Training throughput and how much of each step was spent waiting for input.
 
   The pipeline calls `batch_ready()` when a batch leaves it (before prefetch). A step
   that begins before its batch was ready waited `ready - begin`; the epoch's figure is
   the summed wait over the summed step time. `batches_per_step` is the number of
   per-replica batches one step takes from this worker's pipeline.
+  With `images_per_step` (the global batch), the epoch also logs `images_per_second`:
+  images over the time from its first step's begin to its last step's end (callbacks
+  between epochs, checkpoints and validation excluded; Keras waits for each step's
+  result before `on_train_batch_end`, so this is device time, not dispatch time).
   """
 
-  def __init__(self, batches_per_step: int = 1):
+  def __init__(self, batches_per_step: int = 1, images_per_step: int | None = None):
     super().__init__()
     self._per_step = batches_per_step
+    self._images_per_step = images_per_step
     self._ready = collections.deque()
     self._lock = threading.Lock()
     self._begin = 0.0
     self._wait = 0.0
     self._total = 0.0
+    self._first = None
+    self._last = 0.0
+    self._steps = 0
 
   def batch_ready(self) -> None:
     with self._lock:
@@ -196,9 +204,13 @@ class InputWait(keras.callbacks.Callback):
   def on_epoch_begin(self, epoch, logs=None):
     self._wait = 0.0
     self._total = 0.0
+    self._first = None
+    self._steps = 0
 
   def on_train_batch_begin(self, batch, logs=None):
     self._begin = time.perf_counter()
+    if self._first is None:
+      self._first = self._begin
 
   def on_train_batch_end(self, batch, logs=None):
     end = time.perf_counter()
@@ -210,12 +222,20 @@ class InputWait(keras.callbacks.Callback):
     if ready is not None:
       self._wait += min(max(0.0, ready - self._begin), end - self._begin)
     self._total += end - self._begin
+    self._last = end
+    self._steps += 1
 
   def on_epoch_end(self, epoch, logs=None):
     fraction = self._wait / self._total if self._total > 0 else 0.0
+    rate = ""
     if logs is not None:
       logs["input_wait_fraction"] = fraction
-    print(f"epoch {epoch + 1}: {100 * fraction:.1f}% of step time waiting for input"
+    if self._images_per_step and self._first is not None and self._last > self._first:
+      images_per_second = self._steps * self._images_per_step / (self._last - self._first)
+      rate = f"{images_per_second:.1f} images/s, "
+      if logs is not None:
+        logs["images_per_second"] = images_per_second
+    print(f"epoch {epoch + 1}: {rate}{100 * fraction:.1f}% of step time waiting for input"
           f"{' (input-bound: the accelerator starves)' if fraction > 0.1 else ''}",
           flush=True)
 

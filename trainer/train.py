@@ -4,7 +4,8 @@
   config.json     the TrainConfig (a rerun with other settings is refused)
   dataset.json    copy of the converter manifest (image_size, normalization, labels)
   best.keras      best model by whole-split val_mean_dice (last epoch's without a val split)
-  history.json    one entry per completed epoch (loss, val Dice, input wait, lr, seconds)
+  history.json    one entry per completed epoch (loss, val Dice, input wait, images/s,
+                  lr, seconds)
   checkpoints/    tf.train checkpoints (model, optimizer, epoch, best) for resume
   logs/           TensorBoard: train/, validation/ scalars, images/ prediction overlays
 """
@@ -243,7 +244,8 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   save_dir = str(ckpt_dir) if is_chief else tempfile.mkdtemp(prefix=f"ckpt-worker{task_id}-")
   manager = tf.train.CheckpointManager(checkpoint, save_dir, max_to_keep=2)
 
-  wait = callbacks_lib.InputWait(batches_per_step=len(strategy.extended.worker_devices))
+  wait = callbacks_lib.InputWait(batches_per_step=len(strategy.extended.worker_devices),
+                                images_per_step=config.global_batch_size)
   augment = augment_lib.AugmentConfig() if config.augment else None
   augment_on = config.augment_on
   if augment_on == "auto":

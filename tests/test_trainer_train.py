@@ -63,6 +63,22 @@ def test_refusals(tmp_path, monkeypatch):
   (bad / "dataset.json").write_text(json.dumps(dict(manifest, splits={})))
   with pytest.raises(train.ConfigError, match="no train shards"):
     train.train_and_evaluate(dataclasses.replace(base, data_dir=str(bad)))
+  with pytest.raises(train.ConfigError, match="elastic_prob=1.5"):
+    train.check_config(dataclasses.replace(base, elastic_prob=1.5))
+  with pytest.raises(train.ConfigError, match="--noaugment"):
+    train.check_config(dataclasses.replace(base, elastic_prob=0.5, augment=False))
+  # A model_dir written before a setting existed resumes while that setting keeps its
+  # default, and is refused when it changes.
+  old_dir = tmp_path / "old"
+  old_dir.mkdir()
+  same = dataclasses.replace(base, model_dir=str(old_dir))
+  old = dataclasses.asdict(same)
+  del old["elastic_prob"], old["elastic_alpha"]
+  (old_dir / "config.json").write_text(json.dumps(old))
+  check_model_dir = train._check_model_dir  # pylint: disable=protected-access
+  check_model_dir(same, manifest)
+  with pytest.raises(train.ConfigError, match="elastic_prob: 0.0 -> 0.5"):
+    check_model_dir(dataclasses.replace(same, elastic_prob=0.5), manifest)
   monkeypatch.setattr(train, "make_strategy",
                       lambda name: types.SimpleNamespace(num_replicas_in_sync=4))
   with pytest.raises(train.ConfigError, match="not divisible by the 4 replicas"):

@@ -33,7 +33,7 @@ class AugmentConfig:
   geometric_prob: float = 0.8
   elastic_alpha: float = 0.0         # max displacement in pixels of the smooth elastic field
   elastic_grid: int = 6              # control points per side of that field
-  elastic_prob: float = 0.0          # off by default: slow on CPU, see bench/pipeline_bench.py
+  elastic_prob: float = 0.0          # off by default (spine-train --elastic_prob)
   gamma_range: tuple[float, float] = (0.7, 1.5)
   gamma_prob: float = 0.3
   contrast_range: tuple[float, float] = (0.75, 1.25)
@@ -149,7 +149,15 @@ def _warp_where(images, masks, transforms, apply):
 
 
 @tf.function(jit_compile=True)
-def _sample_where(images, masks, rows, cols, apply):
+def _elastic_where(images, masks, coarse, alpha, apply):
+  """Upsamples [B, g, g, 2] coarse offsets bicubically (as two small matmuls: XLA has no
+  bicubic resize), scales them by alpha pixels and samples image and mask there."""
+  size = tf.shape(images)[1:3]
+  grid = coarse.shape[1]
+  offsets = tf.einsum("hk,bklc,wl->bhwc", _cubic_matrix(size[0], grid), coarse,
+                      _cubic_matrix(size[1], grid)) * alpha
+  rows = tf.cast(tf.range(size[0]), tf.float32)[None, :, None] + offsets[..., 0]
+  cols = tf.cast(tf.range(size[1]), tf.float32)[None, None, :] + offsets[..., 1]
   warped_images, warped_masks = _sample(images, masks, rows, cols, fill=None)
   return _select(apply, warped_images, images), _select(apply, warped_masks, masks)
 
@@ -173,15 +181,29 @@ def random_elastic(images, masks, seed, config: AugmentConfig):
   """Smooth random displacement per sample (image bilinear, mask nearest, same field)."""
   seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   batch = tf.shape(images)[:1]
-  size = tf.shape(images)[1:3]
   grid = config.elastic_grid
   coarse = _uniform(seeds[0], tf.concat([batch, [grid, grid, 2]], 0), -1.0, 1.0)
-  # Outside XLA: it has no bicubic resize.
-  offsets = tf.image.resize(coarse, size, method="bicubic") * config.elastic_alpha
-  rows = tf.cast(tf.range(size[0]), tf.float32)[None, :, None] + offsets[..., 0]
-  cols = tf.cast(tf.range(size[1]), tf.float32)[None, None, :] + offsets[..., 1]
   apply = _uniform(seeds[1], batch) < config.elastic_prob
-  return _sample_where(images, masks, rows, cols, apply)
+  return _elastic_where(images, masks, coarse, tf.constant(config.elastic_alpha, tf.float32),
+                        apply)
+
+
+def _cubic_matrix(size, coarse: int):
+  """[size, coarse] weights of `tf.image.resize` bicubic (Keys a = -0.5, half-pixel
+  centres; taps outside the grid dropped and the rest renormalized) along one axis."""
+  src = (tf.cast(tf.range(size), tf.float32) + 0.5) * (coarse / tf.cast(size, tf.float32)) - 0.5
+  base = tf.floor(src)
+  weights, total = 0.0, 0.0
+  for tap in (-1.0, 0.0, 1.0, 2.0):
+    index = base + tap
+    t = tf.abs(src - index)
+    w = tf.where(t <= 1, (1.5 * t - 2.5) * t * t + 1,
+                 tf.where(t < 2, ((-0.5 * t + 2.5) * t - 4) * t + 2, 0.0))
+    w = tf.where((index >= 0) & (index <= coarse - 1), w, 0.0)
+    total += w
+    clamped = tf.cast(tf.clip_by_value(index, 0, coarse - 1), tf.int32)
+    weights += tf.one_hot(clamped, coarse) * w[:, None]
+  return weights / total[:, None]
 
 
 def _bilinear_matrix(size, coarse: int):

@@ -51,6 +51,13 @@ _AUGMENT_ON = flags.DEFINE_enum(
     help="device: augment inside the train step (keeps tf.data to reading and batching); "
     "host: in the tf.data pipeline on the CPU; auto: device with a GPU/TPU, else host.")
 
+_ELASTIC_PROB = flags.DEFINE_float(
+    "elastic_prob", 0.0, help="Share of training slices also deformed by a smooth random "
+    "elastic field (same field for image and mask); 0: off.")
+_ELASTIC_ALPHA = flags.DEFINE_float(
+    "elastic_alpha", 10.0, help="Largest displacement of the elastic field, in pixels of "
+    "the stored squares.")
+
 
 def main(argv):
   if len(argv) > 1:
@@ -63,7 +70,8 @@ def main(argv):
       base_filters=_BASE_FILTERS.value, depth=_DEPTH.value, dropout=_DROPOUT.value,
       norm=_NORM.value, mixed_precision=_PRECISION.value, jit_compile=_JIT.value,
       strategy=_STRATEGY.value, seed=_SEED.value, augment=_AUGMENT.value,
-      augment_on=_AUGMENT_ON.value)
+      augment_on=_AUGMENT_ON.value, elastic_prob=_ELASTIC_PROB.value,
+      elastic_alpha=_ELASTIC_ALPHA.value)
   try:
     train.check_config(config)
     result = train.train_and_evaluate(config)

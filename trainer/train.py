@@ -68,6 +68,8 @@ class TrainConfig:
   augment: bool = True
   augment_on: str = "auto"            # device (train step), host (tf.data), auto: device
                                       # with a GPU/TPU, host on CPU only
+  elastic_prob: float = 0.0           # share of slices elastically deformed (augment only)
+  elastic_alpha: float = 10.0         # its largest displacement in pixels
   num_overlays: int = 4
   verbose: int = 1
 
@@ -92,6 +94,13 @@ def check_config(config: TrainConfig) -> None:
     raise ConfigError(f"--learning_rate={config.learning_rate}: expected > 0")
   if not 0 <= config.dropout < 1:
     raise ConfigError(f"--dropout={config.dropout}: expected 0 <= dropout < 1")
+  if not 0 <= config.elastic_prob <= 1:
+    raise ConfigError(f"--elastic_prob={config.elastic_prob}: expected 0 <= p <= 1")
+  if not config.elastic_alpha >= 0:
+    raise ConfigError(f"--elastic_alpha={config.elastic_alpha}: expected >= 0 pixels")
+  if config.elastic_prob > 0 and not config.augment:
+    raise ConfigError(f"--elastic_prob={config.elastic_prob} with --noaugment: the elastic "
+                      "field is part of the augmentation; drop one of the two")
 
 
 def load_data_manifest(config: TrainConfig) -> dict[str, Any]:
@@ -123,7 +132,10 @@ def _check_model_dir(config: TrainConfig, manifest: dict[str, Any]) -> None:
   model_dir = pathlib.Path(config.model_dir)
   old_config = model_dir / "config.json"
   if old_config.exists():
-    old = json.loads(old_config.read_text())
+    # Settings added after a model_dir was written count as their defaults.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    old = {**defaults, **json.loads(old_config.read_text())}
     new = dataclasses.asdict(config)
     differ = sorted(k for k in set(old) | set(new)
                     if k not in _RESUMABLE_CHANGES and old.get(k) != new.get(k))
@@ -246,7 +258,10 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
 
   wait = callbacks_lib.InputWait(batches_per_step=len(strategy.extended.worker_devices),
                                 images_per_step=config.global_batch_size)
-  augment = augment_lib.AugmentConfig() if config.augment else None
+  augment = None
+  if config.augment:
+    augment = augment_lib.AugmentConfig(elastic_prob=config.elastic_prob,
+                                        elastic_alpha=config.elastic_alpha)
   augment_on = config.augment_on
   if augment_on == "auto":
     # With an accelerator the step augments almost for free and tf.data only reads and

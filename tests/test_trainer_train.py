@@ -63,6 +63,8 @@ def test_refusals(tmp_path, monkeypatch):
   (bad / "dataset.json").write_text(json.dumps(dict(manifest, splits={})))
   with pytest.raises(train.ConfigError, match="no train shards"):
     train.train_and_evaluate(dataclasses.replace(base, data_dir=str(bad)))
+  with pytest.raises(train.ConfigError, match="weight_decay=-1"):
+    train.check_config(dataclasses.replace(base, weight_decay=-1.0))
   with pytest.raises(train.ConfigError, match="elastic_prob=1.5"):
     train.check_config(dataclasses.replace(base, elastic_prob=1.5))
   with pytest.raises(train.ConfigError, match="--noaugment"):
@@ -128,6 +130,10 @@ def test_resume_after_kill_continues_from_saved_epoch(tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 1 and "loss: 'dice' -> 'dice_ce'" in out.stderr
   assert "Traceback" not in out.stderr
+  # So is a flag that the chosen optimizer would silently ignore.
+  out = subprocess.run(_command(data_dir, model_dir, saved + 1) + ["--weight_decay=0.01"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1 and "--optimizer=adamw only" in out.stderr
 
 
 def test_input_wait_counts_only_time_before_the_batch_was_ready():

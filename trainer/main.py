@@ -28,7 +28,9 @@ _LR = flags.DEFINE_float("learning_rate", 1e-3, help="Peak learning rate.")
 _SCHEDULE = flags.DEFINE_enum("lr_schedule", "constant", train.LR_SCHEDULES,
                               help="constant, or cosine decay over all epochs.")
 _OPTIMIZER = flags.DEFINE_enum("optimizer", "adam", train.OPTIMIZERS,
-                               help="adam, or adamw (decoupled weight decay 1e-4).")
+                               help="adam, or adamw (decoupled weight decay).")
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 1e-4,
+                                   help="Decoupled weight decay of --optimizer=adamw.")
 _LOSS = flags.DEFINE_enum("loss", "dice", losses.LOSSES,
                           help="Soft Dice over foreground classes, or Dice + cross-entropy.")
 _BASE_FILTERS = flags.DEFINE_integer("base_filters", 32, help="Filters of the first level.")
@@ -63,10 +65,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # TF's per-checkpoint INFO lines drown the bar.
+  if flags.FLAGS["weight_decay"].present and _OPTIMIZER.value != "adamw":
+    raise app.UsageError(f"--weight_decay applies to --optimizer=adamw only, not "
+                         f"--optimizer={_OPTIMIZER.value}")
   config = train.TrainConfig(
       data_dir=_DATA_DIR.value, model_dir=_MODEL_DIR.value, epochs=_EPOCHS.value,
       global_batch_size=_BATCH.value, learning_rate=_LR.value,
-      lr_schedule=_SCHEDULE.value, optimizer=_OPTIMIZER.value, loss=_LOSS.value,
+      lr_schedule=_SCHEDULE.value, optimizer=_OPTIMIZER.value,
+      weight_decay=_WEIGHT_DECAY.value, loss=_LOSS.value,
       base_filters=_BASE_FILTERS.value, depth=_DEPTH.value, dropout=_DROPOUT.value,
       norm=_NORM.value, mixed_precision=_PRECISION.value, jit_compile=_JIT.value,
       strategy=_STRATEGY.value, seed=_SEED.value, augment=_AUGMENT.value,

@@ -92,6 +92,8 @@ def check_config(config: TrainConfig) -> None:
       raise ConfigError(f"--{name}={getattr(config, name)}: expected a positive integer")
   if not config.learning_rate > 0:
     raise ConfigError(f"--learning_rate={config.learning_rate}: expected > 0")
+  if not config.weight_decay >= 0:
+    raise ConfigError(f"--weight_decay={config.weight_decay}: expected >= 0")
   if not 0 <= config.dropout < 1:
     raise ConfigError(f"--dropout={config.dropout}: expected 0 <= dropout < 1")
   if not 0 <= config.elastic_prob <= 1:

@@ -188,10 +188,15 @@ def random_elastic(images, masks, seed, config: AugmentConfig):
                         apply)
 
 
+def _source_positions(size, coarse: int) -> tf.Tensor:
+  """Grid coordinates of `size` output pixels upsampled from `coarse` (half-pixel centres)."""
+  return (tf.cast(tf.range(size), tf.float32) + 0.5) * (coarse / tf.cast(size, tf.float32)) - 0.5
+
+
 def _cubic_matrix(size, coarse: int):
   """[size, coarse] weights of `tf.image.resize` bicubic (Keys a = -0.5, half-pixel
   centres; taps outside the grid dropped and the rest renormalized) along one axis."""
-  src = (tf.cast(tf.range(size), tf.float32) + 0.5) * (coarse / tf.cast(size, tf.float32)) - 0.5
+  src = _source_positions(size, coarse)
   base = tf.floor(src)
   weights, total = 0.0, 0.0
   for tap in (-1.0, 0.0, 1.0, 2.0):
@@ -208,8 +213,7 @@ def _cubic_matrix(size, coarse: int):
 
 def _bilinear_matrix(size, coarse: int):
   """[size, coarse] weights of `tf.image.resize` bilinear (half-pixel centres) along one axis."""
-  src = (tf.cast(tf.range(size), tf.float32) + 0.5) * (coarse / tf.cast(size, tf.float32)) - 0.5
-  src = tf.clip_by_value(src, 0.0, coarse - 1.0)
+  src = tf.clip_by_value(_source_positions(size, coarse), 0.0, coarse - 1.0)
   low = tf.floor(src)
   frac = (src - low)[:, None]
   low = tf.cast(low, tf.int32)

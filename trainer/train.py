@@ -267,7 +267,7 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   augment_on = config.augment_on
   if augment_on == "auto":
     # With an accelerator the step augments almost for free and tf.data only reads and
-    # batches (bench/pipeline_bench.py: 13x the Python loader). On CPU only, both run on
+    # batches (bench/pipeline_bench.py: 18-23x the Python loader). On CPU only, both run on
     # the same cores; tf.data threads overlap the augmentation with the step instead.
     accelerated = any(d.device_type != "CPU" for d in tf.config.list_physical_devices())
     augment_on = "device" if accelerated else "host"

@@ -21,12 +21,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any
 
+from data_prep import fileio
 from data_prep import schema
 
-LABELS = {"0": "background", "1": "disc", "2": "vertebra"}
+LABELS = schema.labels_dict()
 _REQUIRED = ("format_version", "image_size", "num_classes", "normalization", "compression",
              "splits")
 
@@ -68,17 +68,70 @@ def shard_paths(data_dir: str | os.PathLike, manifest: dict[str, Any],
   return [str(pathlib.Path(data_dir) / s["file"]) for s in shards]
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON to a temporary file in the same directory, then renames it into place."""
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def compression_type(manifest: dict[str, Any]) -> str:
+  """The tf.data compression type ("" or "GZIP") of a loaded manifest.
+
+  Raises:
+    ValueError: for a compression value this reader does not know.
+  """
   try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-      f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the manifest is as readable as the shards.
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+    return schema.compression_type(manifest["compression"])
+  except ValueError as e:
+    raise ValueError(f"{schema.MANIFEST_NAME}: {e}") from None
+
+
+# One atomic writer for every JSON file spineseg writes (see `fileio`).
+write_json_atomic = fileio.write_json_atomic
+
+
+def verify_shards(data_dir: str | os.PathLike, manifest: dict[str, Any],
+                  progress: bool = False) -> list[str]:
+  """Checks every shard the manifest lists against its recorded size and SHA-256.
+
+  Args:
+    data_dir: the converted dataset's folder.
+    manifest: its loaded manifest (`load`).
+    progress: draw a progress bar over the bytes hashed.
+
+  Returns:
+    One message per bad shard (missing, unreadable, or with another SHA-256), each
+    starting with the shard's path; empty when every shard is intact. A dry-run
+    manifest (no sha256 recorded) yields a message per shard as well.
+  """
+  import hashlib  # pylint: disable=g-import-not-at-top
+  problems = []
+  entries = [(split, s) for split in schema.SPLITS
+             for s in manifest["splits"].get(split, {}).get("shards", [])]
+  bar = fileio.Progress(len(entries), "verify", unit="shards", enabled=progress)
+  for split, entry in entries:
+    path = pathlib.Path(data_dir) / entry["file"]
+    expected = entry.get("sha256")
+    if not expected:
+      problems.append(f"{path}: no sha256 recorded in {schema.MANIFEST_NAME}")
+    elif not path.is_file():
+      problems.append(f"{path}: missing ({split} shard listed in {schema.MANIFEST_NAME})")
+    else:
+      h = hashlib.sha256()
+      try:
+        with open(path, "rb") as f:
+          for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+      except OSError as e:
+        problems.append(f"{path}: unreadable: {e.strerror or e}")
+      else:
+        if h.hexdigest() != expected:
+          problems.append(f"{path}: corrupted or truncated: SHA-256 {h.hexdigest()[:12]}... "
+                          f"differs from {expected[:12]}... recorded at conversion "
+                          f"({path.stat().st_size} bytes now); convert the data again")
+    bar.step()
+  return problems
+
+
+def shard_bytes(data_dir: str | os.PathLike, manifest: dict[str, Any]) -> int:
+  """Total size in bytes of the shards the manifest lists (missing ones count 0)."""
+  total = 0
+  for split in schema.SPLITS:
+    for s in manifest["splits"].get(split, {}).get("shards", []):
+      p = pathlib.Path(data_dir) / s["file"]
+      total += p.stat().st_size if p.is_file() else 0
+  return total

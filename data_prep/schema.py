@@ -17,12 +17,108 @@ mostly-zero masks and padded borders at a decode cost, still off the accelerator
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 FORMAT_VERSION = 1
+
+# The classes, in id order. Every count, Dice table, colour and manifest label list is
+# indexed by these ids.
+CLASS_NAMES = ("background", "disc", "vertebra")
+NUM_CLASSES = len(CLASS_NAMES)
+FOREGROUND = tuple(range(1, NUM_CLASSES))
+# Mask value of pixels that are not anatomy to be learned or scored: the padding around a
+# slice fitted into the square (derived from the stored geometry by `parse_example`) and
+# what augmentation moves in from outside the slice. Losses and metrics skip it.
+IGNORE_LABEL = 255
+# TFRecord compression names as stored in dataset.json -> tf.data compression types.
+COMPRESSIONS = {"none": "", "gzip": "GZIP"}
+
+
+class LabelError(ValueError):
+  """A mask holds label values the label map does not account for, or a bad map."""
+
+
+def labels_dict() -> dict[str, str]:
+  """{"0": "background", "1": "disc", "2": "vertebra"}: the manifest's `labels`."""
+  return {str(i): name for i, name in enumerate(CLASS_NAMES)}
+
+
+def compression_type(name: str) -> str:
+  """The tf.data compression type of a manifest `compression` value.
+
+  Raises:
+    ValueError: for a value this reader does not know.
+  """
+  if name not in COMPRESSIONS:
+    raise ValueError(f"unknown compression {name!r}; expected one of {sorted(COMPRESSIONS)}")
+  return COMPRESSIONS[name]
+
+
+LABEL_MAP_HELP = ("SRC:DST or LO-HI:DST entries separated by commas, e.g. '1-5:1,6-12:2' "
+                  "or '0:0,128:1,255:2'; source 0 maps to background unless listed")
+
+
+def parse_label_map(text: str | None) -> dict[int, int]:
+  """Parses a `--label_map` value into {source id: class id} (spine-convert, -evaluate).
+
+  Grammar: comma-separated `SRC:DST` or `LO-HI:DST` with non-negative integers; DST is a
+  class id. Source 0 maps to 0 (background) unless listed. An empty text gives {} (mask
+  values must then already be class ids).
+
+  Raises:
+    LabelError: on a malformed entry, a target that is not a class id, or a source id
+      mapped twice; the message names the entry and shows the grammar.
+  """
+  mapping: dict[int, int] = {}
+  if not text or not text.strip():
+    return mapping
+  for entry in text.split(","):
+    m = re.fullmatch(r"\s*(\d+)(?:\s*-\s*(\d+))?\s*:\s*(\d+)\s*", entry)
+    if not m:
+      raise LabelError(f"--label_map entry {entry!r}: expected {LABEL_MAP_HELP}")
+    lo = int(m.group(1))
+    hi = int(m.group(2)) if m.group(2) else lo
+    dst = int(m.group(3))
+    if hi < lo:
+      raise LabelError(f"--label_map entry {entry!r}: range end {hi} is below start {lo}")
+    if dst >= NUM_CLASSES:
+      raise LabelError(f"--label_map entry {entry!r}: target {dst} is not a class id "
+                       f"(expected 0..{NUM_CLASSES - 1}: {', '.join(CLASS_NAMES)})")
+    for src in range(lo, hi + 1):
+      if src in mapping:
+        raise LabelError(f"--label_map maps source id {src} twice")
+      mapping[src] = dst
+  mapping.setdefault(0, 0)
+  return mapping
+
+
+def apply_label_map(mask, mapping: dict[int, int], source: str):
+  """Maps source ids to class ids (uint8); with an empty mapping only checks the ids.
+
+  Raises:
+    LabelError: values absent from the map (or, without a map, outside the class ids),
+      naming the file and the values.
+  """
+  mask = np.asarray(mask)
+  values = np.unique(mask)
+  if not mapping:
+    bad = [int(v) for v in values if not 0 <= v < NUM_CLASSES]
+    if bad:
+      raise LabelError(f"{source}: mask holds values {bad[:8]} outside the class ids "
+                       f"0..{NUM_CLASSES - 1}; pass --label_map ({LABEL_MAP_HELP})")
+    return mask.astype(np.uint8)
+  bad = [int(v) for v in values if int(v) not in mapping]
+  if bad:
+    raise LabelError(f"{source}: mask values {bad[:8]} are not covered by --label_map "
+                     f"(it maps {sorted(mapping)})")
+  lut = np.zeros(max(int(values.max()), max(mapping)) + 1, dtype=np.uint8)
+  for src, dst in mapping.items():
+    lut[src] = dst
+  return lut[mask]
 
 # Feature keys. Geometry keys describe how the stored square slice maps back to the
 # original slice: original (height, width) -> resized (height, width) by `scale`, then
@@ -166,7 +262,9 @@ def parse_example(serialized: tf.Tensor, image_size: int | None = None) -> Mappi
       mask get a static shape, which Keras and XLA need.
 
   Returns:
-    A dict with "image" float32 [H, W, 1], "mask" uint8 [H, W, 1], "case_id" string,
+    A dict with "image" float32 [H, W, 1], "mask" uint8 [H, W, 1] (class ids inside the
+    slice, IGNORE_LABEL in the padding), "valid" bool [H, W, 1] (the slice, not the
+    padding), "case_id" string,
     "slice_index" int64, "source" string, "geometry" int64 [6] ordered as the fields of
     `Geometry`, "spacing" float32 [2], "norm_method" string, "norm_offset" and
     "norm_scale" float32.
@@ -180,9 +278,13 @@ def parse_example(serialized: tf.Tensor, image_size: int | None = None) -> Mappi
     mask = tf.ensure_shape(mask, [image_size, image_size, 1])
   geometry = tf.stack([f[ORIGINAL_HEIGHT], f[ORIGINAL_WIDTH], f[RESIZED_HEIGHT],
                        f[RESIZED_WIDTH], f[PAD_TOP], f[PAD_LEFT]])
+  valid = valid_region(geometry, tf.shape(image)[0], tf.shape(image)[1])[..., tf.newaxis]
+  # Padding is not anatomy: it carries IGNORE_LABEL, which no loss or metric counts.
+  mask = tf.where(valid, mask, tf.constant(IGNORE_LABEL, tf.uint8))
   return {
       "image": image,
       "mask": mask,
+      "valid": valid,
       "case_id": f[CASE_ID],
       "slice_index": f[SLICE_INDEX],
       "source": f[SOURCE],
@@ -192,3 +294,19 @@ def parse_example(serialized: tf.Tensor, image_size: int | None = None) -> Mappi
       "norm_offset": f[NORM_OFFSET],
       "norm_scale": f[NORM_SCALE],
   }
+
+
+def valid_region(geometry: tf.Tensor, height, width) -> tf.Tensor:
+  """bool [height, width]: True on the resized slice, False on the padding around it.
+
+  Args:
+    geometry: int [6] ordered as the fields of `Geometry`.
+    height, width: the stored square's size.
+  """
+  geometry = tf.cast(geometry, tf.int32)
+  rh, rw, top, left = geometry[2], geometry[3], geometry[4], geometry[5]
+  rows = tf.range(height)
+  cols = tf.range(width)
+  in_rows = (rows >= top) & (rows < top + rh)
+  in_cols = (cols >= left) & (cols < left + rw)
+  return in_rows[:, tf.newaxis] & in_cols[tf.newaxis, :]

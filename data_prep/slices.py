@@ -10,77 +10,16 @@ parent process only writes bytes to the shards.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Optional, Sequence
 
 import numpy as np
 
 from data_prep import preprocess, readers, schema
 
-NUM_CLASSES = 3
-LABEL_NAMES = {0: "background", 1: "disc", 2: "vertebra"}
-
-
-class LabelError(ValueError):
-  """A mask holds label values the flags do not account for (a configuration error)."""
-
-
-def parse_label_map(text: str | None) -> dict[int, int]:
-  """Parses `--label_map`, e.g. "1-5:1,6-12:2", into {source id: class id}.
-
-  Background 0 maps to 0 unless the map says otherwise.
-
-  Raises:
-    ValueError: on a malformed entry, a target outside 0..NUM_CLASSES-1, or a source id
-      mapped twice.
-  """
-  mapping: dict[int, int] = {}
-  if not text:
-    return mapping
-  for entry in text.split(","):
-    m = re.fullmatch(r"\s*(\d+)(?:\s*-\s*(\d+))?\s*:\s*(\d+)\s*", entry)
-    if not m:
-      raise ValueError(f"--label_map entry {entry!r}: expected SRC:DST or LO-HI:DST with "
-                       "non-negative integers, e.g. 1-5:1,6-12:2")
-    lo = int(m.group(1))
-    hi = int(m.group(2)) if m.group(2) else lo
-    dst = int(m.group(3))
-    if hi < lo:
-      raise ValueError(f"--label_map entry {entry!r}: range end {hi} is below start {lo}")
-    if dst >= NUM_CLASSES:
-      raise ValueError(f"--label_map entry {entry!r}: target {dst} is not a class id "
-                       f"(expected 0..{NUM_CLASSES - 1})")
-    for src in range(lo, hi + 1):
-      if src in mapping:
-        raise ValueError(f"--label_map maps source id {src} twice")
-      mapping[src] = dst
-  mapping.setdefault(0, 0)
-  return mapping
-
-
-def apply_label_map(mask: np.ndarray, mapping: dict[int, int], source: str) -> np.ndarray:
-  """Maps source ids to class ids; with an empty mapping only checks the ids.
-
-  Raises:
-    LabelError: values absent from the map (or, without a map, outside the class ids),
-      naming the file and the values.
-  """
-  values = np.unique(mask)
-  if not mapping:
-    bad = [int(v) for v in values if not 0 <= v < NUM_CLASSES]
-    if bad:
-      raise LabelError(f"{source}: mask holds values {bad} outside the class ids "
-                       f"0..{NUM_CLASSES - 1}; pass --label_map (e.g. 1-5:1,6-12:2)")
-    return mask.astype(np.uint8)
-  bad = [int(v) for v in values if int(v) not in mapping]
-  if bad:
-    raise LabelError(f"{source}: mask values {bad} are not covered by --label_map "
-                     f"(maps {sorted(mapping)})")
-  lut = np.zeros(int(values.max()) + 1, dtype=np.uint8)
-  for src, dst in mapping.items():
-    if src < lut.size:
-      lut[src] = dst
-  return lut[mask]
+# The class contract and the label-map grammar live in `schema`; kept here as names
+# because the converter's statistics are indexed by them.
+NUM_CLASSES = schema.NUM_CLASSES
+LabelError = schema.LabelError
 
 
 def missing_labels(mask_slice: np.ndarray, required: Sequence[int]) -> list[int]:
@@ -146,7 +85,8 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
     image_size: side of the stored square.
     normalization: one of `preprocess.NORMALIZATIONS`.
     required_labels: a slice is kept only if its mask holds every one of these.
-    label_map: {source id: class id} from `parse_label_map` (empty: ids must be 0..2).
+    label_map: {source id: class id} from `schema.parse_label_map` (empty: ids
+      must be 0..2).
 
   Returns:
     A CaseResult. Input problems are reported in `error` (the case is skipped), label
@@ -156,7 +96,7 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
                       mask_path=mask_path)
   try:
     case = readers.read_case(image_path, mask_path)
-    mask = apply_label_map(case.mask, label_map, mask_path)
+    mask = schema.apply_label_map(case.mask, label_map, mask_path)
   except readers.InputError as e:
     result.error = str(e)
     return result
@@ -178,7 +118,7 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
       present = sorted(set(np.unique(mask[index]).tolist()))
       result.skipped_slices.append(
           (index, f"missing label(s) {missing} "
-                  f"({', '.join(LABEL_NAMES.get(m, str(m)) for m in missing)}); "
+                  f"({', '.join(schema.CLASS_NAMES[m] for m in missing)}); "
                   f"present {present}"))
       continue
     normalized = preprocess.apply_normalization(case.image[index], normalization, offset,

@@ -304,7 +304,7 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
                  num_shards, examples_per_shard, num_workers, required_labels)
   if num_shards is None and examples_per_shard is None:
     examples_per_shard = DEFAULT_EXAMPLES_PER_SHARD
-  mapping = slices.parse_label_map(label_map)
+  mapping = schema.parse_label_map(label_map)
   if case_id_regex:
     re.compile(case_id_regex)
   pairs, orphans = readers.pair_files(images_dir, masks_dir)
@@ -425,7 +425,7 @@ class _Accumulator:
         "format_version": schema.FORMAT_VERSION,
         "image_size": image_size,
         "num_classes": slices.NUM_CLASSES,
-        "labels": dict(manifest_lib.LABELS),
+        "labels": schema.labels_dict(),
         "normalization": {"method": normalization,
                           "per": "volume" if kind == "3d" else "image",
                           "percentiles": list(preprocess.PERCENTILES)},

@@ -13,9 +13,12 @@ setuptools.setup(
         "nibabel>=5.2",
         "absl-py>=2.1",
         "pillow>=10.0",
+        "scipy>=1.11",  # scipy.ndimage: distance transforms for the HD95 metric
         "tensorboard>=2.21,<2.22",  # to view the training logs
     ],
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
+    # The ONE list of binaries: tools/bazel/gen_build.py reads it (with `ast`) for BUILD's
+    # py_binary targets, so keep it a literal.
     entry_points={
         "console_scripts": [
             "spine-convert=data_prep.convert:run",
@@ -23,6 +26,7 @@ setuptools.setup(
             "spine-export=export.export_saved_model:run",
             "spine-predict=export.predict:run",
             "spine-evaluate=export.evaluate:run",
+            "spine-phantom=data_prep.phantom:run",
         ]
     },
 )

@@ -10,6 +10,12 @@ label volumes of the same stem, nnU-Net `case_0000.nii.gz` naming accepted); see
   spine-convert --images_dir=../shared/data/spine3d/images \
       --masks_dir=../shared/data/spine3d/masks --output_dir=/tmp/vb2 \
       --required_labels=2 --image_size=128
+
+  spine-convert --verify=/tmp/vb2   # check a converted dataset against its SHA-256s
+
+Output errors (full disk, read-only mount, --output_dir naming a file) are reported in one
+line and leave nothing behind; a rerun after a killed conversion removes its hidden
+leftovers itself.
 """
 from __future__ import annotations
 
@@ -18,17 +24,22 @@ import sys
 
 from absl import app, flags
 
-from data_prep import preprocess, readers, slices, writer
+from data_prep import cli, preprocess, readers, slices, writer
 
+# Required unless --verify (checked in main: absl's required=True cannot be conditional).
 _IMAGES_DIR = flags.DEFINE_string(
-    "images_dir", None, help="Folder of images: 2D PNG/JPEG/TIFF or NIfTI volumes.",
-    required=True)
+    "images_dir", None, help="Folder of images: 2D PNG/JPEG/TIFF or NIfTI volumes "
+    "(required to convert).")
 _MASKS_DIR = flags.DEFINE_string(
-    "masks_dir", None, help="Folder of masks with the same stems (.npy/PNG or NIfTI).",
-    required=True)
+    "masks_dir", None, help="Folder of masks with the same stems, .npy/PNG or NIfTI "
+    "(required to convert).")
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, help="Where shards and dataset.json go; must be empty or absent "
-    "unless --overwrite.", required=True)
+    "unless --overwrite (required to convert).")
+_VERIFY = flags.DEFINE_string(
+    "verify", None, help="Convert nothing: check the converted dataset in this folder "
+    "(its manifest loads, every listed shard exists and matches its SHA-256). Exits 1 "
+    "naming each bad shard. Takes no other flag.")
 _REQUIRED_LABELS = flags.DEFINE_list(
     "required_labels", ["0", "1", "2"], help="Keep only slices whose mask contains every "
     "one of these labels (after --label_map). An empty value keeps all slices.")
@@ -68,9 +79,38 @@ _CASE_ID_REGEX = flags.DEFINE_string(
 flags.mark_flags_as_mutual_exclusive(["num_shards", "examples_per_shard"])
 
 
+def _fail(message: str) -> None:
+  """User errors: one clear line, no traceback, non-zero exit."""
+  sys.exit(f"spine-convert: error: {message}")
+
+
+def _verify(data_dir: str) -> None:
+  try:
+    count, problems = writer.verify_dataset(data_dir, progress=sys.stderr.isatty())
+  except writer.ConversionError as e:
+    _fail(str(e))
+  for problem in problems:  # one line per bad shard, each naming its file
+    print(f"spine-convert: error: {problem}", file=sys.stderr)
+  if problems:
+    sys.exit(1)
+  print(f"{data_dir}: {count} shards verified, all intact")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  own = [f for f in flags.FLAGS.get_flags_for_module(__name__) if f.name != "verify"]
+  if _VERIFY.value is not None:
+    given = [f"--{f.name}" for f in own if f.present]
+    if given:
+      _fail(f"--verify checks an existing dataset and takes no conversion flags; found "
+            f"{', '.join(given)}")
+    _verify(_VERIFY.value)
+    return
+  missing = [f"--{h.name}" for h in (_IMAGES_DIR, _MASKS_DIR, _OUTPUT_DIR) if not h.value]
+  if missing:
+    _fail(f"missing {', '.join(missing)}: --images_dir, --masks_dir and --output_dir are "
+          "required to convert (or pass only --verify=DIR to check a converted dataset)")
   try:
     required = [int(x) for x in _REQUIRED_LABELS.value if x.strip()]
   except ValueError as e:
@@ -86,10 +126,10 @@ def main(argv: list[str]) -> None:
         normalization=_NORMALIZATION.value, num_workers=_NUM_WORKERS.value,
         compression=_COMPRESSION.value, overwrite=_OVERWRITE.value,
         dry_run=_DRY_RUN.value, strict=_STRICT.value, case_id_regex=_CASE_ID_REGEX.value,
-        progress=True)
-  except (readers.InputError, slices.LabelError, writer.ConversionError, ValueError) as e:
-    # User errors: one clear line, no traceback, non-zero exit.
-    sys.exit(f"spine-convert: error: {e}")
+        progress=sys.stderr.isatty())  # no bar in logs and captured output
+  except (readers.InputError, slices.LabelError, writer.ConversionError, ValueError,
+          OSError) as e:
+    _fail(str(e))
   print(writer.format_summary(result))
   if _DRY_RUN.value:
     print(json.dumps(result["splits"], indent=2))
@@ -98,7 +138,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -140,3 +140,50 @@ class Progress:
     if finished:
       self._stream.write("\n")
     self._stream.flush()
+
+
+class FolderBusy(RuntimeError):
+  """Another process holds the lock; the message names the folder (and the holder)."""
+
+
+class FolderLock:
+  """An exclusive, non-blocking `flock` held while a program writes into a folder.
+
+  Two modes: lock the folder itself (`lock_file=None`: nothing is created, for outputs
+  that must stay empty until published, like spine-convert's), or a lock file in it
+  (created, with the holder's pid and host written in, so a refused run can name who holds
+  it: spine-train's `MODEL_DIR/.lock`). The lock belongs to the open descriptor, so the
+  kernel drops it when the holder exits in any way, `kill -9` included: a dead run never
+  leaves a folder locked. (flock is advisory and, on some network file systems, local to
+  one machine.) Use as a context manager.
+  """
+
+  def __init__(self, folder: str | os.PathLike, what: str, lock_file: str | None = None):
+    self.folder, self.what = pathlib.Path(folder), what
+    self.path = self.folder / lock_file if lock_file else self.folder
+    self._fd: int | None = None
+
+  def __enter__(self) -> "FolderLock":
+    import fcntl  # pylint: disable=g-import-not-at-top
+    import socket  # pylint: disable=g-import-not-at-top
+    is_file = self.path != self.folder
+    fd = (os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE) if is_file
+          else os.open(self.path, os.O_RDONLY))
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 256, 0).decode("utf-8", "replace").split() if is_file else []
+      os.close(fd)
+      who = f" (pid {holder[0]} on {' '.join(holder[1:])}, holding {self.path})" if holder else ""
+      raise FolderBusy(f"{self.folder} is in use by another {self.what}{who}; wait for it "
+                       "to end or choose another folder") from None
+    if is_file:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    self._fd = fd
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # Closing the descriptor releases the flock.
+      self._fd = None

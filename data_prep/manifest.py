@@ -52,12 +52,73 @@ def load(data_dir: str | os.PathLike) -> dict[str, Any]:
     manifest = json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f"{path}: unreadable manifest: {e}") from e
+  validate(manifest, str(path))
+  return manifest
+
+
+def validate(manifest: dict[str, Any], where: str = schema.MANIFEST_NAME) -> None:
+  """Checks the keys every reader relies on (see the module docstring).
+
+  Raises:
+    ValueError: naming `where`, the key, and what was expected versus found.
+  """
+  if not isinstance(manifest, dict):
+    raise ValueError(f"{where}: expected a JSON object, found {type(manifest).__name__}")
   missing = [k for k in _REQUIRED if k not in manifest]
   if missing:
-    raise ValueError(f"{path}: manifest lacks keys {missing}")
+    raise ValueError(f"{where}: manifest lacks keys {missing}")
   if manifest["format_version"] != schema.FORMAT_VERSION:
-    raise ValueError(f"{path}: format version {manifest['format_version']}, this spineseg "
+    raise ValueError(f"{where}: format version {manifest['format_version']}, this spineseg "
                      f"reads version {schema.FORMAT_VERSION}; convert the data again")
+  size = manifest["image_size"]
+  if not isinstance(size, int) or size < 1:
+    raise ValueError(f"{where}: image_size must be a positive integer, found {size!r}")
+  if manifest["num_classes"] != schema.NUM_CLASSES:
+    raise ValueError(f"{where}: num_classes {manifest['num_classes']!r}, this spineseg "
+                     f"segments {schema.NUM_CLASSES} classes {schema.CLASS_NAMES}")
+  if manifest["compression"] not in schema.COMPRESSIONS:
+    raise ValueError(f"{where}: unknown compression {manifest['compression']!r}; expected "
+                     f"one of {sorted(schema.COMPRESSIONS)}")
+  splits = manifest["splits"]
+  unknown = sorted(set(splits) - set(schema.SPLITS)) if isinstance(splits, dict) else None
+  if unknown is None or unknown:
+    raise ValueError(f"{where}: splits must map {schema.SPLITS} to their shards, found "
+                     f"{unknown if unknown else type(splits).__name__}")
+
+
+def make(*, image_size: int, normalization: str, per: str, compression: str,
+         splits: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Builds a manifest with the keys every reader relies on (plus `extra` keys).
+
+  The converter adds its statistics and skip lists as `extra`; tests and benchmarks that
+  write shards by hand use the same function, so no one spells the contract twice.
+
+  Args:
+    image_size: side of the stored squares.
+    normalization: one of `preprocess.NORMALIZATIONS`.
+    per: "image" (2D) or "volume" (NIfTI): what the statistics were computed over.
+    compression: "none" or "gzip".
+    splits: {split: {"cases", "slices", "shards": [{"file", "examples", "sha256"}]}}.
+    extra: more top-level keys ("normalization" is merged into the normalization entry).
+
+  Raises:
+    ValueError: the result would not pass `validate`.
+  """
+  manifest = {
+      "format_version": schema.FORMAT_VERSION,
+      "image_size": int(image_size),
+      "num_classes": schema.NUM_CLASSES,
+      "labels": schema.labels_dict(),
+      "normalization": {"method": normalization, "per": per},
+      "compression": compression,
+      "splits": splits,
+  }
+  for key, value in (extra or {}).items():
+    if key == "normalization":
+      manifest["normalization"].update(value)
+    else:
+      manifest[key] = value
+  validate(manifest, "manifest.make")
   return manifest
 
 

@@ -15,7 +15,8 @@ Two raw formats, the ones the converter reads:
     between RAS storage and scanner order (I, P, R), so only the affine says which array
     axis is sagittal. Lateral slices miss the spine and hold background only.
 
-  python -m data_prep.phantom --output_dir=/tmp/phantom2d --format=2d --num_cases=20 --seed=0
+  spine-phantom --output_dir=/tmp/phantom2d --format=2d --num_cases=20 --seed=0
+  (or: python -m data_prep.phantom ...)
 """
 from __future__ import annotations
 
@@ -25,15 +26,14 @@ import os
 import pathlib
 import shutil
 import sys
-import tempfile
 
 import numpy as np
+
+from data_prep import fileio
 
 LABEL_DISC = 1
 LABEL_VERTEBRA = 2
 ORIENTATIONS_3D = ("RAS", "IPR")
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,21 +322,8 @@ def _prepare_output(out_dir: pathlib.Path, overwrite: bool) -> None:
   (out_dir / "masks").mkdir(parents=True, exist_ok=True)
 
 
-def _atomic(path: pathlib.Path, write) -> None:
-  """Calls `write(tmp_path)` then renames, so a crash never leaves a half-written file."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="".join(path.suffixes))
-  os.close(fd)
-  try:
-    write(tmp)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def _write_info(out_dir: pathlib.Path, info: dict) -> None:
-  _atomic(out_dir / "phantom.json", lambda p: pathlib.Path(p).write_text(json.dumps(info)))
+  fileio.write_text_atomic(out_dir / "phantom.json", json.dumps(info))
 
 
 def case_id(index: int) -> str:
@@ -383,9 +370,9 @@ def write_2d_dataset(out_dir: str | os.PathLike, num_cases: int, seed: int = 0, 
     h, w = (int(v) * 16 for v in rng.integers(-(-min_size // 16), max_size // 16 + 1, 2))
     image, mask = make_slice(rng, h, w, dtype)
     cid = case_id(i)
-    _atomic(out / "images" / f"{cid}.png", lambda p, im=image: Image.fromarray(im).save(
-        p, format="PNG"))
-    _atomic(out / "masks" / f"{cid}.npy", lambda p, m=mask: np.save(p, m))
+    fileio.atomic_write(out / "images" / f"{cid}.png",
+                        lambda p, im=image: Image.fromarray(im).save(p, format="PNG"))
+    fileio.atomic_write(out / "masks" / f"{cid}.npy", lambda p, m=mask: np.save(p, m))
     ids.append(cid)
   _write_info(out, {"format": "2d", "num_cases": num_cases, "seed": seed,
                     "bit_depth": bit_depth, "labels": {"0": "background", "1": "disc",
@@ -435,7 +422,7 @@ def write_3d_dataset(out_dir: str | os.PathLike, num_cases: int, seed: int = 0, 
       img.header.set_xyzt_units("mm")
       img.set_qform(affine, code=1)
       img.set_sform(affine, code=1)
-      _atomic(out / sub / f"{cid}.nii.gz", lambda p, im=img: nib.save(im, p))
+      fileio.atomic_write(out / sub / f"{cid}.nii.gz", lambda p, im=img: nib.save(im, p))
     ids.append(cid)
   _write_info(out, {"format": "3d", "num_cases": num_cases, "seed": seed, "size": size,
                     "num_slices": num_slices, "orientations": list(ORIENTATIONS_3D),
@@ -482,17 +469,16 @@ def main(argv, holders: dict) -> None:
     else:
       ids = write_3d_dataset(v["output_dir"], v["num_cases"], v["seed"], size=v["size"],
                              num_slices=v["num_slices"], overwrite=v["overwrite"])
-  except (FileExistsError, ValueError) as e:
-    print(f"phantom: {e}", file=sys.stderr)
-    sys.exit(1)
+  except (OSError, ValueError) as e:  # FileExistsError (not empty) is an OSError
+    sys.exit(f"spine-phantom: error: {e}")
   print(f"wrote {len(ids)} {v['format']} cases to {v['output_dir']}/images and "
         f"{v['output_dir']}/masks")
 
 
 def run() -> None:
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from data_prep import cli  # pylint: disable=g-import-not-at-top
   holders = _define_flags()
-  app.run(lambda argv: main(argv, holders))
+  cli.run(lambda argv: main(argv, holders))  # --help lists the flags defined above
 
 
 if __name__ == "__main__":

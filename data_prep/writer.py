@@ -14,17 +14,24 @@ much smaller.
 
 Everything is written into a hidden temporary folder inside the output directory; only
 after every case succeeded are the shards renamed into place, and `dataset.json` (whose
-presence marks a finished dataset) is written last. Besides the keys `manifest` documents,
-it holds: input_kind ("2d" | "3d"), flags, class_pixel_counts / class_pixel_frequencies
-(per split and "all", over the stored squares), intensity_statistics ("raw" intensities
-and "stored" normalized squares of the kept slices: min/max/mean/std), cases (id, group,
-split, source files, display shape [S, H, W], spacing, kept slice indices, normalization
-offset/scale), skipped {"files": [{path, reason}], "slices": [{case_id, slice_index,
-source, reason}]} and totals.
+presence marks a finished dataset) is renamed last. Leftovers of a killed run (that folder,
+temporary manifests) are removed before the output directory is checked for emptiness. An
+OS error on the output (full disk, read-only mount, a path that cannot be a folder) becomes
+a ConversionError naming the path, and the run leaves nothing behind: no shards, no
+manifest, no temporary folder, and no output folder it created itself.
+
+Besides the keys `manifest` documents, `dataset.json` holds: input_kind ("2d" | "3d"),
+flags, class_pixel_counts / class_pixel_frequencies (per split and "all", over the stored
+squares), intensity_statistics ("raw" intensities and "stored" normalized squares of the
+kept slices: min/max/mean/std), cases (id, group, split, source files, display shape
+[S, H, W], spacing, kept slice indices, normalization offset/scale), skipped {"files":
+[{path, reason}], "slices": [{case_id, slice_index, source, reason}]} and totals.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import hashlib
 import multiprocessing
 import os
@@ -34,18 +41,55 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
+from data_prep import fileio
 from data_prep import manifest as manifest_lib
 from data_prep import preprocess, readers, schema, slices
 
 DEFAULT_EXAMPLES_PER_SHARD = 512  # ~170 MB shards at 256 px: large reads, few files.
 COMPRESSIONS = ("none", "gzip")
 _TMP_PREFIX = ".spine-convert-tmp-"
+# What killed runs leave in an output folder: the temporary folder, and temporary
+# manifests (earlier versions named them `.dataset.json.*.tmp`; fileio.TMP_PREFIX files are
+# always removed by fileio.remove_stale_temporaries).
+_STALE_PATTERNS = (_TMP_PREFIX + "*", f".{schema.MANIFEST_NAME}.*.tmp")
+# How many unusable files an "every slice was pruned" error names before "and N more".
+_MAX_LISTED = 10
 
 
 class ConversionError(RuntimeError):
   """A fatal problem with the inputs or the output directory; the message says what."""
+
+
+_ERRNO_HINTS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EROFS: "the file system is mounted read-only",
+}
+
+
+@contextlib.contextmanager
+def _output_errors(doing: str, where: os.PathLike | str) -> Iterator[None]:
+  """Turns OS and TensorFlow I/O errors on the output into one-line ConversionErrors.
+
+  Args:
+    doing: what was being done, e.g. "write the shards" ("cannot write the shards").
+    where: the path the message names: the output directory the user chose, not the
+      temporary file that failed (it is gone by the time the message is read).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except OSError as e:
+    hint = _ERRNO_HINTS.get(e.errno)
+    detail = e.strerror or str(e)
+    raise ConversionError(f"{where}: cannot {doing}: {detail}"
+                          f"{f' ({hint})' if hint else ''}") from None
+  except tf.errors.OpError as e:  # TFRecordWriter reports disk errors this way
+    raise ConversionError(f"{where}: cannot {doing}: {e.message}") from None
+  except fileio.FolderBusy as e:
+    raise ConversionError(str(e)) from None
 
 
 def assign_splits(groups: Sequence[str], val_fraction: float, test_fraction: float,
@@ -95,8 +139,13 @@ class _ShardSet:
   def _writer(self, index: int):
     import tensorflow as tf  # Only the parent writes; workers never touch TF I/O.
     if index not in self.writers:
-      self.writers[index] = tf.io.TFRecordWriter(str(self._tmp(index)), self.options)
+      with _output_errors("write the shards", self._out()):
+        self.writers[index] = tf.io.TFRecordWriter(str(self._tmp(index)), self.options)
     return self.writers[index]
+
+  def _out(self) -> Optional[pathlib.Path]:
+    """The output directory (errors name it, not the temporary folder removed after)."""
+    return None if self.tmp_dir is None else self.tmp_dir.parent
 
   def _tmp(self, index: int) -> Optional[pathlib.Path]:
     if self.tmp_dir is None:  # dry run
@@ -110,20 +159,24 @@ class _ShardSet:
       index = self.total // self.per_shard
       if index >= len(self.counts):
         if index - 1 in self.writers:
-          self.writers.pop(index - 1).close()
+          with _output_errors("write the shards", self._out()):
+            self.writers.pop(index - 1).close()
         self.counts.append(0)
     self.counts[index] += 1
     self.total += 1
     if self.tmp_dir is not None:
-      self._writer(index).write(serialized)
+      writer = self._writer(index)
+      with _output_errors("write the shards", self._out()):
+        writer.write(serialized)
 
   def finish(self) -> list[tuple[pathlib.Path, str, int]]:
     """Closes the files; returns (temporary path, final name, examples) per shard."""
     if self.tmp_dir is not None and self.num_shards:
       for index in range(self.num_shards):  # Empty shards still exist as empty files.
         self._writer(index)
-    for w in self.writers.values():
-      w.close()
+    with _output_errors("write the shards", self._out()):
+      for w in self.writers.values():
+        w.close()
     self.writers = {}
     n = len(self.counts) if self.total else 0
     return [(self._tmp(i), schema.shard_name(self.split, i, n), self.counts[i])
@@ -136,29 +189,6 @@ def _sha256(path: pathlib.Path) -> str:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
-
-
-class _Progress:
-  """A one-line progress bar with ETA on stderr."""
-
-  def __init__(self, total: int, enabled: bool):
-    self.total, self.enabled = total, enabled
-    self.start = self.last = time.monotonic()
-
-  def update(self, done: int, written: int, force: bool = False) -> None:
-    now = time.monotonic()
-    if not self.enabled or (not force and now - self.last < 0.2):
-      return
-    self.last = now
-    elapsed = max(now - self.start, 1e-9)
-    eta = (self.total - done) * elapsed / done if done else 0.0
-    filled = int(30 * done / max(self.total, 1))
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} cases "
-                     f"{written} slices {written / elapsed:.1f} slices/s "
-                     f"ETA {int(eta) // 60}:{int(eta) % 60:02d} ")
-    if done == self.total:
-      sys.stderr.write("\n")
-    sys.stderr.flush()
 
 
 def _work(args) -> slices.CaseResult:
@@ -232,29 +262,111 @@ def _check_options(image_size, normalization, compression, val_fraction, test_fr
     raise ValueError(f"required_labels {bad} are not class ids 0..{slices.NUM_CLASSES - 1}")
 
 
-def _prepare_output(output_dir: pathlib.Path, overwrite: bool) -> None:
+def _missing_dirs(path: pathlib.Path) -> list[pathlib.Path]:
+  """`path` and its ancestors that do not exist yet, deepest first."""
+  missing = []
+  while not path.exists() and not path.is_symlink() and path != path.parent:
+    missing.append(path)
+    path = path.parent
+  return missing
+
+
+def _prepare_output(output_dir: pathlib.Path, overwrite: bool,
+                    log: Callable[[str], None]) -> None:
+  """Creates `output_dir` or checks it may be written, after removing dead temporaries."""
   if output_dir.exists() and not output_dir.is_dir():
-    raise ConversionError(f"{output_dir}: output path exists and is not a directory")
-  if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-    raise ConversionError(f"{output_dir}: output directory is not empty; pass --overwrite "
-                          "to replace the dataset in it")
+    raise ConversionError(f"{output_dir}: --output_dir is an existing file; expected a "
+                          "directory (or a path that does not exist yet)")
+  if output_dir.is_dir():
+    # Before the emptiness check: a folder holding only a killed run's hidden leftovers
+    # looks empty to `ls` and must not be refused as "not empty".
+    removed = fileio.remove_stale_temporaries(output_dir, _STALE_PATTERNS)
+    if removed:
+      log(f"{output_dir}: removed leftovers of an interrupted conversion: "
+          f"{', '.join(p.name for p in removed)}")
+    entries = sorted(p.name for p in output_dir.iterdir())
+    if entries and not overwrite:
+      shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more"
+                                        if len(entries) > 3 else "")
+      raise ConversionError(f"{output_dir}: output directory is not empty (it holds "
+                            f"{shown}); pass --overwrite to replace the dataset in it")
   output_dir.mkdir(parents=True, exist_ok=True)
-  for stale in output_dir.glob(_TMP_PREFIX + "*"):  # left by a killed run
-    shutil.rmtree(stale, ignore_errors=True)
 
 
-def _publish(output_dir: pathlib.Path, staged: list[tuple[pathlib.Path, str]],
-             manifest: dict) -> None:
-  """Replaces an old dataset by the staged shards; the manifest goes last."""
-  old = manifest_lib.path_of(output_dir)
-  if old.exists():  # First, so a half-replaced dataset never looks finished.
-    old.unlink()
+def _publish(output_dir: pathlib.Path, tmp_dir: pathlib.Path,
+             staged: list[tuple[pathlib.Path, str]], manifest: dict) -> None:
+  """Replaces an old dataset by the staged shards; the manifest goes last.
+
+  The manifest is written inside `tmp_dir` first, so every write that needs disk space is
+  done before the old dataset is touched; what follows are deletions and renames. Should a
+  rename still fail, the shards already moved are deleted again: a dataset without its
+  manifest would only be refused by every reader.
+  """
+  staged_manifest = fileio.write_json_atomic(tmp_dir / schema.MANIFEST_NAME, manifest)
+  final = manifest_lib.path_of(output_dir)
+  if final.exists():  # First, so a half-replaced dataset never looks finished.
+    final.unlink()
   for split in schema.SPLITS:
     for p in output_dir.glob(schema.shard_pattern(split)):
       p.unlink()
-  for tmp, name in staged:
-    os.replace(tmp, output_dir / name)
-  manifest_lib.write_json_atomic(old, manifest)
+  placed = []
+  try:
+    for tmp, name in staged:
+      os.replace(tmp, output_dir / name)
+      placed.append(output_dir / name)
+    os.replace(staged_manifest, final)
+  except BaseException:
+    for p in placed:
+      try:
+        p.unlink()
+      except OSError:
+        pass  # The error being raised says what is wrong with this folder.
+    raise
+
+
+def _log_to_stderr(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def verify_dataset(data_dir: str | os.PathLike,
+                   progress: bool = False) -> tuple[int, list[str]]:
+  """Checks a converted dataset: its manifest loads and every shard matches its SHA-256.
+
+  Args:
+    data_dir: the output folder of a conversion.
+    progress: draw a progress bar on stderr while hashing.
+
+  Returns:
+    (number of shards the manifest lists, one message per bad shard naming its path);
+    the list is empty when the dataset is intact.
+
+  Raises:
+    ConversionError: no manifest, or one that cannot be read or has another version.
+  """
+  try:
+    manifest = manifest_lib.load(data_dir)
+  except (OSError, ValueError) as e:
+    raise ConversionError(str(e)) from None
+  count = sum(len(manifest["splits"].get(s, {}).get("shards", [])) for s in schema.SPLITS)
+  return count, manifest_lib.verify_shards(data_dir, manifest, progress)
+
+
+def _nothing_to_write(pairs: list, orphans: list, acc: "_Accumulator",
+                      required_labels: Sequence[int]) -> str:
+  """The error for a run that kept no slice, with the reasons it kept none."""
+  lines = [f"every slice was pruned or skipped ({len(pairs)} pairs: {len(acc.failed)} "
+           f"unusable, {len(acc.skipped_slices)} slices without labels {required_labels}); "
+           "nothing to write. Check --required_labels and --label_map"]
+  files = [(f["path"], f["reason"]) for f in acc.failed] + list(orphans)
+  for path, why in files[:_MAX_LISTED]:
+    lines.append(f"  skipped file {path}: {why}")
+  if len(files) > _MAX_LISTED:
+    lines.append(f"  ... and {len(files) - _MAX_LISTED} more skipped files")
+  # Slice reasons end in what the slice holds ("; present [0, 1]"): group by the rest.
+  by_reason = collections.Counter(s["reason"].split("; ")[0] for s in acc.skipped_slices)
+  for why, n in sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0])):
+    lines.append(f"  {n} slice{'s' if n != 1 else ''} skipped: {why}")
+  return "\n".join(lines)
 
 
 def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
@@ -267,7 +379,8 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
                     compression: str = "none", overwrite: bool = False,
                     dry_run: bool = False, strict: bool = False,
                     case_id_regex: Optional[str] = None,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True,
+                    log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
   """Converts paired image/mask folders into sharded TFRecords plus `dataset.json`.
 
   Args:
@@ -288,6 +401,7 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
     strict: fail on any skipped file (orphan, unreadable or mismatched pair).
     case_id_regex: groups cases for splitting (first group, or the whole match).
     progress: draw a progress bar on stderr.
+    log: receives one-line notices (leftovers of a killed run removed); default stderr.
 
   Returns:
     The manifest (as written to `dataset.json`, plus "dry_run").
@@ -295,8 +409,9 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
   Raises:
     ValueError: contradictory or unknown options.
     readers.InputError: missing or empty input directories.
-    ConversionError: no pairs, everything pruned, a label error, --strict violations, or
-      an output directory that may not be written.
+    ConversionError: no pairs, everything pruned (the message lists why), a label error,
+      --strict violations, or an output directory that may not be written (an existing
+      file, a full disk, a read-only file system, ...).
   """
   required_labels = sorted(set(int(x) for x in required_labels))
   num_workers = num_workers or os.cpu_count() or 1
@@ -324,16 +439,27 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
 
   out = pathlib.Path(output_dir)
   tmp_dir = None
-  if not dry_run:
-    _prepare_output(out, overwrite)
-    tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out))
+  created = [] if dry_run else _missing_dirs(out)
+  finished = False
+  lock = contextlib.nullcontext()
   try:
+    if not dry_run:
+      with _output_errors("prepare the output directory", out):
+        if out.is_dir():
+          # Before the leftover clean-up: a live run's temporaries are not leftovers.
+          lock = fileio.FolderLock(out, "spine-convert")
+          lock.__enter__()
+        _prepare_output(out, overwrite, log or _log_to_stderr)
+        if isinstance(lock, contextlib.nullcontext):
+          lock = fileio.FolderLock(out, "spine-convert")
+          lock.__enter__()
+        tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out))
     shard_sets = {s: _ShardSet(tmp_dir, s, num_shards, examples_per_shard, compression)
                   for s in schema.SPLITS}
     kwargs = dict(image_size=image_size, normalization=normalization,
                   required_labels=required_labels, label_map=mapping)
     tasks = [(img, msk, kwargs) for _, img, msk in pairs]
-    bar = _Progress(len(tasks), progress)
+    bar = fileio.Progress(len(tasks), "convert", unit="cases", enabled=progress)
     acc = _Accumulator(split_of, groups)
     for done, result in enumerate(_results(tasks, min(num_workers, len(tasks))), 1):
       if result.fatal:
@@ -344,20 +470,17 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
       for _, serialized in result.examples:
         shard_sets[split].add(serialized)
       acc.add(result, split)
-      bar.update(done, acc.slices_written, force=done == len(tasks))
+      bar.step(extra=f"{acc.slices_written} slices")
     if acc.slices_written == 0:
-      raise ConversionError(
-          f"every slice was pruned or skipped ({len(pairs)} pairs, "
-          f"{len(acc.skipped_slices)} slices without labels {required_labels}, "
-          f"{len(acc.failed)} unusable cases); nothing to write. Check --required_labels "
-          "and --label_map")
+      raise ConversionError(_nothing_to_write(pairs, orphans, acc, required_labels))
     staged, split_info = [], {}
     for split, shard_set in shard_sets.items():
       shards = []
       for tmp, name, count in shard_set.finish():
         entry = {"file": name, "examples": count}
         if not dry_run:
-          entry["sha256"] = _sha256(tmp)
+          with _output_errors("read back the shards", tmp):
+            entry["sha256"] = _sha256(tmp)
           staged.append((tmp, name))
         shards.append(entry)
       split_info[split] = {"cases": acc.cases_per_split[split],
@@ -372,11 +495,20 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
     manifest = acc.manifest(flags, split_info, orphans, kinds.pop(), image_size,
                             normalization, compression)
     if not dry_run:
-      _publish(out, staged, manifest)
+      with _output_errors("write the dataset", out):
+        _publish(out, tmp_dir, staged, manifest)
+    finished = True
     return dict(manifest, dry_run=dry_run)
   finally:
     if tmp_dir is not None:
       shutil.rmtree(tmp_dir, ignore_errors=True)
+    lock.__exit__(None, None, None)
+    if not finished:  # Leave no trace: remove the (empty) folders this run created.
+      for folder in created:
+        try:
+          folder.rmdir()
+        except OSError:
+          break
 
 
 class _Accumulator:
@@ -421,17 +553,12 @@ class _Accumulator:
       return [c / total if total else 0.0 for c in counts]
 
     all_counts = [sum(c) for c in zip(*self.class_counts.values())]
-    return {
-        "format_version": schema.FORMAT_VERSION,
-        "image_size": image_size,
-        "num_classes": slices.NUM_CLASSES,
-        "labels": schema.labels_dict(),
-        "normalization": {"method": normalization,
-                          "per": "volume" if kind == "3d" else "image",
-                          "percentiles": list(preprocess.PERCENTILES)},
-        "compression": compression,
+    return manifest_lib.make(
+        image_size=image_size, normalization=normalization,
+        per="volume" if kind == "3d" else "image", compression=compression,
+        splits=split_info, extra={
+        "normalization": {"percentiles": list(preprocess.PERCENTILES)},
         "input_kind": kind,
-        "splits": split_info,
         "flags": flags,
         "class_pixel_counts": dict(self.class_counts, all=all_counts),
         "class_pixel_frequencies": {**{s: freqs(c) for s, c in self.class_counts.items()},
@@ -447,7 +574,7 @@ class _Accumulator:
                    "slices_written": self.slices_written,
                    "slices_skipped": len(self.skipped_slices),
                    "files_skipped": len(orphans) + len(self.failed)},
-    }
+    })
 
 
 def format_summary(manifest: dict[str, Any]) -> str:

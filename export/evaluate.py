@@ -13,6 +13,7 @@ the cases where the class is present; "pooled" rows count all voxels of all case
 """
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 
@@ -27,13 +28,34 @@ _MASKS_DIR = flags.DEFINE_string(
     "masks_dir", None, help="Folder of ground-truth masks paired by file stem (mode 1).")
 _LABEL_MAP = flags.DEFINE_string(
     "label_map", None,
-    help="Mask value -> class, e.g. '0:0,128:1,255:2' (mode 1). Without it masks must "
-    "hold 0 background, 1 disc, 2 vertebra.")
+    help="Mask value -> class, the grammar of spine-convert --label_map: e.g. "
+    "'128:1,255:2' or '1-5:1,6-12:2' (mode 1; 0 is background unless listed). Without it "
+    "masks must hold 0 background, 1 disc, 2 vertebra.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, help="spine-convert output (mode 2).")
 _SPLIT = flags.DEFINE_string("split", "val", help="Split of --data_dir to score.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, help="Write the scores here.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, help="Slices per model call.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, help="Replace an existing JSON.")
+
+
+def _fail(message: str) -> None:
+  """One line on stderr and exit 1: no traceback for a user's error."""
+  print(f"spine-evaluate: error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def _unwritable(path: pathlib.Path) -> str | None:
+  """Why `path` cannot be written (as one line), or None: creates its folder, probes it."""
+  from data_prep import fileio  # pylint: disable=g-import-not-at-top
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = fileio.temporary_path(path)
+    with open(probe, "w", encoding="utf-8"):
+      pass
+    os.unlink(probe)
+  except OSError as e:
+    return f"cannot write {path}: {e.strerror or e}"
+  return None
 
 
 def main(argv):
@@ -49,14 +71,23 @@ def main(argv):
   if _BATCH_SIZE.value < 1:
     raise app.UsageError(f"--batch_size must be >= 1, found {_BATCH_SIZE.value}")
   out_json = pathlib.Path(_OUTPUT_JSON.value) if _OUTPUT_JSON.value else None
+  if out_json and out_json.is_dir():  # --overwrite would not help: say what is wrong
+    _fail(f"--output_json={out_json}: expected a file, found a folder")
   if out_json and out_json.exists() and not _OVERWRITE.value:
     raise app.UsageError(f"{out_json} exists; pass --overwrite to replace it")
+  if out_json:
+    # Before the (long) evaluation: a JSON that cannot be written is found out now.
+    problem = _unwritable(out_json)
+    if problem:
+      _fail(problem)
   # Imported here so that --help and flag errors do not pay for loading TensorFlow.
   from data_prep import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
   from export import evaluate_lib, inference  # pylint: disable=g-import-not-at-top
+  from data_prep import schema  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
-    label_map = evaluate_lib.parse_label_map(_LABEL_MAP.value)
-  except ValueError as e:
+    label_map = schema.parse_label_map(_LABEL_MAP.value)
+  except schema.LabelError as e:
     raise app.UsageError(str(e))
   try:
     model = inference.load_saved_model(_SAVED_MODEL.value)
@@ -67,19 +98,27 @@ def main(argv):
     else:
       report = evaluate_lib.evaluate_split(model, _DATA_DIR.value, _SPLIT.value,
                                            batch_size=_BATCH_SIZE.value)
-  except (FileNotFoundError, ValueError) as e:  # InputError is a ValueError.
-    print(f"spine-evaluate: {e}", file=sys.stderr)
-    sys.exit(1)
+  except ValueError as e:  # InputError is a ValueError; ours name the file.
+    _fail(str(e))
+  except OSError as e:  # e.g. an unreadable folder: one line, not a traceback
+    _fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
+  except tf.errors.OpError as e:  # the graph refused the data (e.g. another square size)
+    first_line = (e.message.strip().splitlines() or [type(e).__name__])[0]
+    _fail(f"the SavedModel {_SAVED_MODEL.value} failed on the data: "
+          f"{type(e).__name__}: {first_line}")
   print(evaluate_lib.format_table(report))
   if out_json:
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    manifest_lib.write_json_atomic(out_json, evaluate_lib.json_safe(report))
+    try:
+      manifest_lib.write_json_atomic(out_json, evaluate_lib.json_safe(report))
+    except OSError as e:  # atomic: the old file (or none) is left, never half a JSON
+      _fail(f"cannot write {out_json}: {e.strerror or e}")
     print(f"spine-evaluate: wrote {out_json}")
   inference.exit_if_failures("spine-evaluate", report["failures"])
 
 
 def run():
-  app.run(main)
+  from data_prep import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)  # --help lists this module's flags, also as a console script
 
 
 if __name__ == "__main__":

@@ -4,9 +4,12 @@ Folder mode pairs images and masks by case id (file stem); 2D slices go through
 `serving_default`, NIfTI volumes through `segment_volume` (compared in display order,
 which is a permutation of the stored voxels) and also get HD95 in mm from the affine's
 voxel sizes. Converted mode reads a split's TFRecords and scores the `segment_examples`
-masks in the stored square geometry, pooling the slices of each case. Classes absent from
-a case's ground truth are reported as `metrics.ABSENT`. "mean" averages the cases where a
-class is present; "pooled" counts all voxels of all cases at once.
+masks in the stored square geometry without the padding (exactly the pixels the trainer's
+validation counts), pooling the slices of each case. Dice, its keys and the absent rule
+are `data_prep.metrics`: the "pooled" row of a split equals the trainer's validation
+figures for the same model. Classes absent from a case's ground truth are reported as
+`metrics.ABSENT`. "mean" averages the cases where a class is present; "pooled" counts all
+voxels of all cases at once.
 """
 from __future__ import annotations
 
@@ -16,57 +19,17 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from data_prep import fileio
 from data_prep import manifest as manifest_lib
+from data_prep import metrics
 from data_prep import orientation
 from data_prep import readers
 from data_prep import schema
 from export import inference
-from export import metrics
-
-NUM_CLASSES = 3
-
-
-def parse_label_map(text: str | None) -> dict[int, int] | None:
-  """'0:0,128:1,255:2' -> {0: 0, 128: 1, 255: 2}.
-
-  Raises:
-    ValueError: malformed text or a class outside 0..2.
-  """
-  if not text:
-    return None
-  out = {}
-  for item in text.split(","):
-    raw, sep, cls = item.partition(":")
-    try:
-      raw_v, cls_v = int(raw), int(cls)
-    except ValueError:
-      raise ValueError(f"--label_map item {item!r}: expected 'value:class'") from None
-    if not sep or not 0 <= cls_v < NUM_CLASSES:
-      raise ValueError(f"--label_map item {item!r}: class must be in 0..{NUM_CLASSES - 1}")
-    out[raw_v] = cls_v
-  return out
-
-
-def apply_label_map(mask: np.ndarray, label_map: dict[int, int] | None,
-                    path: str) -> np.ndarray:
-  """Maps raw mask values to classes; unknown values are an error naming the file."""
-  values = np.unique(mask)
-  allowed = set(label_map) if label_map else set(range(NUM_CLASSES))
-  unknown = [int(v) for v in values if int(v) not in allowed]
-  if unknown:
-    raise ValueError(f"{path}: mask values {unknown[:5]} are not in the label map "
-                     f"{sorted(allowed)}; pass --label_map=value:class,...")
-  if not label_map:
-    return mask.astype(np.uint8)
-  lut = np.zeros(max(label_map) + 1, dtype=np.uint8)
-  for raw, cls in label_map.items():
-    lut[raw] = cls
-  return lut[mask]
-
 
 def _case_row(case_id: str, kind: str, counts: np.ndarray,
               hd: dict[str, Any] | None) -> dict[str, Any]:
-  row = {"case_id": case_id, "kind": kind, "dice": metrics.dice_from_counts(counts),
+  row = {"case_id": case_id, "kind": kind, "dice": metrics.dice(counts),
          "counts": counts.tolist()}
   if hd is not None:
     row["hd95_mm"] = hd
@@ -80,8 +43,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
   keys = list(rows[0]["dice"])
   out = {"mean": {"dice": {k: metrics.mean_present([r["dice"][k] for r in rows])
                            for k in keys}},
-         "pooled": {"dice": metrics.dice_from_counts(
-             np.sum([r["counts"] for r in rows], axis=0))}}
+         "pooled": {"dice": metrics.dice(np.sum([r["counts"] for r in rows], axis=0))}}
   hd_rows = [r["hd95_mm"] for r in rows if "hd95_mm" in r]
   if hd_rows:
     out["mean"]["hd95_mm"] = {k: metrics.mean_present([h[k] for h in hd_rows])
@@ -105,21 +67,21 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
   pairs, orphans = readers.pair_files(images_dir, masks_dir)
   failures = [f"{path}: {reason}" for path, reason in orphans]
   rows: list[dict[str, Any]] = []
-  bar = inference.Progress(len(pairs), "spine-evaluate", progress)
+  bar = fileio.Progress(len(pairs), "spine-evaluate", unit="cases", enabled=progress)
   gt_masks: dict[str, np.ndarray] = {}
 
   def cases_2d():
     for case_id, image_path, mask_path in pairs:
       try:
         case = readers.read_case(image_path, mask_path)
-        gt = apply_label_map(case.mask, label_map, mask_path)
+        gt = schema.apply_label_map(case.mask, label_map or {}, mask_path)
         if case.kind == "2d":
           gt_masks[image_path] = gt[0]
           yield case
           continue
         pred = inference.segment_volume(model, case.image)
         spacing = orientation.display_voxel_sizes(case.affine, case.transform)
-        rows.append(_case_row(case_id, "3d", metrics.class_counts(pred, gt, NUM_CLASSES),
+        rows.append(_case_row(case_id, "3d", metrics.counts(pred, gt),
                               metrics.hd95_per_class(pred, gt, spacing)))
       except Exception as e:  # Keep going; failures are listed at the end.
         failures.append(str(e) if image_path in str(e) or mask_path in str(e)
@@ -128,8 +90,7 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
 
   for case, pred in inference.segment_cases_2d(model, cases_2d(), batch_size):
     gt = gt_masks.pop(case.image_path)
-    rows.append(_case_row(case.case_id, "2d", metrics.class_counts(pred, gt, NUM_CLASSES),
-                          None))
+    rows.append(_case_row(case.case_id, "2d", metrics.counts(pred, gt), None))
     bar.step()
   rows.sort(key=lambda r: readers.natural_key(r["case_id"]))
   return {"cases": rows, "overall": summarize(rows), "failures": failures}
@@ -139,10 +100,12 @@ def evaluate_split(model, data_dir: str, split: str, *,
                    batch_size: int = 8) -> dict[str, Any]:
   """Scores the model on a converted split in the stored square geometry.
 
-  Slices are pooled per case id. No HD95: the records do not store the slice spacing.
+  Slices are pooled per case id; padding pixels (IGNORE_LABEL after parsing) are not
+  counted. No HD95: a converted split holds the kept slices only, not whole volumes.
 
   Raises:
-    FileNotFoundError, ValueError: no manifest, or the split has no shards.
+    FileNotFoundError, ValueError: no manifest, the split has no shards, or the model
+      was exported for another image size than the dataset's.
   """
   manifest = manifest_lib.load(data_dir)
   shards = manifest_lib.shard_paths(data_dir, manifest, split)
@@ -157,15 +120,21 @@ def evaluate_split(model, data_dir: str, split: str, *,
     f = schema.parse_example(serialized, size)
     return serialized, f["mask"][..., 0], f["case_id"]
 
-  compression = "GZIP" if manifest["compression"] == "gzip" else ""
-  ds = tf.data.TFRecordDataset(shards, compression_type=compression).map(parse)
+  model_size = getattr(model, "spineseg_image_size", None)
+  if model_size is not None and int(model_size) != size:
+    raise ValueError(f"{manifest_lib.path_of(data_dir)}: the dataset holds {size} px "
+                     f"squares, the SavedModel was exported for {model_size} px; evaluate "
+                     "it on a dataset converted with --image_size="
+                     f"{model_size}, or use --images_dir/--masks_dir")
+  ds = tf.data.TFRecordDataset(
+      shards, compression_type=manifest_lib.compression_type(manifest)).map(parse)
   counts: dict[str, np.ndarray] = {}
   slices: dict[str, int] = {}
   for serialized, gt, case_ids in ds.batch(batch_size):
     pred = model.signatures["segment_examples"](examples=serialized)["mask"].numpy()
     for p, g, cid in zip(pred, gt.numpy(), case_ids.numpy()):
       cid = cid.decode("utf-8")
-      counts[cid] = counts.get(cid, 0) + metrics.class_counts(p, g, NUM_CLASSES)
+      counts[cid] = counts.get(cid, 0) + metrics.counts(p, g)
       slices[cid] = slices.get(cid, 0) + 1
   rows = [_case_row(cid, "3d" if slices[cid] > 1 else "2d", c, None)
           for cid, c in sorted(counts.items())]
@@ -174,26 +143,26 @@ def evaluate_split(model, data_dir: str, split: str, *,
 
 def _fmt(v: Any) -> str:
   if isinstance(v, float):
-    return "inf" if math.isinf(v) else f"{v:.3f}"
+    return "inf" if math.isinf(v) else f"{v:.4f}"
   return str(v)
 
 
 def format_table(report: dict[str, Any]) -> str:
   """A plain-text table: one row per case, then the mean and pooled rows."""
-  cols = ["background", "disc", "vertebra", "mean_disc_vertebra", "mean_all"]
-  header = ["case", "kind", "bg", "disc", "vert", "mean d+v", "mean all",
-            "HD95 disc", "HD95 vert"]
+  cols = list(metrics.KEYS)
+  hd_cols = [f"hd95_{schema.CLASS_NAMES[c]}" for c in schema.FOREGROUND]
+  header = ["case", "kind"] + cols + [f"{c} (mm)" for c in hd_cols]
   lines = []
   for r in report["cases"]:
     hd = r.get("hd95_mm", {})
     lines.append([r["case_id"], r["kind"]] + [_fmt(r["dice"][c]) for c in cols]
-                 + [_fmt(hd.get("disc", "-")), _fmt(hd.get("vertebra", "-"))])
+                 + [_fmt(hd.get(c, "-")) for c in hd_cols])
   overall = report.get("overall", {})
   for name in ("mean", "pooled"):
     if name in overall:
       hd = overall[name].get("hd95_mm", {})
       lines.append([name.upper(), ""] + [_fmt(overall[name]["dice"][c]) for c in cols]
-                   + [_fmt(hd.get("disc", "-")), _fmt(hd.get("vertebra", "-"))])
+                   + [_fmt(hd.get(c, "-")) for c in hd_cols])
   widths = [max(len(x) for x in col) for col in zip(header, *lines)]
   return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths))
                    for line in [header] + lines)

@@ -38,15 +38,20 @@ def main(argv):
   from export import serving  # pylint: disable=g-import-not-at-top
   try:
     out = serving.export(_MODEL_DIR.value, _EXPORT_DIR.value, overwrite=_OVERWRITE.value)
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f"spine-export: {e}", file=sys.stderr)
+  except (OSError, ValueError) as e:  # ours name the path; raw OS errors get it added
+    if isinstance(e, OSError) and e.strerror:
+      message = f"{e.filename or _EXPORT_DIR.value}: {e.strerror}"
+    else:
+      message = str(e)
+    print(f"spine-export: error: {message}", file=sys.stderr)
     sys.exit(1)
   print(f"spine-export: wrote SavedModel to {out} (signatures: "
         f"{', '.join(serving.SIGNATURES)})")
 
 
 def run():
-  app.run(main)
+  from data_prep import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)  # --help lists this module's flags, also as a console script
 
 
 if __name__ == "__main__":

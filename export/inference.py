@@ -7,6 +7,7 @@ converter computes them).
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import sys
@@ -20,10 +21,20 @@ from data_prep import readers
 
 INPUT_SUFFIXES = readers.IMAGE_2D_SUFFIXES + (".npy",) + readers.NIFTI_SUFFIXES
 REQUIRED_SIGNATURES = ("serving_default", "segment_volume")
+# Written by spine-export next to the SavedModel (serving.METADATA_FILE; not imported from
+# there, so that predict and evaluate never load Keras).
+METADATA_FILE = "assets.extra/spineseg.json"
 
 
 # One error type for every unusable input, whichever module detects it.
 InputError = readers.InputError
+
+
+def os_reason(error: BaseException) -> str:
+  """The OS's own words for an OSError ("No space left on device"), else the error text."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  return str(error) or type(error).__name__
 
 
 def exit_if_failures(program: str, messages: list[str]) -> None:
@@ -36,12 +47,49 @@ def exit_if_failures(program: str, messages: list[str]) -> None:
   sys.exit(1)
 
 
+def _read_metadata(path: pathlib.Path) -> dict[str, Any]:
+  """The export metadata of a SavedModel folder ({} for exports that predate it)."""
+  meta_path = path / METADATA_FILE
+  if not meta_path.is_file():
+    return {}
+  try:
+    metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise InputError(f"{meta_path}: unreadable export metadata: {os_reason(e)}; "
+                     "re-export the model with spine-export") from e
+  if not isinstance(metadata, dict):
+    raise InputError(f"{meta_path}: expected a JSON object, found "
+                     f"{type(metadata).__name__}; re-export the model with spine-export")
+  return metadata
+
+
+def _image_size(loaded: Any, metadata: dict[str, Any], path: pathlib.Path) -> int | None:
+  """The square side the model was exported for: metadata first, else the graph."""
+  if "image_size" in metadata:
+    try:
+      return int(metadata["image_size"])
+    except (TypeError, ValueError):
+      raise InputError(f"{path / METADATA_FILE}: image_size must be an integer, found "
+                       f"{metadata['image_size']!r}") from None
+  # Older exports: segment_examples returns [N, S, S, 3] squares with S static.
+  if "segment_examples" in loaded.signatures:
+    shape = loaded.signatures["segment_examples"].structured_outputs["probabilities"].shape
+    if shape.rank == 4 and shape[1] is not None:
+      return int(shape[1])
+  return None
+
+
 def load_saved_model(path: str | os.PathLike) -> Any:
   """Loads an exported spineseg SavedModel.
 
+  Besides its signatures the returned object carries `spineseg_metadata` (the dict of
+  `assets.extra/spineseg.json`, {} if absent) and `spineseg_image_size` (the square side
+  in pixels the model was exported for, or None if unknown), so that callers can refuse
+  data prepared at another size.
+
   Raises:
-    InputError: the folder is missing, holds no SavedModel, cannot be loaded, or lacks
-      the spineseg signatures.
+    InputError: the folder is missing, holds no SavedModel, cannot be loaded, lacks
+      the spineseg signatures, or its metadata is corrupt.
   """
   path = pathlib.Path(path)
   if not path.is_dir():
@@ -57,6 +105,8 @@ def load_saved_model(path: str | os.PathLike) -> Any:
   if missing:
     raise InputError(f"{path}: SavedModel lacks signatures {missing}; found "
                      f"{sorted(loaded.signatures)} (export it with spine-export)")
+  loaded.spineseg_metadata = _read_metadata(path)
+  loaded.spineseg_image_size = _image_size(loaded, loaded.spineseg_metadata, path)
   return loaded
 
 
@@ -149,21 +199,3 @@ def segment_cases_2d(model: Any, cases: Iterable[readers.Case],
       yield from flush(key)
   for key in list(buckets):
     yield from flush(key)
-
-
-class Progress:
-  """A one-line text progress bar on stderr (silent when disabled)."""
-
-  def __init__(self, total: int, label: str, enabled: bool = True):
-    self._total, self._label, self._enabled, self._done = total, label, enabled, 0
-
-  def step(self, n: int = 1) -> None:
-    self._done += n
-    if self._enabled:
-      width = 30
-      filled = int(width * self._done / max(self._total, 1))
-      sys.stderr.write(f"\r{self._label} [{'#' * filled}{'.' * (width - filled)}] "
-                       f"{self._done}/{self._total}")
-      if self._done >= self._total:
-        sys.stderr.write("\n")
-      sys.stderr.flush()

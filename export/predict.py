@@ -9,7 +9,10 @@ Input: one 2D slice (PNG/JPEG/TIFF/.npy), one NIfTI volume, or a folder of them.
   --overlay: NAME_overlay.png (the slice, or the volume's middle sagittal slice, with
           discs in orange and vertebrae in blue).
 A bad input is reported with its file name; the others are still processed, and the run
-exits non-zero listing the failures. Existing outputs are kept unless --overwrite.
+exits non-zero listing the failures. Existing outputs are kept unless --overwrite. An
+input's outputs appear all together or not at all; an OS error while writing (full disk,
+read-only folder) stops the run with one line naming the file and the reason, followed by
+every input not written.
 """
 from __future__ import annotations
 
@@ -42,15 +45,26 @@ def main(argv):
     written, failures = predict_lib.predict(
         model, _INPUT.value, _OUTPUT.value, batch_size=_BATCH_SIZE.value,
         overlay=_OVERLAY.value, overwrite=_OVERWRITE.value)
+  except predict_lib.OutputError as e:
+    if e.written:
+      print(f"spine-predict: wrote {len(e.written)} files to {_OUTPUT.value}")
+    print(f"spine-predict: error: {e}", file=sys.stderr)
+    for _, message in e.failures:
+      print(f"  {message}", file=sys.stderr)
+    sys.exit(1)
   except inference.InputError as e:
-    print(f"spine-predict: {e}", file=sys.stderr)
+    print(f"spine-predict: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except OSError as e:  # e.g. an unreadable input folder: one line, not a traceback
+    print(f"spine-predict: error: {e.filename or _INPUT.value}: {inference.os_reason(e)}",
+          file=sys.stderr)
     sys.exit(1)
   print(f"spine-predict: wrote {len(written)} files to {_OUTPUT.value}")
   inference.exit_if_failures("spine-predict", [message for _, message in failures])
 
-
 def run():
-  app.run(main)
+  from data_prep import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)  # --help lists this module's flags, also as a console script
 
 
 if __name__ == "__main__":

@@ -4,61 +4,111 @@ Outputs for an input `NAME.ext` in the output folder:
   2D:     NAME_mask.png (uint8 labels 0/1/2) and NAME_mask.npy
   NIfTI:  NAME_mask.nii.gz (or .nii): labels with the input's shape, affine, voxel order
   overlay (optional): NAME_overlay.png, the slice (or a volume's middle sagittal slice)
-          with discs in orange and vertebrae in blue.
+          with discs and vertebrae tinted (`data_prep.overlay`).
+
+An input's outputs appear all together or not at all: they are written to hidden
+temporaries first and renamed into place only when every one of them is complete. A bad
+input is a failure of that input only; an OS error while writing (full disk, read-only
+folder, ...) stops the run, since every later input would fail the same way.
 """
 from __future__ import annotations
 
 import os
 import pathlib
-from typing import Callable
+import sys
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from data_prep import fileio
+from data_prep import overlay as overlay_lib
 from data_prep import readers
 from export import inference
 
-# Overlay colors (RGB) by label; background is not tinted.
-COLORS = {1: (255, 160, 0), 2: (0, 140, 255)}
-_ALPHA = 0.45
+# One output of one input: the final path and a function writing the content to a path.
+Item = tuple[pathlib.Path, Callable[[str], None]]
 
 
-def overlay_rgb(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """uint8 RGB [H, W, 3]: the slice (contrast-stretched) with labels tinted."""
-  image = np.asarray(image, dtype=np.float32)
-  lo, hi = np.percentile(image, (0.5, 99.5))
-  gray = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1) * 255.0
-  rgb = np.repeat(gray[..., None], 3, axis=-1)
-  for label, color in COLORS.items():
-    sel = mask == label
-    rgb[sel] = (1 - _ALPHA) * rgb[sel] + _ALPHA * np.asarray(color, np.float32)
-  return np.round(rgb).astype(np.uint8)
+class OutputError(OSError):
+  """The output folder is unusable, or writing an output failed and the run stopped.
+
+  Attributes:
+    written: the files completely written before the stop.
+    failures: (input path, message) for every input not written: the bad inputs, the one
+      whose write failed, and those never tried; each message starts with the input.
+  """
+
+  def __init__(self, message: str, written: Iterable[pathlib.Path] = (),
+               failures: Iterable[tuple[str, str]] = ()):
+    super().__init__(message)
+    self.written = list(written)
+    self.failures = list(failures)
+
+  def __str__(self) -> str:
+    return str(self.args[0])
 
 
-def _write_atomic(path: pathlib.Path, write: Callable[[str], None]) -> None:
-  # Same suffix as the target: PIL and nibabel pick the format from the file name.
-  tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+class _WriteFailed(Exception):
+  """Internal: an OS error while writing `output` for `input_path` (stops the run)."""
+
+  def __init__(self, input_path: str, output: pathlib.Path, error: OSError):
+    super().__init__(f"cannot write {output}: {inference.os_reason(error)}")
+    self.input_path = input_path
+
+
+def _write_png(path: str, array: np.ndarray) -> None:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(array).save(path, format="PNG")
+
+
+def _write_npy(path: str, array: np.ndarray) -> None:
+  with open(path, "wb") as f:
+    np.save(f, array, allow_pickle=False)
+
+
+def _write_nifti(path: str, image: Any) -> None:
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  nib.save(image, path)
+
+
+def write_together(input_path: str, items: list[Item]) -> None:
+  """Writes all of one input's outputs, or none of them.
+
+  Each file goes to its `fileio.temporary_path` (same folder and suffix: PIL and nibabel
+  pick the format from the name), is made readable (0644), and only when all are complete
+  are they renamed into place. On any error the temporaries and the files already renamed
+  are removed, so the input is left with no outputs rather than a half set.
+
+  Raises:
+    _WriteFailed: an OSError while writing or renaming, naming the final file.
+  """
+  temps: list[pathlib.Path] = []
+  renamed: list[pathlib.Path] = []
+  current = items[0][0] if items else None
   try:
-    write(str(tmp))
-    os.replace(tmp, path)
-  except BaseException:
-    if tmp.exists():
-      tmp.unlink()
+    for final, write in items:
+      current = final
+      tmp = fileio.temporary_path(final)
+      temps.append(tmp)
+      write(str(tmp))
+      os.chmod(tmp, fileio.FILE_MODE)
+    for (final, _), tmp in zip(items, temps):
+      current = final
+      os.replace(tmp, final)
+      renamed.append(final)
+  except BaseException as e:
+    for p in temps + renamed:
+      try:
+        os.unlink(p)
+      except OSError:
+        pass  # never renamed / never created; the original error is what matters
+    if isinstance(e, OSError):
+      raise _WriteFailed(input_path, current, e) from e
     raise
 
 
-def _save_png(path: pathlib.Path, array: np.ndarray) -> None:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  _write_atomic(path, lambda p: Image.fromarray(array).save(p, format="PNG"))
-
-
-def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
-  def write(p):
-    with open(p, "wb") as f:
-      np.save(f, array, allow_pickle=False)
-  _write_atomic(path, write)
-
-
-def _save_nifti_like(path: pathlib.Path, mask: np.ndarray, source: str) -> None:
+def _nifti_like(mask: np.ndarray, source: str) -> Any:
+  """A uint8 label image with the source's shape, affine and header."""
   import nibabel as nib  # pylint: disable=g-import-not-at-top
   src = nib.load(source)
   header = src.header.copy()
@@ -66,7 +116,7 @@ def _save_nifti_like(path: pathlib.Path, mask: np.ndarray, source: str) -> None:
   # Trailing singleton axes of the source (e.g. [X, Y, Z, 1]) are restored exactly.
   out = nib.Nifti1Image(mask.astype(np.uint8).reshape(src.shape), src.affine, header)
   out.header.set_slope_inter(1.0, 0.0)
-  _write_atomic(path, lambda p: nib.save(out, p))
+  return out
 
 
 def output_paths(input_path: str | os.PathLike, output_dir: str | os.PathLike,
@@ -81,6 +131,24 @@ def output_paths(input_path: str | os.PathLike, output_dir: str | os.PathLike,
   if overlay:
     paths["overlay"] = out / f"{stem}_overlay.png"
   return paths
+
+
+def prepare_output_dir(output_dir: str | os.PathLike) -> pathlib.Path:
+  """Creates the output folder and clears temporaries of killed runs.
+
+  Raises:
+    OutputError: the path is an existing file, or the folder cannot be created.
+  """
+  out = pathlib.Path(output_dir)
+  if out.exists() and not out.is_dir():
+    raise OutputError(f"{out}: expected an output folder, found an existing file")
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise OutputError(f"{out}: cannot create the output folder: "
+                      f"{inference.os_reason(e)}") from e
+  fileio.remove_stale_temporaries(out)
+  return out
 
 
 def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
@@ -103,13 +171,33 @@ def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike,
 
   Raises:
     InputError: `input_path` does not exist or holds no supported file.
+    OutputError: the output folder is unusable, or an OS error while writing stopped the
+      run; it carries what was written and every input not written.
   """
   files = inference.list_inputs(input_path)
-  output_dir = pathlib.Path(output_dir)
-  output_dir.mkdir(parents=True, exist_ok=True)
+  output_dir = prepare_output_dir(output_dir)
   written: list[pathlib.Path] = []
   failures: list[tuple[str, str]] = []
-  bar = inference.Progress(len(files), "spine-predict", progress)
+  finished: set[str] = set()  # inputs written completely or failed
+  bar = fileio.Progress(len(files), "spine-predict", unit="inputs", enabled=progress)
+
+  def fail(path: str, message: str) -> None:
+    failures.append((path, message))
+    finished.add(path)
+    bar.step()
+
+  def commit(path: str, items: list[Item]) -> None:
+    try:
+      write_together(path, items)
+    except _WriteFailed:
+      raise  # stops the run
+    except Exception as e:  # e.g. an array a writer refuses: this input only
+      fail(path, f"{path}: {type(e).__name__}: {e}")
+      return
+    written.extend(final for final, _ in items)
+    finished.add(path)
+    bar.step()
+
   targets: dict[str, dict[str, pathlib.Path]] = {}
   claimed: dict[pathlib.Path, str] = {}
   for f in files:
@@ -117,50 +205,66 @@ def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike,
     clash = [claimed[p] for p in paths.values() if p in claimed]
     existing = [str(p) for p in paths.values() if p.exists()]
     if clash:
-      failures.append((str(f), f"{f}: its outputs clash with those of {clash[0]}"))
+      fail(str(f), f"{f}: its outputs clash with those of {clash[0]}")
     elif existing and not overwrite:
-      failures.append((str(f), f"{f}: output {existing[0]} exists; pass --overwrite"))
+      fail(str(f), f"{f}: output {existing[0]} exists; pass --overwrite")
     else:
       targets[str(f)] = paths
       claimed.update({p: str(f) for p in paths.values()})
-      continue
-    bar.step()
 
   def cases_2d():
-    for path in targets:
+    for path, paths in targets.items():
       try:
         case = inference.read_input(path)
       except inference.InputError as e:
-        failures.append((path, str(e)))
-        bar.step()
+        fail(path, str(e))
         continue
-      if case.kind == "3d":
-        try:
-          mask = inference.segment_volume(model, case.image)
-          paths = targets[path]
-          _save_nifti_like(paths["nifti"], inference.orientation_back(case, mask), path)
-          written.append(paths["nifti"])
-          if "overlay" in paths:
-            mid = case.image.shape[0] // 2
-            _save_png(paths["overlay"], overlay_rgb(case.image[mid], mask[mid]))
-            written.append(paths["overlay"])
-        except Exception as e:  # Keep going in folder mode; report at the end.
-          failures.append((path, f"{path}: {type(e).__name__}: {e}"))
-        bar.step()
-      else:
+      if case.kind != "3d":
         yield case
+        continue
+      try:
+        mask = inference.segment_volume(model, case.image)
+        label_image = _nifti_like(inference.orientation_back(case, mask), path)
+        items = [(paths["nifti"], lambda p, im=label_image: _write_nifti(p, im))]
+        if "overlay" in paths:
+          mid = case.image.shape[0] // 2
+          rgb = overlay_lib.overlay_rgb(case.image[mid], mask[mid])
+          items.append((paths["overlay"], lambda p, a=rgb: _write_png(p, a)))
+      except Exception as e:  # Keep going in folder mode; report at the end.
+        fail(path, f"{path}: {type(e).__name__}: {e}")
+        continue
+      commit(path, items)  # outside the try: a write error must stop the run
+
+  def items_2d(case, mask) -> list[Item]:
+    paths = targets[case.image_path]
+    items = [(paths["png"], lambda p: _write_png(p, mask)),
+             (paths["npy"], lambda p: _write_npy(p, mask))]
+    if "overlay" in paths:
+      rgb = overlay_lib.overlay_rgb(case.image[0], mask)
+      items.append((paths["overlay"], lambda p: _write_png(p, rgb)))
+    return items
+
+  def end_progress_line() -> None:
+    # A bar stopped short has no newline yet: the error lines must not join it.
+    if progress and bar.done < bar.total:
+      sys.stderr.write("\n")
 
   try:
     for case, mask in inference.segment_cases_2d(model, cases_2d(), batch_size):
-      paths = targets[case.image_path]
-      _save_png(paths["png"], mask)
-      _save_npy(paths["npy"], mask)
-      written += [paths["png"], paths["npy"]]
-      if "overlay" in paths:
-        _save_png(paths["overlay"], overlay_rgb(case.image[0], mask))
-        written.append(paths["overlay"])
-      bar.step()
-  except Exception as e:  # A failed 2D batch: name its files, keep the rest.
-    failures.append((str(input_path),
-                     f"{input_path}: a 2D batch failed: {type(e).__name__}: {e}"))
+      commit(case.image_path, items_2d(case, mask))
+  except _WriteFailed as e:
+    end_progress_line()
+    reason = str(e)
+    failures.append((e.input_path, f"{e.input_path}: not written: {reason}"))
+    finished.add(e.input_path)
+    failures.extend((p, f"{p}: not written: the run stopped at the write error before "
+                     "this input") for p in targets if p not in finished)
+    raise OutputError(f"{reason}; the run stopped, "
+                      f"{len(failures)} of {len(files)} input(s) not written:",
+                      written, failures) from e
+  except Exception as e:  # A failed 2D batch: name every input it left unwritten.
+    end_progress_line()
+    error = f"{type(e).__name__}: {e}"
+    failures.extend((p, f"{p}: not written: a 2D batch failed: {error}")
+                    for p in targets if p not in finished)
   return written, failures

@@ -32,10 +32,13 @@ import pathlib
 import shutil
 import tempfile
 from typing import Any
+import zipfile
+import zlib
 
 import keras
 import tensorflow as tf
 
+from data_prep import fileio
 from data_prep import manifest as manifest_lib
 from data_prep import preprocess
 from data_prep import schema
@@ -221,12 +224,42 @@ class SegmentationModule(tf.Module):
 
 # ------------------------------------------------------------------------ export
 
+class ExportError(OSError):
+  """Writing the SavedModel failed; the message names the export folder and the reason."""
+
+  def __str__(self) -> str:
+    return str(self.args[0])
+
+
+def _check_keras_archive(model_path: pathlib.Path) -> None:
+  """Refuses a truncated or corrupt `.keras` zip with its real cause.
+
+  Keras reports any unreadable archive as "File not found", which sends users looking for
+  a file that is there; zipfile names what is wrong (no end of archive, a bad CRC, ...).
+
+  Raises:
+    ValueError: the archive is unreadable, naming the file.
+  """
+  hint = "; retrain or restore it"
+  try:
+    with zipfile.ZipFile(model_path) as archive:
+      bad = archive.testzip()  # reads every member: catches a cut inside the weights
+  except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    raise ValueError(f"{model_path}: unreadable Keras model (truncated or corrupt: "
+                     f"{reason}){hint}") from e
+  if bad is not None:
+    raise ValueError(f"{model_path}: unreadable Keras model (truncated or corrupt: member "
+                     f"{bad} fails its CRC check){hint}")
+
+
 def load_model_dir(model_dir: str | os.PathLike) -> tuple[keras.Model, dict[str, Any]]:
   """Loads `best.keras` and the dataset manifest of a trained model directory.
 
   Raises:
     FileNotFoundError: the directory, its model or its dataset.json is missing.
-    ValueError: the manifest is invalid.
+    ValueError: the manifest is invalid, or the model file is truncated, corrupt or not
+      loadable.
   """
   model_dir = pathlib.Path(model_dir)
   if not model_dir.is_dir():
@@ -239,16 +272,42 @@ def load_model_dir(model_dir: str | os.PathLike) -> tuple[keras.Model, dict[str,
     raise FileNotFoundError(f"{manifest_lib.path_of(model_dir)}: missing; the model "
                             "directory must hold a copy of the dataset manifest")
   manifest = manifest_lib.load(model_dir)
-  model = keras.models.load_model(model_path, compile=False)
+  _check_keras_archive(model_path)
+  try:
+    model = keras.models.load_model(model_path, compile=False)
+  except Exception as e:  # Keras raises many types (unknown layer, bad config, ...).
+    first_line = (str(e).strip().splitlines() or [""])[0]
+    raise ValueError(f"{model_path}: cannot load the Keras model: {type(e).__name__}: "
+                     f"{first_line}") from e
   return model, manifest
+
+
+def _replace_dir(tmp: pathlib.Path, export_dir: pathlib.Path) -> None:
+  """Moves `tmp` to `export_dir`, replacing what is there; the old one is kept on failure."""
+  old = None
+  if export_dir.exists() or export_dir.is_symlink():
+    old = export_dir.with_name(f".{export_dir.name}.old-{os.getpid()}")
+    os.replace(export_dir, old)
+  try:
+    os.replace(tmp, export_dir)
+  except BaseException:
+    if old is not None:
+      os.replace(old, export_dir)
+    raise
+  if old is not None:
+    if old.is_dir() and not old.is_symlink():
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      old.unlink(missing_ok=True)
 
 
 def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
            overwrite: bool = False) -> pathlib.Path:
   """Exports the model of `model_dir` as a SavedModel in `export_dir` (a version folder).
 
-  The SavedModel is written to a temporary sibling folder and renamed into place, so a
-  failed export leaves nothing behind.
+  The SavedModel is written to a temporary sibling folder, made readable by others (0755
+  folders, 0644 files: TF Serving often runs as another account) and renamed into place,
+  so a failed export leaves nothing behind and an existing version stays intact.
 
   Args:
     model_dir: a trained model directory (best.keras + dataset.json).
@@ -261,6 +320,8 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
   Raises:
     FileExistsError: `export_dir` exists, is not empty, and `overwrite` is False.
     FileNotFoundError, ValueError: see `load_model_dir`.
+    ExportError: the SavedModel cannot be written (read-only or full disk, a file in the
+      way, ...), naming `export_dir` and the reason.
   """
   export_dir = pathlib.Path(export_dir)
   if export_dir.exists() and (not export_dir.is_dir() or any(export_dir.iterdir())):
@@ -272,10 +333,11 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
   module = SegmentationModule(model, image_size=int(manifest["image_size"]),
                               norm_method=norm["method"],
                               num_classes=int(manifest["num_classes"]))
-  export_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-",
-                                      dir=export_dir.parent))
+  tmp = None
   try:
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-",
+                                        dir=export_dir.parent))
     tf.saved_model.save(module, str(tmp), signatures=module.signatures())
     metadata = {"model_dir": str(pathlib.Path(model_dir).resolve()),
                 "image_size": int(manifest["image_size"]), "normalization": norm,
@@ -284,13 +346,20 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
                 "volume_chunk": VOLUME_CHUNK, "signatures": list(SIGNATURES),
                 "tensorflow_version": tf.__version__}
     (tmp / "assets.extra").mkdir(exist_ok=True)
-    (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-    if export_dir.is_dir():
-      shutil.rmtree(export_dir)
-    elif export_dir.exists():
-      export_dir.unlink()
-    os.replace(tmp, export_dir)
+    fileio.write_json_atomic(tmp / METADATA_FILE, metadata)
+    fileio.make_readable(tmp)  # mkdtemp made it 0700: unreadable to a serving account
+    _replace_dir(tmp, export_dir)
+  except (OSError, tf.errors.OpError) as e:
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
+    # TF's file system layer raises OpErrors (e.g. ResourceExhausted) instead of OSError.
+    if isinstance(e, OSError):
+      reason = e.strerror or str(e)
+    else:
+      reason = (e.message.strip().splitlines() or [type(e).__name__])[0]
+    raise ExportError(f"{export_dir}: cannot write the SavedModel: {reason}") from e
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
     raise
   return export_dir

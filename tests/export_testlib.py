@@ -1,4 +1,11 @@
-"""Shared helpers of the export tests: a tiny trained model directory and its SavedModel."""
+"""Shared helpers of the export tests: tiny model directories to export.
+
+`write_model_dir` holds a briefly trained U-Net (the real architecture: for tests of
+geometry and signatures). `write_threshold_model_dir` holds a hand-built model whose
+output is known in advance: with "divide255" normalization it labels each pixel by its raw
+8-bit intensity alone (`threshold_labels`), so the tests that score or write masks have a
+ground truth computed from the input, independently of the model.
+"""
 from __future__ import annotations
 
 import json
@@ -12,6 +19,9 @@ from data_prep import schema
 from trainer import unet
 
 IMAGE_SIZE = 32
+# Raw 8-bit intensities separating background | disc | vertebra for the threshold model;
+# half-integers, so that no integer pixel sits on a boundary.
+THRESHOLDS = (85.5, 170.5)
 
 
 def write_model_dir(path: pathlib.Path, *, norm_method: str = "percentile",
@@ -33,4 +43,34 @@ def write_model_dir(path: pathlib.Path, *, norm_method: str = "percentile",
       "normalization": {"method": norm_method, "per": "image"}, "compression": "none",
       "splits": {}})
   (path / "config.json").write_text(json.dumps({"base_filters": 4, "depth": 2}))
+  return path
+
+
+def threshold_labels(image) -> np.ndarray:
+  """The threshold model's labels for raw intensities: 0 below 85.5, 1 up to 170.5, else 2."""
+  image = np.asarray(image, dtype=np.float64)
+  return ((image > THRESHOLDS[0]).astype(np.uint8) + (image > THRESHOLDS[1])).astype(np.uint8)
+
+
+def write_threshold_model_dir(path: pathlib.Path,
+                              image_size: int = IMAGE_SIZE) -> pathlib.Path:
+  """A model directory whose model computes `threshold_labels` of the raw pixels.
+
+  One 1x1 convolution gives logits (0, K (v - t1), K (2v - t1 - t2)) of the normalized
+  pixel v = raw / 255 with t = THRESHOLDS / 255: class 1 beats 0 exactly when v > t1 and
+  class 2 beats 1 exactly when v > t2, so the argmax is the threshold label. K = 1020
+  keeps the logit gap of the nearest integer pixel (half a grey level) at 2.
+  """
+  path.mkdir(parents=True, exist_ok=True)
+  t1, t2 = (t / 255.0 for t in THRESHOLDS)
+  k = 1020.0
+  model = keras.Sequential([keras.Input((None, None, 1)), keras.layers.Conv2D(3, 1)])
+  model.layers[0].set_weights([np.array([0.0, k, 2 * k], np.float32).reshape(1, 1, 1, 3),
+                               np.array([0.0, -k * t1, -k * (t1 + t2)], np.float32)])
+  model.save(path / "best.keras")
+  manifest.write_json_atomic(path / schema.MANIFEST_NAME, {
+      "format_version": schema.FORMAT_VERSION, "image_size": image_size, "num_classes": 3,
+      "labels": dict(manifest.LABELS),
+      "normalization": {"method": "divide255", "per": "image"}, "compression": "none",
+      "splits": {}})
   return path

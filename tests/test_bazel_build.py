@@ -1,6 +1,10 @@
 """BUILD is generated from the imports of the tree; it must be current and exact."""
+import ast
 import importlib.util
 import pathlib
+import re
+
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,6 +35,10 @@ def test_deps_follow_imports(tmp_path):
       "tests/test_x.py": "from trainer import main\nimport pytest\n",
       "tests/test_y.py": ("CMD = ['python', '-m', 'data_prep.phantom']\n"
                           "CODE = 'from trainer import main'\n"),
+      "setup.py": ("import setuptools\nsetuptools.setup(name='x', entry_points={\n"
+                   "    'console_scripts': ['spine-train=trainer.main:run',\n"
+                   "                        'spine-phantom=data_prep.phantom:run',\n"
+                   "                        'spine-convert=data_prep.convert:run']})\n"),
   })
   build = _gen_build().render(tmp_path)
   phantom = build[build.index('name = "data_prep_phantom"'):].split(")\n")[0]
@@ -55,3 +63,33 @@ def test_build_file_is_current():
   assert actual == expected, (
       "BUILD is stale (a module, import or test changed): run "
       "`.venv/bin/python tools/bazel/gen_build.py` and commit BUILD")
+
+
+def test_binaries_come_from_setup_py_only(tmp_path):
+  gen = _gen_build()
+  _write(tmp_path, {"setup.py": "import setuptools\nsetuptools.setup(name='x')\n"})
+  with pytest.raises(ValueError, match=r"setup.py: no entry_points="):
+    gen.entry_points(tmp_path)
+  _write(tmp_path, {"setup.py": "import setuptools\nSCRIPTS = []\n"
+                                "setuptools.setup(entry_points={'console_scripts': SCRIPTS})\n"})
+  with pytest.raises(ValueError, match="must be a literal dict"):
+    gen.entry_points(tmp_path)
+
+
+def test_build_binaries_equal_setup_console_scripts():
+  # Read both files independently of gen_build: BUILD's py_binary targets (benchmarks
+  # aside) are exactly setup.py's console scripts, each built from its module.
+  text = (REPO / "setup.py").read_text()
+  scripts = {name: module for name, module, _ in
+             re.findall(r'"(spine-[\w-]+)=([\w.]+):(\w+)"', text)}
+  build = (REPO / "BUILD").read_text()
+  binaries = dict(re.findall(r'py_binary\(\n    name = "([^"]+)",\n    srcs = \["([^"]+)"\]',
+                             build))
+  binaries = {n: src for n, src in binaries.items() if not n.startswith("bench_")}
+  assert binaries == {n: m.replace(".", "/") + ".py" for n, m in scripts.items()}
+  assert "spine-phantom" in scripts
+  # Each console script's function exists in its module.
+  for spec in re.findall(r'"spine-[\w-]+=([\w.]+:\w+)"', text):
+    module, func = spec.split(":")
+    tree = ast.parse((REPO / (module.replace(".", "/") + ".py")).read_text())
+    assert func in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, spec

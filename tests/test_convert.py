@@ -1,8 +1,9 @@
 """spine-convert end to end: real data, determinism, manifest, and every bad input."""
+import errno
 import hashlib
-import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from data_prep import manifest, preprocess, readers, schema, slices, writer
+from data_prep import fileio, manifest, preprocess, readers, schema, slices, writer
 
 SIZE = 48
 
@@ -150,7 +151,7 @@ def test_label_map_grouping_and_shard_sizes(tmp_path):
   _synthetic_2d(src, n=4, labels=(0, 4, 9), prefix="p2_")
   _synthetic_2d(src, n=4, labels=(0, 5, 12), prefix="p3_")
   with pytest.raises(slices.LabelError, match=r"s?p\d_0.npy.*\[3, 7\]|values \["):
-    slices.apply_label_map(np.array([0, 3, 7]), {}, "p1_0.npy")
+    schema.apply_label_map(np.array([0, 3, 7]), {}, "p1_0.npy")
   with pytest.raises(writer.ConversionError, match=r"masks/p1_0.npy.*\[7\].*not covered"):
     _convert(src, tmp_path / "bad", label_map="1-5:1")
   assert not (tmp_path / "bad" / "dataset.json").exists()
@@ -164,7 +165,8 @@ def test_label_map_grouping_and_shard_sizes(tmp_path):
   assert [s["examples"] for s in m["splits"]["train"]["shards"]] == [3, 3, 2]
   assert m["splits"]["train"]["shards"][0]["file"] == "train-00000-of-00003.tfrecord"
   masks = np.stack([e["mask"] for e in _read_examples(tmp_path / "out", "train")])
-  assert set(np.unique(masks).tolist()) == {0, 1, 2}
+  # The padding of the 40x30 slices to squares is stored as the ignore label.
+  assert set(np.unique(masks).tolist()) == {0, 1, 2, schema.IGNORE_LABEL}
 
 
 def test_splits_are_exact_and_deterministic():
@@ -257,11 +259,207 @@ def test_binary_fails_with_one_clear_line(tmp_path):
 
 
 def test_label_map_parsing_and_regex_errors(tmp_path):
-  assert slices.parse_label_map("1-3:1, 7:2") == {0: 0, 1: 1, 2: 1, 3: 1, 7: 2}
+  assert schema.parse_label_map("1-3:1, 7:2") == {0: 0, 1: 1, 2: 1, 3: 1, 7: 2}
   for bad, match in (("1-3", "expected SRC:DST"), ("5-2:1", "below start"),
                      ("1:3", "not a class id"), ("1:1,1:2", "twice")):
     with pytest.raises(ValueError, match=match):
-      slices.parse_label_map(bad)
+      schema.parse_label_map(bad)
   src = _synthetic_2d(tmp_path / "src", n=2)
   with pytest.raises(writer.ConversionError, match="'s0' does not match --case_id_regex"):
     _convert(src, tmp_path / "out", case_id_regex=r"^p\d")
+
+
+# ---------------------------------------------------------------- verify, errors, leftovers
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+# TensorFlow's C++ start-up lines reach stderr even with TF_CPP_MIN_LOG_LEVEL=3; they are
+# not ours, so the "one line" checks look at everything else.
+_TF_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|"
+                       r"[IWEF]\d{4} \S+\s+\d+ \S+:\d+\]|To enable the following instr)")
+
+
+def _binary(args, code=None):
+  """Runs spine-convert (or `code` that ends by running it) with `args`."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  cmd = [sys.executable, "-c", code, *args] if code else [
+      sys.executable, "-m", "data_prep.convert", *args]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
+                        cwd=_REPO)
+  proc.errors = [l for l in proc.stderr.splitlines() if l and not _TF_NOISE.match(l)]
+  return proc
+
+
+def test_verify_names_each_truncated_or_flipped_shard(tmp_path):
+  src = _synthetic_2d(tmp_path / "src", n=6)
+  out = tmp_path / "out"
+  m = _convert(src, out, num_shards=2)
+  shards = [out / s["file"] for sp in schema.SPLITS for s in m["splits"][sp]["shards"]]
+  assert len(shards) == 4
+  ok = _binary([f"--verify={out}"])
+  assert ok.returncode == 0, ok.stderr
+  assert ok.stdout.strip() == f"{out}: 4 shards verified, all intact" and not ok.errors
+  truncated, flipped = shards[0], shards[2]
+  truncated.write_bytes(truncated.read_bytes()[:-100])
+  data = bytearray(flipped.read_bytes())
+  data[len(data) // 2] ^= 0x01  # one bit: same size, other content
+  flipped.write_bytes(bytes(data))
+  bad = _binary([f"--verify={out}"])
+  assert bad.returncode == 1 and "verified" not in bad.stdout
+  assert len(bad.errors) == 2, bad.stderr
+  assert bad.errors[0].startswith(f"spine-convert: error: {truncated}: corrupted or trunc")
+  assert bad.errors[1].startswith(f"spine-convert: error: {flipped}: corrupted or trunc")
+  count, problems = writer.verify_dataset(out)
+  assert count == 4 and len(problems) == 2
+  with pytest.raises(writer.ConversionError, match=r"nope/dataset.json: no dataset manif"):
+    writer.verify_dataset(tmp_path / "nope")
+
+
+def test_verify_takes_no_conversion_flags_and_convert_needs_its_folders(tmp_path):
+  mixed = _binary([f"--verify={tmp_path}", f"--images_dir={tmp_path}", "--overwrite"])
+  assert mixed.returncode == 1 and mixed.errors == [
+      "spine-convert: error: --verify checks an existing dataset and takes no conversion "
+      "flags; found --images_dir, --overwrite"]
+  partial = _binary([f"--images_dir={tmp_path}"])
+  assert partial.returncode == 1 and len(partial.errors) == 1
+  assert partial.errors[0].startswith(
+      "spine-convert: error: missing --masks_dir, --output_dir: ")
+
+
+def test_every_slice_pruned_error_gives_the_reasons(tmp_path):
+  src = _synthetic_2d(tmp_path / "src", n=3, labels=(0,))  # background only
+  _synthetic_2d(src, n=2, labels=(0, 1), prefix="d")  # discs, no vertebra
+  for i in range(12):
+    (src / "images" / f"z{i:02d}.png").write_bytes(b"not a png")
+    np.save(src / "masks" / f"z{i:02d}.npy", np.zeros((4, 4), np.int64))
+  with pytest.raises(writer.ConversionError) as info:
+    _convert(src, tmp_path / "out")
+  lines = str(info.value).splitlines()
+  assert lines[0].startswith("every slice was pruned or skipped (17 pairs: 12 unusable, "
+                             "5 slices without labels [0, 1, 2])")
+  listed = [l for l in lines if l.startswith("  skipped file ")]
+  assert len(listed) == 10 and all("unreadable image" in l for l in listed)
+  assert "images/z00.png" in listed[0] and "  ... and 2 more skipped files" in lines
+  assert "  3 slices skipped: missing label(s) [1, 2] (disc, vertebra)" in lines
+  assert "  2 slices skipped: missing label(s) [2] (vertebra)" in lines
+  assert not (tmp_path / "out").exists()
+
+
+_FAULTY_RUN = """
+import errno, sys
+import tensorflow as tf
+from data_prep import convert, fileio
+fault = sys.argv.pop(1)
+
+class FullDisk(tf.io.TFRecordWriter):
+  def write(self, record):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+def read_only(path, obj):
+  raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+if fault == "ENOSPC":
+  tf.io.TFRecordWriter = FullDisk
+else:
+  fileio.write_json_atomic = read_only
+convert.run()
+"""
+
+
+@pytest.mark.parametrize("fault", ["proc", "file", "ENOSPC", "EROFS"])
+def test_output_os_errors_are_one_line_and_leave_nothing(tmp_path, fault):
+  src = _synthetic_2d(tmp_path / "src", n=3)
+  out = {"proc": pathlib.Path("/proc/xyz/spine"), "file": tmp_path / "a_file",
+         "ENOSPC": tmp_path / "empty", "EROFS": tmp_path / "new" / "out"}[fault]
+  if fault == "file":
+    out.write_text("keep me")
+  if fault == "ENOSPC":
+    out.mkdir()
+  args = [f"--images_dir={src}/images", f"--masks_dir={src}/masks", f"--output_dir={out}",
+          f"--image_size={SIZE}", "--num_workers=1"]
+  proc = _binary([fault, *args], code=_FAULTY_RUN) if fault.startswith("E") else (
+      _binary(args))
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert len(proc.errors) == 1, proc.stderr
+  expected = {"proc": f"{out}: cannot prepare the output directory: No such file",
+              "file": f"{out}: --output_dir is an existing file",
+              "ENOSPC": f"{out}: cannot write the shards: No space left on device (the disk",
+              "EROFS": f"{out}: cannot write the dataset: Read-only file system (the file "}
+  assert proc.errors[0].startswith(f"spine-convert: error: {expected[fault]}")
+  if fault == "file":
+    assert out.read_text() == "keep me"
+  elif fault == "ENOSPC":
+    assert list(out.iterdir()) == []  # no shard, no manifest, no temporary folder
+  elif fault == "EROFS":
+    assert not (tmp_path / "new").exists()  # the folders this run created are gone too
+  else:
+    assert not pathlib.Path("/proc/xyz").exists()
+
+
+def test_failed_publish_and_failed_overwrite_leave_no_half_dataset(tmp_path, monkeypatch):
+  src = _synthetic_2d(tmp_path / "src", n=4)
+  out = tmp_path / "out"
+  out.mkdir()
+  real_replace = os.replace
+
+  def replace(a, b):
+    if pathlib.Path(b).name == schema.MANIFEST_NAME:  # the shards are already in place
+      raise OSError(errno.EROFS, "Read-only file system", str(b))
+    real_replace(a, b)
+  monkeypatch.setattr(os, "replace", replace)
+  with pytest.raises(writer.ConversionError, match="out: cannot write the dataset: Read-onl"):
+    _convert(src, out)
+  assert list(out.iterdir()) == []
+  monkeypatch.setattr(os, "replace", real_replace)
+  first = _convert(src, out, num_shards=1)
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+  class FullDisk(tf.io.TFRecordWriter):
+    def write(self, record):
+      raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(tf.io, "TFRecordWriter", FullDisk)
+  with pytest.raises(writer.ConversionError, match="No space left on device"):
+    _convert(src, out, overwrite=True, num_shards=2)
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old dataset intact
+  assert manifest.load(out)["splits"] == first["splits"]
+
+
+def test_leftovers_of_a_killed_run_are_removed_before_the_emptiness_check(tmp_path, capsys):
+  src = _synthetic_2d(tmp_path / "src", n=3)
+  out = tmp_path / "out"
+  out.mkdir()
+
+  def plant():
+    (out / ".spine-convert-tmp-abc123").mkdir()
+    (out / ".spine-convert-tmp-abc123" / "train-00000.part").write_bytes(b"partial")
+    (out / ".dataset.json.4242.tmp").write_text("{")
+    (out / f"{fileio.TMP_PREFIX}4242-dataset.json").write_text("{")
+  plant()
+  m = _convert(src, out)  # `ls` shows an empty folder: no "not empty" refusal
+  err = capsys.readouterr().err
+  assert f"{out}: removed leftovers of an interrupted conversion: " in err
+  for name in (".spine-convert-tmp-abc123", ".dataset.json.4242.tmp",
+               f"{fileio.TMP_PREFIX}4242-dataset.json"):
+    assert name in err
+  assert sorted(p.name for p in out.iterdir()) == sorted(
+      ["dataset.json"] + [s["file"] for sp in m["splits"].values() for s in sp["shards"]])
+  # Next to a real dataset the leftovers go too, and the refusal names what is there.
+  plant()
+  notes = []
+  with pytest.raises(writer.ConversionError, match=r"not empty \(it holds dataset.json, "):
+    _convert(src, out, log=notes.append)
+  assert len(notes) == 1 and not list(out.glob(".*"))
+
+
+def test_a_second_convert_into_a_busy_folder_is_refused_and_spares_its_temporaries(
+    tmp_path):
+  from data_prep import fileio, phantom
+  phantom.write_2d_dataset(tmp_path / "in", 1, min_size=32, max_size=32)
+  images, masks = tmp_path / "in" / "images", tmp_path / "in" / "masks"
+  out = tmp_path / "out"
+  out.mkdir()
+  live = out / ".spine-convert-tmp-live"  # a running conversion's staging folder
+  live.mkdir()
+  with fileio.FolderLock(out, "spine-convert"):
+    with pytest.raises(writer.ConversionError, match="another spine-convert"):
+      writer.convert_dataset(str(images), str(masks), str(out), progress=False)
+  assert live.is_dir()  # not taken for a leftover while its owner holds the folder

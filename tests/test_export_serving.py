@@ -1,12 +1,17 @@
 """Export: the SavedModel reloads in a TensorFlow-only process and matches the Keras model.
 
 Reference outputs are computed here with the converter's NumPy preprocessing
-(`data_prep.preprocess`), the Keras model and a float32 softmax. Tolerance: 1e-4 absolute
-on probabilities (the NumPy and TF bilinear resizes differ by ~5e-5 in float32 rounding);
+(`data_prep.preprocess`), the Keras model, a float32 softmax, and a NumPy crop-and-resize
+back to the original geometry (`_unfit`: not the graph's `tf_unfit`, so a wrong crop in
+the graph cannot hide behind the same wrong reference). Tolerance: 1e-4 absolute on
+probabilities (the NumPy and TF bilinear resizes differ by ~5e-5 in float32 rounding);
 masks must agree wherever the top two probabilities differ by more than 1e-3.
 """
+import errno
 import os
 import pathlib
+import shutil
+import stat
 import subprocess
 import sys
 
@@ -83,10 +88,14 @@ def _probs(model, squares):
 
 
 def _unfit(probs, geo):
-  geometry = {"resized_height": geo.resized_height, "resized_width": geo.resized_width,
-              "pad_top": geo.pad_top, "pad_left": geo.pad_left}
-  return preprocess.tf_unfit(probs, geometry, geo.original_height,
-                             geo.original_width).numpy()
+  """NumPy reference of the graph's unfit: crop the padding, resize each class map back."""
+  top, left = geo.pad_top, geo.pad_left
+  crop = np.asarray(probs)[:, top:top + geo.resized_height, left:left + geo.resized_width]
+  return np.stack([
+      np.stack([preprocess.resize_bilinear(p[..., c], geo.original_height,
+                                           geo.original_width)
+                for c in range(p.shape[-1])], axis=-1)
+      for p in crop])
 
 
 def _reference(model, images, per_image=True):
@@ -201,6 +210,85 @@ def test_model_dir_errors_name_the_path(tmp_path):
   (tmp_path / "best.keras").write_text("")
   with pytest.raises(FileNotFoundError, match="dataset.json"):
     serving.load_model_dir(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated_half", "truncated_tail", "flipped_byte"])
+def test_corrupt_best_keras_is_not_reported_as_missing(exported, tmp_path, damage):
+  model_dir, _, _ = exported
+  copy = tmp_path / "model"
+  shutil.copytree(model_dir, copy)
+  model_path = copy / serving.MODEL_FILE
+  data = model_path.read_bytes()
+  if damage == "truncated_half":
+    data = data[:len(data) // 2]
+  elif damage == "truncated_tail":
+    data = data[:-10]  # only the end of the zip directory is cut
+  else:
+    # A byte inside the (stored, uncompressed) weights: the archive opens, a CRC fails.
+    middle = len(data) // 2
+    data = data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
+  model_path.write_bytes(data)
+  with pytest.raises(ValueError) as info:
+    serving.load_model_dir(copy)
+  message = str(info.value)
+  assert message.startswith(f"{model_path}: unreadable Keras model (truncated or corrupt")
+  assert message.endswith("retrain or restore it")
+  assert "not found" not in message.lower()
+
+
+def test_export_is_readable_by_other_accounts(exported):
+  _, export_dir, _ = exported
+  entries = [export_dir] + sorted(export_dir.rglob("*"))
+  assert len(entries) > 5 and any(p.name == "saved_model.pb" for p in entries)
+  modes = {str(p.relative_to(export_dir)): stat.S_IMODE(p.lstat().st_mode)
+           for p in entries}
+  expected = {str(p.relative_to(export_dir)): 0o755 if p.is_dir() else 0o644
+              for p in entries}
+  assert modes == expected
+
+
+@pytest.mark.parametrize("failure", ["read_only", "full_disk"])
+def test_export_write_errors_name_the_folder_and_leave_nothing(exported, tmp_path,
+                                                               monkeypatch, failure):
+  model_dir, _, _ = exported
+  target = tmp_path / "models" / "1"
+  if failure == "read_only":
+    def mkdtemp(*args, **kwargs):
+      raise OSError(errno.EROFS, os.strerror(errno.EROFS), kwargs.get("dir"))
+    monkeypatch.setattr(serving.tempfile, "mkdtemp", mkdtemp)
+    reason = "Read-only file system"
+  else:
+    real_save = tf.saved_model.save
+
+    def save(obj, export_dir, **kwargs):
+      real_save(obj, export_dir, **kwargs)  # half a SavedModel, then the disk is full
+      raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+    monkeypatch.setattr(serving.tf.saved_model, "save", save)
+    reason = "No space left on device"
+  with pytest.raises(serving.ExportError) as info:
+    serving.export(model_dir, target)
+  assert str(info.value) == f"{target}: cannot write the SavedModel: {reason}"
+  assert list((tmp_path / "models").iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "in_proc"])
+def test_export_cli_unwritable_export_dir_is_one_line(exported, tmp_path, where):
+  model_dir, _, _ = exported
+  if where == "under_a_file":
+    (tmp_path / "a_file").write_text("keep")
+    export_dir = tmp_path / "a_file" / "1"
+  else:
+    export_dir = pathlib.Path("/proc/spineseg/1")
+  proc = subprocess.run(
+      [sys.executable, "-m", "export.export_saved_model", f"--model_dir={model_dir}",
+       f"--export_dir={export_dir}"], cwd=REPO, env=ENV, capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("spine-export: error:")]
+  assert len(lines) == 1 and str(export_dir) in lines[0], proc.stderr[-2000:]
+  if where == "under_a_file":
+    assert (tmp_path / "a_file").read_text() == "keep"
 
 
 def test_cli_refuses_unversioned_export_dir(tmp_path):

@@ -128,4 +128,5 @@ def test_cli_writes_and_refuses(tmp_path):
   assert (tmp_path / "images" / "phantom-0000.nii.gz").is_file()
   again = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
   assert again.returncode == 1 and "not empty" in again.stderr
+  assert again.stderr.startswith("spine-phantom: error: ") and again.stderr.count("\n") == 1
   assert "Traceback" not in again.stderr

@@ -79,7 +79,47 @@ def test_volume_statistics_span_the_batch():
   np.testing.assert_allclose(scale.numpy().ravel(), [10.0, 10.0])
 
 
-def test_unfit_inverts_fit_geometry():
-  geo = preprocess.tf_fit_geometry(tf.constant(30), tf.constant(60), 64)
-  maps = tf.zeros([1, 64, 64, 3])
-  assert preprocess.tf_unfit(maps, geo, 30, 60).shape == (1, 30, 60, 3)
+def _square_with_border(geo, size, channels, border=-100.0):
+  """[1, size, size, C] maps: `border` in the padding, known values inside the image.
+
+  Channel 0 holds the row index within the unpadded area, channel 1 the column index,
+  channel 2 a constant 7: all linear, so their bilinear resampling is known in closed form.
+  """
+  maps = np.full((1, size, size, channels), border, np.float32)
+  rh, rw = int(geo["resized_height"]), int(geo["resized_width"])
+  top, left = int(geo["pad_top"]), int(geo["pad_left"])
+  rows, cols = np.meshgrid(np.arange(rh), np.arange(rw), indexing="ij")
+  maps[0, top:top + rh, left:left + rw, 0] = rows
+  maps[0, top:top + rh, left:left + rw, 1] = cols
+  maps[0, top:top + rh, left:left + rw, 2] = 7.0
+  return maps
+
+
+def test_unfit_returns_exactly_the_unpadded_area():
+  # 32x64 into 64: no resize (scale 1), 16 rows of padding above and below.
+  geo = preprocess.tf_fit_geometry(tf.constant(32), tf.constant(64), 64)
+  assert [int(geo[k]) for k in ("resized_height", "resized_width", "pad_top",
+                                "pad_left")] == [32, 64, 16, 0]
+  maps = _square_with_border(geo, 64, 3)
+  out = preprocess.tf_unfit(tf.constant(maps), geo, 32, 64).numpy()
+  np.testing.assert_array_equal(out, maps[:, 16:48, :, :])
+  assert out.min() > -100  # not one padded pixel leaked in
+
+
+@pytest.mark.parametrize("shape", [(30, 60), (60, 30), (45, 17), (64, 64), (20, 100)])
+def test_unfit_values_match_a_closed_form(shape):
+  # A linear ramp r resampled bilinearly with half-pixel centres (tf.image.resize,
+  # antialias=False) gives clip((i + 0.5) * r_in / r_out - 0.5, 0, r_in - 1) at output
+  # pixel i: computed here without preprocess or tf.image.
+  h, w = shape
+  size = 64
+  geo = preprocess.tf_fit_geometry(tf.constant(h), tf.constant(w), size)
+  rh, rw = int(geo["resized_height"]), int(geo["resized_width"])
+  out = preprocess.tf_unfit(tf.constant(_square_with_border(geo, size, 3)), geo, h,
+                            w).numpy()[0]
+  assert out.shape == (h, w, 3)
+  row_src = np.clip((np.arange(h) + 0.5) * rh / h - 0.5, 0, rh - 1)
+  col_src = np.clip((np.arange(w) + 0.5) * rw / w - 0.5, 0, rw - 1)
+  np.testing.assert_allclose(out[..., 0], np.repeat(row_src[:, None], w, 1), atol=1e-4)
+  np.testing.assert_allclose(out[..., 1], np.repeat(col_src[None, :], h, 0), atol=1e-4)
+  np.testing.assert_allclose(out[..., 2], 7.0, atol=1e-5)

@@ -1,12 +1,12 @@
-"""Losses and split metrics on hand-computed cases."""
+"""Losses on hand-computed cases; ignored (padding) pixels contribute nothing."""
 import math
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from data_prep import schema
 from trainer import losses
-from trainer import metrics
 
 # One 2x2 sample: truth [[0, 1], [1, 2]], prediction [[0, 1], [2, 2]].
 LABELS = np.array([[[[0], [1]], [[1], [2]]]], np.int32)
@@ -54,24 +54,23 @@ def test_losses_are_per_sample_and_dice_ce_adds_cross_entropy():
     losses.make_loss("focal", num_classes=3)
 
 
-def test_global_batch_mean_of_two_halves_equals_whole():
-  per_sample = tf.constant([1.0, 2.0, 3.0, 6.0])
-  whole = losses.global_batch_mean(per_sample, 4)
-  halves = losses.global_batch_mean(per_sample[:2], 4) + losses.global_batch_mean(
-      per_sample[2:], 4)
-  assert float(whole) == pytest.approx(3.0)
-  assert float(halves) == pytest.approx(3.0)
-
-
-def test_overlap_counts_and_dice_from_counts():
-  counts = metrics.overlap_counts(LABELS[..., 0], PRED, 3).numpy()
-  np.testing.assert_array_equal(counts, [[1, 1, 1], [1, 1, 2], [1, 2, 1]])
-  dice = metrics.dice_from_counts(*counts)
-  np.testing.assert_allclose(dice, [1.0, 2 / 3, 2 / 3])
-  # Counts add over batches: the split Dice is not the mean of per-batch Dice.
-  total = counts + metrics.overlap_counts(np.array([[1, 1]]), np.array([[0, 0]]), 3).numpy()
-  np.testing.assert_allclose(metrics.dice_from_counts(*total)[1], 2 * 1 / (1 + 4))
-  np.testing.assert_allclose(metrics.dice_from_counts([0], [0], [0]), [1.0])
-  summary = metrics.summarize(dice, {"1": "disc", "2": "vertebra"})
-  assert summary == pytest.approx({"disc_dice": 2 / 3, "vertebra_dice": 2 / 3,
-                                   "mean_dice": 2 / 3})
+@pytest.mark.parametrize("name", ["dice", "dice_ce"])
+def test_ignored_pixels_carry_no_loss_and_no_gradient(name):
+  # The 2x2 sample padded to 2x4 with IGNORE_LABEL: whatever the logits there, the loss
+  # equals that of the unpadded sample and their gradient is zero.
+  padded = np.concatenate([LABELS, np.full_like(LABELS, schema.IGNORE_LABEL)], axis=2)
+  rng = np.random.default_rng(0)
+  inner = rng.normal(size=(1, 2, 2, 3)).astype(np.float32)
+  loss_fn = losses.make_loss(name, num_classes=3)
+  reference = loss_fn(LABELS, inner).numpy()
+  for _ in range(3):
+    logits = tf.Variable(np.concatenate(
+        [inner, rng.normal(scale=10, size=(1, 2, 2, 3)).astype(np.float32)], axis=2))
+    with tf.GradientTape() as tape:
+      loss = loss_fn(padded, logits)
+    np.testing.assert_allclose(loss.numpy(), reference, rtol=1e-6)
+    grad = tape.gradient(loss, logits).numpy()
+    assert np.all(grad[:, :, 2:] == 0) and np.any(grad[:, :, :2] != 0)
+  # A sample that is all padding contributes 0 cross-entropy (not NaN).
+  all_ignored = np.full_like(LABELS, schema.IGNORE_LABEL)
+  assert losses.cross_entropy_per_sample(all_ignored, inner).numpy().tolist() == [0.0]

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 import trainer_testdata
 from data_prep import manifest as manifest_lib
+from data_prep import schema
 from trainer import augment
 from trainer import input_pipeline
 from trainer import train
@@ -62,7 +63,8 @@ def test_geometry_keeps_mask_on_the_image_edge():
   for s in range(8):
     out_image, out_mask = out_images.numpy()[s, ..., 0] - 10 * s, out_masks.numpy()[s, ..., 0]
     assert out_image.min() > -1e-4 and out_image.max() < 1 + 1e-4
-    assert set(np.unique(out_mask)) <= {0, 1}
+    # Outside the source the mask is IGNORE_LABEL (not anatomy), never a class.
+    assert set(np.unique(out_mask)) <= {0, 1, schema.IGNORE_LABEL}
     # Bilinear image > 0.5 <=> nearest mask == 1, up to a few corner pixels.
     agree = np.mean((out_image > 0.5) == (out_mask == 1))
     assert agree > 0.98, (s, agree)
@@ -107,15 +109,43 @@ def test_eval_dataset_reads_every_example_once_in_order(tmp_path, compression):
                                             compression=compression)
   manifest = manifest_lib.load(data_dir)
   files = manifest_lib.shard_paths(data_dir, manifest, "val")
-  kwargs = dict(image_size=32, compression=input_pipeline.compression_type(manifest),
-                global_batch_size=2, training=False)
-  first = list(input_pipeline.make_dataset(files, **kwargs))
-  second = list(input_pipeline.make_dataset(files, **kwargs))
-  assert [len(b[0]) for b in first] == [2, 2, 1]
-  for (i1, m1), (i2, m2) in zip(first, second):
-    assert i1.dtype == tf.float32 and m1.dtype == tf.int32 and i1.shape[1:] == (32, 32, 1)
-    np.testing.assert_array_equal(i1, i2)
-    np.testing.assert_array_equal(m1, m2)
+  batches = list(input_pipeline.make_dataset(
+      files, image_size=32, compression=manifest_lib.compression_type(manifest),
+      global_batch_size=2, training=False))
+  assert [len(b[0]) for b in batches] == [2, 2, 1]
+  assert batches[0][0].dtype == tf.float32 and batches[0][1].dtype == tf.int32
+  # The slices trainer_testdata drew, in its order: 5 train slices, then val 0..4.
+  rng = np.random.default_rng(0)
+  drawn = [trainer_testdata.synthetic_slice(rng, 32) for _ in range(10)][5:]
+  images = np.concatenate([b[0].numpy() for b in batches])[..., 0]
+  masks = np.concatenate([b[1].numpy() for b in batches])[..., 0]
+  np.testing.assert_array_equal(images, np.stack([d[0] for d in drawn]))
+  np.testing.assert_array_equal(masks, np.stack([d[1] for d in drawn]))
+
+
+def test_padding_becomes_ignore_label_and_augmentation_moves_it_in():
+  # A 20x32 slice fitted into 32x32: rows 6..25 are the slice, the rest is padding.
+  image = np.ones((32, 32), np.float32)
+  mask = np.zeros((32, 32), np.uint8)
+  mask[6:26, 4:10] = 2
+  geometry = schema.Geometry(20, 32, 20, 32, 6, 0)
+  example = schema.make_example(image, mask, case_id="c", slice_index=0, source="c.png",
+                                geometry=geometry, spacing=[1, 1], norm_method="percentile",
+                                norm_offset=0.0, norm_scale=1.0)
+  parsed = schema.parse_example(example.SerializeToString(), 32)
+  got = parsed["mask"].numpy()[..., 0]
+  expected = np.full((32, 32), schema.IGNORE_LABEL, np.uint8)
+  expected[6:26] = mask[6:26]
+  np.testing.assert_array_equal(got, expected)
+  assert parsed["valid"].numpy()[..., 0].sum() == 20 * 32
+  # A shift of 8 columns moves 8 columns from outside the square in: ignored too.
+  transforms = augment.affine_transforms(tf.constant([32.0, 32.0]), tf.constant([0.0]),
+                                         tf.constant([1.0]), tf.constant([[0.0, 8.0]]))
+  _, warped = augment.warp(image[None, ..., None], got[None, ..., None], transforms)
+  warped = warped.numpy()[0, ..., 0]
+  np.testing.assert_array_equal(warped[:, :8], schema.IGNORE_LABEL)
+  np.testing.assert_array_equal(warped[:, 8:], got[:, :-8])
+  assert (warped == 2).sum() == (got == 2).sum()
 
 
 def test_training_dataset_batches_repeats_and_shards_per_worker(tmp_path):
@@ -153,7 +183,7 @@ def test_missing_shard_is_reported(tmp_path):
     input_pipeline.make_dataset([str(tmp_path / "nope.tfrecord")], image_size=32,
                                 compression="", global_batch_size=1, training=False)
   with pytest.raises(ValueError, match="compression"):
-    input_pipeline.compression_type({"compression": "zstd"})
+    manifest_lib.compression_type({"compression": "zstd"})
 
 
 def test_warp_matches_image_projective_transform():
@@ -171,7 +201,7 @@ def test_warp_matches_image_projective_transform():
       interpolation="BILINEAR", fill_mode="CONSTANT") + low
   ref_masks = tf.raw_ops.ImageProjectiveTransformV3(
       images=tf.cast(masks, tf.float32), transforms=transforms, output_shape=[24, 20],
-      fill_value=0.0, interpolation="NEAREST", fill_mode="CONSTANT")
+      fill_value=float(schema.IGNORE_LABEL), interpolation="NEAREST", fill_mode="CONSTANT")
   np.testing.assert_allclose(out_images, reference, atol=1e-4)
   assert np.mean(out_masks.numpy() == ref_masks.numpy().astype(np.int32)) > 0.995
   assert out_masks.dtype == tf.int32
@@ -240,7 +270,19 @@ def test_augment_in_train_step_aligns_and_only_trains():
       float(np.mean(expected)), rel=1e-5)
 
 
-def test_spine_train_with_device_augmentation(tmp_path):
+def test_spine_train_with_device_augmentation(tmp_path, monkeypatch):
+  # Count the augmentations the train step really runs, and what they change.
+  calls = tf.Variable(0, dtype=tf.int64)
+  changed = tf.Variable(0.0)
+  original = augment.augment_batch
+
+  def spy(images, masks, seed, config, static_shapes=False):
+    out_images, out_masks = original(images, masks, seed, config, static_shapes)
+    calls.assign_add(1)
+    changed.assign_add(tf.reduce_mean(tf.abs(out_images - images)))
+    return out_images, out_masks
+
+  monkeypatch.setattr(augment, "augment_batch", spy)
   data_dir = trainer_testdata.write_dataset(tmp_path / "data", num_train=4, num_val=0)
   config = train.TrainConfig(data_dir=data_dir, model_dir=str(tmp_path / "model"),
                              epochs=1, base_filters=4, depth=2, global_batch_size=2,
@@ -248,5 +290,7 @@ def test_spine_train_with_device_augmentation(tmp_path):
                              elastic_prob=0.5)
   result = train.train_and_evaluate(config)
   assert result["epochs_completed"] == 1 and np.isfinite(result["history"][0]["loss"])
+  assert int(calls.numpy()) == 2  # 4 slices, batch 2: both steps augmented in the step
+  assert float(changed.numpy()) > 0
   with pytest.raises(train.ConfigError, match="augment_on"):
     train.check_config(dataclasses.replace(config, augment_on="gpu"))

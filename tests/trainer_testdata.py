@@ -1,6 +1,7 @@
 """Builds tiny converted datasets (shards + dataset.json) for the trainer tests."""
 from __future__ import annotations
 
+import hashlib
 import pathlib
 
 import numpy as np
@@ -27,8 +28,14 @@ def synthetic_slice(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np
 
 
 def write_dataset(out_dir, *, num_train: int = 6, num_val: int = 3, image_size: int = 32,
-                  compression: str = "none", train_shards: int = 2, seed: int = 0) -> str:
-  """Writes train/val shards and a manifest as spine-convert would; returns the dir."""
+                  compression: str = "none", train_shards: int = 2, seed: int = 0,
+                  train_image_value: float | None = None) -> str:
+  """Writes train/val shards and a manifest as spine-convert would; returns the dir.
+
+  Every shard's SHA-256 is recorded, as the converter does. `train_image_value` (e.g.
+  inf) replaces every pixel of the train images, for a loss that cannot be finite; the
+  random draws stay those of the unpoisoned dataset.
+  """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(seed)
@@ -45,12 +52,15 @@ def write_dataset(out_dir, *, num_train: int = 6, num_val: int = 3, image_size: 
       with tf.io.TFRecordWriter(str(out / name), options) as writer:
         for i in indices:
           image, mask = synthetic_slice(rng, image_size)
+          if split == "train" and train_image_value is not None:
+            image = np.full_like(image, train_image_value)
           example = schema.make_example(
               image, mask, case_id=f"{split}{i}", slice_index=0, source=f"{split}{i}.png",
               geometry=geometry, spacing=[1.0, 1.0], norm_method="percentile",
               norm_offset=0.0, norm_scale=1.0)
           writer.write(example.SerializeToString())
-      entries.append({"file": name, "examples": len(indices), "sha256": ""})
+      sha256 = hashlib.sha256((out / name).read_bytes()).hexdigest()
+      entries.append({"file": name, "examples": len(indices), "sha256": sha256})
     splits[split] = {"cases": count, "slices": count, "shards": entries}
   manifest.write_json_atomic(out / schema.MANIFEST_NAME, {
       "format_version": schema.FORMAT_VERSION, "image_size": image_size, "num_classes": 3,

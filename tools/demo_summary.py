@@ -6,7 +6,7 @@ import json
 import pathlib
 import sys
 
-CLASSES = ("disc", "vertebra", "mean_disc_vertebra")
+CLASSES = ("dice_disc", "dice_vertebra", "dice_mean")  # data_prep.metrics.KEYS
 
 
 def _fmt(value) -> str:

@@ -23,6 +23,8 @@ import math
 
 import tensorflow as tf
 
+from data_prep import schema
+
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
@@ -80,7 +82,8 @@ def _sample(images: tf.Tensor, masks: tf.Tensor, rows: tf.Tensor, cols: tf.Tenso
   One flat gather per neighbour instead of `ImageProjectiveTransformV3`: plain ops that
   XLA compiles (on CPU, 2-3x faster than that op) and that run inside a compiled train
   step on an accelerator. `fill`: [B, 1, 1] value of image pixels whose neighbour lies
-  outside the source (masks take 0 there); None clamps coordinates to the edge instead.
+  outside the source (masks take `schema.IGNORE_LABEL` there); None clamps coordinates to
+  the edge instead.
   """
   shape = tf.shape(images)
   batch, height, width = shape[0], shape[1], shape[2]
@@ -106,7 +109,9 @@ def _sample(images: tf.Tensor, masks: tf.Tensor, rows: tf.Tensor, cols: tf.Tenso
   out_images = (top * (1 - fr) + bottom * fr)[..., tf.newaxis]
   # Nearest: round half away from zero, as ImageProjectiveTransformV3 did.
   nearest = lambda x: tf.cast(tf.sign(x) * tf.floor(tf.abs(x) + 0.5), tf.int32)
-  out_masks = at(flat_masks, nearest(rows), nearest(cols), tf.zeros([], masks.dtype))
+  # What moves in from outside the slice is not anatomy: no loss or metric counts it.
+  out_masks = at(flat_masks, nearest(rows), nearest(cols),
+                 tf.constant(schema.IGNORE_LABEL, masks.dtype))
   return (tf.ensure_shape(out_images, images.shape),
           tf.ensure_shape(out_masks[..., tf.newaxis], masks.shape))
 
@@ -116,7 +121,8 @@ def warp(images: tf.Tensor, masks: tf.Tensor,
   """Applies [B, 8] transforms to images (bilinear) and masks (nearest), per sample.
 
   Same coordinates for both (one matrix per sample). Outside the source each image takes
-  its own minimum (the padding/air value of every normalization) and the mask background.
+  its own minimum (the padding/air value of every normalization) and the mask
+  `schema.IGNORE_LABEL` (not anatomy: no loss counts it).
   """
   size = tf.shape(images)[1:3]
   x = tf.cast(tf.range(size[1]), tf.float32)[None, None, :]

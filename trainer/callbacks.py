@@ -1,14 +1,16 @@
-"""Keras callbacks of the trainer: whole-split validation Dice, input wait, checkpoints."""
+"""Keras callbacks of the trainer: whole-split validation Dice, input wait, checkpoints,
+and a stop at the first non-finite loss."""
 from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import pathlib
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import keras
 import numpy as np
@@ -16,31 +18,29 @@ import tensorflow as tf
 
 from tensorflow.core.framework import summary_pb2
 
-from data_prep import manifest as manifest_lib
-from trainer import metrics
-
-# Overlay colours: background transparent, disc red, vertebra green.
-_COLOURS = np.array([[0, 0, 0], [1, 0.2, 0.2], [0.2, 1, 0.2]], np.float32)
+from data_prep import fileio
+from data_prep import metrics
+from data_prep import overlay
 
 
 class SplitDice(keras.callbacks.Callback):
   """Dice per class over the WHOLE validation split, after every epoch.
 
-  Counts are accumulated over all batches before dividing (see `trainer.metrics`), added
-  to the epoch logs as `val_<label>_dice` and `val_mean_dice` (so TensorBoard and
-  history see them), printed, and the model with the best `val_mean_dice` is saved.
-  Validation runs the model in cross-replica context on one device of each worker: the
-  split is small next to training, and every worker gets the same numbers without
+  Counts (`data_prep.metrics.tf_counts`, padding excluded) are summed over all batches
+  before dividing, with the same `data_prep.metrics.dice` that `spine-evaluate` uses: the
+  keys `metrics.KEYS` go to the epoch logs with a `val_` prefix (absent classes are
+  printed as "absent" and not logged), and the model with the best `val_dice_mean` is
+  saved. Validation runs the model in cross-replica context on one device of each worker:
+  the split is small next to training, and every worker gets the same numbers without
   collectives.
   """
 
-  def __init__(self, dataset: tf.data.Dataset, *, num_classes: int, labels: dict,
+  def __init__(self, dataset: tf.data.Dataset, *, num_classes: int,
                best_path: str | None, best_value: tf.Variable,
                image_dir: str | None = None, num_images: int = 4):
     super().__init__()
     self._dataset = dataset
     self._num_classes = num_classes
-    self._labels = labels
     self._best_path = best_path
     self._best = best_value
     self._writer = tf.summary.create_file_writer(image_dir) if image_dir else None
@@ -55,10 +55,10 @@ class SplitDice(keras.callbacks.Callback):
       def step(images, masks):
         logits = model(images, training=False)
         predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
-        return metrics.overlap_counts(masks[..., 0], predictions, num_classes), predictions
+        return metrics.tf_counts(masks[..., 0], predictions, num_classes), predictions
 
       self._step = step
-    total = np.zeros((3, self._num_classes), np.int64)
+    total = np.zeros((self._num_classes, 3), np.int64)
     shown = []
     for images, masks in self._dataset:
       counts, predictions = self._step(images, masks)
@@ -70,17 +70,18 @@ class SplitDice(keras.callbacks.Callback):
   def on_epoch_end(self, epoch, logs=None):
     logs = logs if logs is not None else {}
     total, shown = self._counts()
-    dice = metrics.dice_from_counts(*total)
-    summary = metrics.summarize(dice, self._labels)
+    summary = metrics.dice(total)
     for key, value in summary.items():
-      logs[f"val_{key}"] = value
-    text = ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
-    print(f"epoch {epoch + 1}: validation over the whole split: {text}", flush=True)
-    if summary["mean_dice"] > float(self._best.numpy()):
-      self._best.assign(summary["mean_dice"])
+      if value != metrics.ABSENT:
+        logs[f"val_{key}"] = value
+    print(f"epoch {epoch + 1}: validation over the whole split: "
+          f"{metrics.format_dice(summary)}", flush=True)
+    mean = summary["dice_mean"]
+    if mean != metrics.ABSENT and mean > float(self._best.numpy()):
+      self._best.assign(mean)
       if self._best_path:
         _save_model(self.model, self._best_path)
-        print(f"epoch {epoch + 1}: new best val_mean_dice {summary['mean_dice']:.4f}, "
+        print(f"epoch {epoch + 1}: new best val_dice_mean {mean:.4f}, "
               f"saved {self._best_path}", flush=True)
     if self._writer is not None and shown:
       write_images(self._writer, "val_overlay", _overlays(shown, self._num_images),
@@ -135,29 +136,19 @@ class TensorBoardScalars(keras.callbacks.Callback):
 
 
 def _overlays(shown, limit):
-  """Image | truth overlay | prediction overlay, side by side, as [K, H, 3W, 3] floats."""
+  """Image | truth overlay | prediction overlay (`data_prep.overlay`), [K, H, 3W, 3] in [0, 1]."""
   rows = []
   for images, truth, pred in shown:
     for image, t, p in zip(images, truth, pred):
-      gray = image[..., 0]
-      gray = (gray - gray.min()) / max(float(gray.max() - gray.min()), 1e-6)
-      gray = np.repeat(gray[..., None], 3, axis=-1)
-      panels = [gray]
-      for labels in (t, p):
-        colour = _COLOURS[np.clip(labels, 0, len(_COLOURS) - 1)]
-        alpha = (labels > 0)[..., None] * 0.5
-        panels.append(gray * (1 - alpha) + colour * alpha)
-      rows.append(np.concatenate(panels, axis=1))
+      rows.append(overlay.side_by_side(image[..., 0], t, p).astype(np.float32) / 255.0)
       if len(rows) == limit:
         return np.stack(rows)
   return np.stack(rows)
 
 
 def _save_model(model: keras.Model, path: str) -> None:
-  """model.save to a temporary name in the same folder, then rename."""
-  tmp = str(pathlib.Path(path).with_name(f".tmp-{os.getpid()}-{pathlib.Path(path).name}"))
-  model.save(tmp)
-  os.replace(tmp, path)
+  """model.save through `fileio.atomic_write`: a kill mid-save leaves the old file."""
+  fileio.atomic_write(path, model.save)
 
 
 class SaveLastModel(keras.callbacks.Callback):
@@ -177,15 +168,18 @@ class InputWait(keras.callbacks.Callback):
   The pipeline calls `batch_ready()` when a batch leaves it (before prefetch). A step
   that begins before its batch was ready waited `ready - begin`; the epoch's figure is
   the summed wait over the summed step time. `batches_per_step` is the number of
-  per-replica batches one step takes from this worker's pipeline.
+  per-replica batches one step takes from this worker's pipeline. `clock` (seconds) is
+  injectable so tests can feed exact timestamps.
   With `images_per_step` (the global batch), the epoch also logs `images_per_second`:
   images over the time from its first step's begin to its last step's end (callbacks
   between epochs, checkpoints and validation excluded; Keras waits for each step's
   result before `on_train_batch_end`, so this is device time, not dispatch time).
   """
 
-  def __init__(self, batches_per_step: int = 1, images_per_step: int | None = None):
+  def __init__(self, batches_per_step: int = 1, images_per_step: int | None = None,
+               clock: Callable[[], float] = time.perf_counter):
     super().__init__()
+    self._clock = clock
     self._per_step = batches_per_step
     self._images_per_step = images_per_step
     self._ready = collections.deque()
@@ -199,7 +193,7 @@ class InputWait(keras.callbacks.Callback):
 
   def batch_ready(self) -> None:
     with self._lock:
-      self._ready.append(time.perf_counter())
+      self._ready.append(self._clock())
 
   def on_epoch_begin(self, epoch, logs=None):
     self._wait = 0.0
@@ -208,12 +202,12 @@ class InputWait(keras.callbacks.Callback):
     self._steps = 0
 
   def on_train_batch_begin(self, batch, logs=None):
-    self._begin = time.perf_counter()
+    self._begin = self._clock()
     if self._first is None:
       self._first = self._begin
 
   def on_train_batch_end(self, batch, logs=None):
-    end = time.perf_counter()
+    end = self._clock()
     ready = None
     with self._lock:
       for _ in range(self._per_step):
@@ -238,6 +232,34 @@ class InputWait(keras.callbacks.Callback):
     print(f"epoch {epoch + 1}: {rate}{100 * fraction:.1f}% of step time waiting for input"
           f"{' (input-bound: the accelerator starves)' if fraction > 0.1 else ''}",
           flush=True)
+
+
+class NonFiniteLoss(RuntimeError):
+  """The training loss became NaN or infinite (the message names epoch and step)."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+  """Raises `NonFiniteLoss` after the first training step whose loss is not finite.
+
+  Raising, not `stop_training` (Keras' TerminateOnNaN): after `stop_training` Keras still
+  runs `on_epoch_end`, and the checkpoint and history would record the broken epoch; an
+  exception skips every epoch-end callback, so the model_dir keeps the last good epoch.
+  `logs["loss"]` is the running mean of the epoch's step losses, which turns non-finite
+  at the first non-finite step and stays so.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self._epoch = 0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._epoch = epoch
+
+  def on_train_batch_end(self, batch, logs=None):
+    loss = (logs or {}).get("loss")
+    if loss is not None and not math.isfinite(float(loss)):
+      raise NonFiniteLoss(f"epoch {self._epoch + 1}, step {batch + 1}: the training loss "
+                          f"is {float(loss)}")
 
 
 class Checkpoint(keras.callbacks.Callback):
@@ -279,7 +301,7 @@ class HistoryFile(keras.callbacks.Callback):
       except (TypeError, ValueError):
         pass
     self._entries.append(entry)
-    manifest_lib.write_json_atomic(self._path, self._entries)
+    fileio.write_json_atomic(self._path, self._entries)
 
 
 def read_history(path: str, completed_epochs: int) -> list[dict[str, Any]]:

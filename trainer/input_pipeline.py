@@ -10,28 +10,12 @@ Evaluation: shards in manifest order, no augmentation, every example exactly onc
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import tensorflow as tf
 
 from data_prep import schema
 from trainer import augment as augment_lib
-
-_COMPRESSION = {"none": "", "gzip": "GZIP"}
-
-
-def compression_type(manifest: dict[str, Any]) -> str:
-  """The TFRecordDataset compression type of a converted dataset.
-
-  Raises:
-    ValueError: for a compression this reader does not know.
-  """
-  value = manifest["compression"]
-  if value not in _COMPRESSION:
-    raise ValueError(f"dataset.json: unknown compression {value!r}; expected one of "
-                     f"{sorted(_COMPRESSION)}")
-  return _COMPRESSION[value]
-
 
 def make_dataset(files: Sequence[str], *, image_size: int, compression: str,
                  global_batch_size: int, training: bool,
@@ -39,13 +23,16 @@ def make_dataset(files: Sequence[str], *, image_size: int, compression: str,
                  augment: augment_lib.AugmentConfig | None = None,
                  seed: int | None = None, shuffle_buffer: int = 512,
                  cache: bool = False,
-                 on_batch: Callable[[], None] | None = None) -> tf.data.Dataset:
+                 on_batch: Callable[[], None] | None = None,
+                 deterministic: bool = False) -> tf.data.Dataset:
   """Builds the dataset of (image float32 [B, S, S, 1], mask int32 [B, S, S, 1]).
 
   Args:
     files: shard paths (`data_prep.manifest.shard_paths`).
     image_size: S, the manifest's square side.
-    compression: "" or "GZIP" (see `compression_type`).
+    (Masks hold `schema.IGNORE_LABEL` on the padding around each slice, which losses and
+    metrics skip; see `data_prep.schema.parse_example`.)
+    compression: "" or "GZIP" (`data_prep.manifest.compression_type`).
     global_batch_size: batch over all replicas; each input pipeline yields per-replica
       batches of global_batch_size / num_replicas_in_sync.
     training: repeat forever, shuffle, augment and drop the last partial batch; else one
@@ -58,6 +45,9 @@ def make_dataset(files: Sequence[str], *, image_size: int, compression: str,
     cache: training only: keep the parsed slices in memory after the first pass (parsing
       is deterministic; shuffling and augmentation stay random every pass). For splits
       that fit in memory; each pass then reads no file and decodes nothing.
+    deterministic: training only: keep the element order of the parallel reads, parses
+      and augmentation (with a seed, the same batches every run; slower). False lets
+      whichever element is ready first go ahead.
     on_batch: called (through `tf.py_function`) when a batch leaves the pipeline, before
       prefetch; the trainer uses it to time how long steps wait for input.
 
@@ -102,26 +92,27 @@ def make_dataset(files: Sequence[str], *, image_size: int, compression: str,
   ds = ds.interleave(
       lambda f: tf.data.TFRecordDataset(f, compression_type=compression),
       cycle_length=min(len(files), 8), block_length=1,
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   if num_pipelines > 1 and not shard_files:
     # Fewer files than workers: fall back to every n-th record.
     ds = ds.shard(num_pipelines, pipeline_id)
   if cache:
-    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).cache()
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=deterministic).cache()
     # The decoded slices are in memory already: the buffer holds references, not copies.
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
   else:
     # Shuffle the small serialized records, not the decoded float slices.
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   # Batch before augmenting: vectorized ops over B slices cost far less than B small ones.
   ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=False)
+                deterministic=deterministic)
   if augment is not None:
     seeds = tf.data.Dataset.random(seed=seed).batch(2)
     ds = tf.data.Dataset.zip((ds, seeds)).map(
         lambda pair, s: augment_lib.augment_batch(pair[0], pair[1], s, augment),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   ds = ds.map(to_model)
   if on_batch is not None:
     def mark(image, mask):

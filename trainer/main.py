@@ -4,92 +4,87 @@
       --flagfile=experiments/default.flags
 
 Rerunning the same command after a crash or `kill -9` resumes from the last completed
-epoch. Several machines: set TF_CONFIG on each and run the same command.
+epoch. Several machines: set TF_CONFIG on each and run the same command. The flags are
+generated from `trainer.train.TrainConfig` (defaults: the recommended settings, as in
+experiments/default.flags); every one of them is recorded in MODEL_DIR/config.json.
+Faults (bad settings or data, a busy model_dir, a non-finite loss) end it with one line
+`spine-train: error: ...` and exit status 1.
 """
+import dataclasses
 import sys
+import typing
 
-from absl import app
 from absl import flags
 from absl import logging
 
-from trainer import losses
 from trainer import train
-from trainer import unet
 
-_DATA_DIR = flags.DEFINE_string("data_dir", None, help="Output directory of spine-convert.",
-                                required=True)
-_MODEL_DIR = flags.DEFINE_string(
-    "model_dir", None, required=True,
-    help="Where checkpoints, best.keras, logs and the run record go; rerun to resume.")
-_EPOCHS = flags.DEFINE_integer("epochs", 30, help="Total epochs (a resumed run continues).")
-_BATCH = flags.DEFINE_integer(
-    "global_batch_size", 8, help="Batch over all replicas; must divide by their number.")
-_LR = flags.DEFINE_float("learning_rate", 1e-3, help="Peak learning rate.")
-_SCHEDULE = flags.DEFINE_enum("lr_schedule", "constant", train.LR_SCHEDULES,
-                              help="constant, or cosine decay over all epochs.")
-_OPTIMIZER = flags.DEFINE_enum("optimizer", "adam", train.OPTIMIZERS,
-                               help="adam, or adamw (decoupled weight decay).")
-_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 1e-4,
-                                   help="Decoupled weight decay of --optimizer=adamw.")
-_LOSS = flags.DEFINE_enum("loss", "dice", losses.LOSSES,
-                          help="Soft Dice over foreground classes, or Dice + cross-entropy.")
-_BASE_FILTERS = flags.DEFINE_integer("base_filters", 32, help="Filters of the first level.")
-_DEPTH = flags.DEFINE_integer("depth", 4, help="Number of 2x downsamplings.")
-_DROPOUT = flags.DEFINE_float("dropout", 0.0, help="SpatialDropout2D rate (0: none).")
-_NORM = flags.DEFINE_enum("norm", "batch", unet.NORMS, help="Normalization layer.")
-_PRECISION = flags.DEFINE_enum("mixed_precision", "none", train.PRECISIONS,
-                               help="Keras mixed precision policy (logits stay float32).")
-_JIT = flags.DEFINE_bool("jit_compile", False,
-                         help="XLA-compile the train step (passed explicitly: Keras turns "
-                         "XLA off under a distribution strategy otherwise).")
-_STRATEGY = flags.DEFINE_enum(
-    "strategy", "auto", train.STRATEGIES,
-    help="auto: multi_worker if TF_CONFIG is set, mirrored if >1 GPU, else one_device.")
-_SEED = flags.DEFINE_integer("seed", 0, help="Seed of weights, shuffling and augmentation.")
-_AUGMENT = flags.DEFINE_bool("augment", True,
-                             help="Joint geometric + intensity augmentation of training data.")
-_AUGMENT_ON = flags.DEFINE_enum(
-    "augment_on", "auto", train.AUGMENT_ON,
-    help="device: augment inside the train step (keeps tf.data to reading and batching); "
-    "host: in the tf.data pipeline on the CPU; auto: device with a GPU/TPU, else host.")
 
-_ELASTIC_PROB = flags.DEFINE_float(
-    "elastic_prob", 0.0, help="Share of training slices also deformed by a smooth random "
-    "elastic field (same field for image and mask); 0: off.")
-_ELASTIC_ALPHA = flags.DEFINE_float(
-    "elastic_alpha", 10.0, help="Largest displacement of the elastic field, in pixels of "
-    "the stored squares.")
+_DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           str: flags.DEFINE_string}
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines one flag per `train.TrainConfig` field: its name, default, help, choices.
+
+  Enum fields (with "choices" metadata) become DEFINE_enum, bools DEFINE_bool (so
+  --noaugment works), ints, floats and strings their DEFINE_*; fields without a default
+  are required flags.
+  """
+  hints = typing.get_type_hints(train.TrainConfig)
+  for field in dataclasses.fields(train.TrainConfig):
+    required = field.default is dataclasses.MISSING
+    kwargs = dict(default=None if required else field.default,
+                  help=field.metadata["help"], flag_values=flag_values, required=required)
+    kind = hints[field.name]
+    if "choices" in field.metadata:
+      flags.DEFINE_enum(field.name, enum_values=list(field.metadata["choices"]), **kwargs)
+    elif kind in _DEFINE:
+      _DEFINE[kind](field.name, **kwargs)
+    else:
+      raise TypeError(f"TrainConfig.{field.name}: no flag type for {kind}")
+
+
+def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> train.TrainConfig:
+  """The TrainConfig of parsed flags.
+
+  Raises:
+    train.ConfigError: a flag the chosen settings would silently ignore.
+  """
+  if flag_values["weight_decay"].present and flag_values["optimizer"].value != "adamw":
+    raise train.ConfigError(f"--weight_decay applies to --optimizer=adamw only, not "
+                            f"--optimizer={flag_values['optimizer'].value}")
+  return train.TrainConfig(**{f.name: flag_values[f.name].value
+                              for f in dataclasses.fields(train.TrainConfig)})
+
+
+define_flags()
+
+
+def _fail(message: str) -> None:
+  print(f"spine-train: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(1)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # TF's per-checkpoint INFO lines drown the bar.
-  if flags.FLAGS["weight_decay"].present and _OPTIMIZER.value != "adamw":
-    raise app.UsageError(f"--weight_decay applies to --optimizer=adamw only, not "
-                         f"--optimizer={_OPTIMIZER.value}")
-  config = train.TrainConfig(
-      data_dir=_DATA_DIR.value, model_dir=_MODEL_DIR.value, epochs=_EPOCHS.value,
-      global_batch_size=_BATCH.value, learning_rate=_LR.value,
-      lr_schedule=_SCHEDULE.value, optimizer=_OPTIMIZER.value,
-      weight_decay=_WEIGHT_DECAY.value, loss=_LOSS.value,
-      base_filters=_BASE_FILTERS.value, depth=_DEPTH.value, dropout=_DROPOUT.value,
-      norm=_NORM.value, mixed_precision=_PRECISION.value, jit_compile=_JIT.value,
-      strategy=_STRATEGY.value, seed=_SEED.value, augment=_AUGMENT.value,
-      augment_on=_AUGMENT_ON.value, elastic_prob=_ELASTIC_PROB.value,
-      elastic_alpha=_ELASTIC_ALPHA.value)
   try:
-    train.check_config(config)
+    if len(argv) > 1:
+      raise train.ConfigError(f"unexpected arguments {argv[1:]}; settings are --flags")
+    config = config_from_flags()
     result = train.train_and_evaluate(config)
-  except train.ConfigError as e:
-    print(f"spine-train: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  except (train.ConfigError, train.TrainingError) as e:
+    _fail(str(e))
+  except OSError as e:
+    # A model_dir that fills up or turns read-only mid-run, and the like.
+    _fail(f"{e.filename}: {e.strerror}" if e.filename else str(e))
   summary = {k: v for k, v in result.items() if k != "history"}
   print(f"spine-train: done: {summary}; model in {config.model_dir}", flush=True)
 
 
 def run():
-  app.run(main)
+  from data_prep import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)  # --help lists this module's flags, also as a console script
 
 
 if __name__ == "__main__":

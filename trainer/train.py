@@ -1,115 +1,57 @@
 """train_and_evaluate(config): strategy, data, model, fit, checkpoints, resume.
 
 `--model_dir` layout after a run:
-  config.json     the TrainConfig (a rerun with other settings is refused)
+  config.json     the whole TrainConfig (a rerun with other settings is refused)
   dataset.json    copy of the converter manifest (image_size, normalization, labels)
   best.keras      best model by whole-split val_mean_dice (last epoch's without a val split)
   history.json    one entry per completed epoch (loss, val Dice, input wait, images/s,
                   lr, seconds)
   checkpoints/    tf.train checkpoints (model, optimizer, epoch, best) for resume
   logs/           TensorBoard: train/, validation/ scalars, images/ prediction overlays
+  .lock           flock'ed by the running chief (its pid and host inside): one run per dir
+
+Faults end the run with a `ConfigError` (settings, data, model_dir: before training) or a
+`TrainingError` (a non-finite loss, a shard that cannot be read), each one line naming
+what to fix; the model_dir then holds the last good epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
 import os
 import pathlib
+import shutil
 import tempfile
 from typing import Any
 
+from data_prep import fileio
 from data_prep import manifest as manifest_lib
 from trainer import augment as augment_lib
+from trainer import run_dir
 from trainer import callbacks as callbacks_lib
 from trainer import input_pipeline
 from trainer import keras_workarounds
 from trainer import losses
 from trainer import unet
+# The settings live in trainer.config; re-exported because callers know them as train.*.
+from trainer.config import (AUGMENT_ON, LR_SCHEDULES, OPTIMIZERS, PRECISIONS,  # pylint: disable=unused-import
+                            STRATEGIES, ConfigError, TrainConfig, augment_config,
+                            check_config, with_absolute_paths)
 
-STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
-OPTIMIZERS = ("adam", "adamw")
-LR_SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
-AUGMENT_ON = ("auto", "device", "host")
-# Settings a resumed run may change; any other difference means another experiment.
-# (augment_on moves the same augmentation between tf.data and the train step.)
-_RESUMABLE_CHANGES = ("epochs", "strategy", "jit_compile", "verbose", "augment_on")
-# Train splits whose decoded slices (float32 image + uint8 mask) fit in this many bytes
-# are cached in memory after the first epoch: later epochs read and decode nothing.
-_CACHE_BYTES = 1 << 30
+# Shards are hashed at start up to this many bytes (about a second per GiB from a page
+# cache); bigger datasets are checked only when reading one fails.
+_VERIFY_BYTES = 1 << 30
 
-
-class ConfigError(ValueError):
-  """A user error in the settings or the data directory (reported without traceback)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Every hyperparameter of a training run (built from flags in `trainer.main`)."""
-  data_dir: str
-  model_dir: str
-  epochs: int = 30
-  global_batch_size: int = 8
-  learning_rate: float = 1e-3
-  lr_schedule: str = "constant"
-  optimizer: str = "adam"
-  weight_decay: float = 1e-4          # adamw only
-  loss: str = "dice"
-  include_background: bool = False    # in the Dice loss
-  base_filters: int = 32
-  depth: int = 4
-  dropout: float = 0.0
-  norm: str = "batch"
-  mixed_precision: str = "none"
-  jit_compile: bool = False
-  strategy: str = "auto"
-  seed: int = 0
-  augment: bool = True
-  augment_on: str = "auto"            # device (train step), host (tf.data), auto: device
-                                      # with a GPU/TPU, host on CPU only
-  elastic_prob: float = 0.0           # share of slices elastically deformed (augment only)
-  elastic_alpha: float = 10.0         # its largest displacement in pixels
-  num_overlays: int = 4
-  verbose: int = 1
-
-
-def check_config(config: TrainConfig) -> None:
-  """Refuses unknown enum values and impossible numbers.
-
-  Raises:
-    ConfigError: naming the setting, the value found and what is expected.
-  """
-  enums = {"strategy": STRATEGIES, "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES,
-           "loss": losses.LOSSES, "norm": unet.NORMS, "mixed_precision": PRECISIONS,
-           "augment_on": AUGMENT_ON}
-  for name, allowed in enums.items():
-    if getattr(config, name) not in allowed:
-      raise ConfigError(f"--{name}={getattr(config, name)!r}: expected one of {allowed}")
-  positive = ("epochs", "global_batch_size", "base_filters", "depth")
-  for name in positive:
-    if getattr(config, name) < 1:
-      raise ConfigError(f"--{name}={getattr(config, name)}: expected a positive integer")
-  if not config.learning_rate > 0:
-    raise ConfigError(f"--learning_rate={config.learning_rate}: expected > 0")
-  if not config.weight_decay >= 0:
-    raise ConfigError(f"--weight_decay={config.weight_decay}: expected >= 0")
-  if not 0 <= config.dropout < 1:
-    raise ConfigError(f"--dropout={config.dropout}: expected 0 <= dropout < 1")
-  if not 0 <= config.elastic_prob <= 1:
-    raise ConfigError(f"--elastic_prob={config.elastic_prob}: expected 0 <= p <= 1")
-  if not config.elastic_alpha >= 0:
-    raise ConfigError(f"--elastic_alpha={config.elastic_alpha}: expected >= 0 pixels")
-  if config.elastic_prob > 0 and not config.augment:
-    raise ConfigError(f"--elastic_prob={config.elastic_prob} with --noaugment: the elastic "
-                      "field is part of the augmentation; drop one of the two")
+class TrainingError(RuntimeError):
+  """A run stopped by a fault the user must act on: a non-finite loss, unreadable data."""
 
 
 def load_data_manifest(config: TrainConfig) -> dict[str, Any]:
   """Loads and checks the converted dataset; ConfigError when it cannot be trained on."""
   try:
     manifest = manifest_lib.load(config.data_dir)
-    input_pipeline.compression_type(manifest)
+    manifest_lib.compression_type(manifest)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(str(e)) from e
   train_files = manifest_lib.shard_paths(config.data_dir, manifest, "train")
@@ -126,30 +68,44 @@ def load_data_manifest(config: TrainConfig) -> dict[str, Any]:
   if size % 2**depth:
     raise ConfigError(f"--depth={depth}: image_size {size} of {config.data_dir} is not "
                       f"divisible by 2**depth={2**depth}")
+  if config.verify_shards:
+    _verify_shards_at_start(config.data_dir, manifest)
   return manifest
 
 
-def _check_model_dir(config: TrainConfig, manifest: dict[str, Any]) -> None:
-  """Refuses to resume into a model_dir written with other settings or other data."""
-  model_dir = pathlib.Path(config.model_dir)
-  old_config = model_dir / "config.json"
-  if old_config.exists():
-    # Settings added after a model_dir was written count as their defaults.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-                if f.default is not dataclasses.MISSING}
-    old = {**defaults, **json.loads(old_config.read_text())}
-    new = dataclasses.asdict(config)
-    differ = sorted(k for k in set(old) | set(new)
-                    if k not in _RESUMABLE_CHANGES and old.get(k) != new.get(k))
-    if differ:
-      raise ConfigError(
-          f"{old_config}: this model_dir was trained with other settings "
-          f"({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in differ)}); "
-          "use a new --model_dir")
-  old_manifest = model_dir / "dataset.json"
-  if old_manifest.exists() and json.loads(old_manifest.read_text()) != manifest:
-    raise ConfigError(f"{old_manifest}: this model_dir was trained on another dataset "
-                      f"than {config.data_dir}; use a new --model_dir")
+def _training_shards(manifest: dict[str, Any]) -> dict[str, Any]:
+  """The manifest cut to the train and val shards that record a SHA-256.
+
+  Test shards are not read by training, and shards without a hash (written by tools
+  other than spine-convert) cannot be checked.
+  """
+  splits = {split: dict(manifest["splits"][split],
+                        shards=[s for s in manifest["splits"][split].get("shards", [])
+                                if s.get("sha256")])
+            for split in ("train", "val") if split in manifest["splits"]}
+  return dict(manifest, splits=splits)
+
+
+def _shard_problems(data_dir: str, manifest: dict[str, Any]) -> list[str]:
+  return manifest_lib.verify_shards(data_dir, _training_shards(manifest))
+
+
+def _describe(problems: list[str]) -> str:
+  more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+  return "; ".join(problems[:3]) + more
+
+
+def _verify_shards_at_start(data_dir: str, manifest: dict[str, Any]) -> None:
+  """Refuses damaged train/val shards before any TF work (ConfigError naming them)."""
+  size = manifest_lib.shard_bytes(data_dir, _training_shards(manifest))
+  if size > _VERIFY_BYTES:
+    print(f"spine-train: {size / 2**30:.1f} GiB of shards: not checking their SHA-256 "
+          "at start (a shard that cannot be read will be named)", flush=True)
+    return
+  problems = _shard_problems(data_dir, manifest)
+  if problems:
+    raise ConfigError(f"{len(problems)} damaged shard(s) in {data_dir}: "
+                      f"{_describe(problems)} (--noverify_shards skips this check)")
 
 
 def make_strategy(name: str):
@@ -202,34 +158,61 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
      "history": list of per-epoch dicts}.
 
   Raises:
-    ConfigError: contradictory settings, a bad data_dir or a mismatching model_dir.
+    ConfigError: contradictory settings, a bad data_dir (damaged shards included), a
+      mismatching, busy (locked) or unwritable model_dir; raised before training.
+    TrainingError: the loss became non-finite, or a shard could not be read; the
+      model_dir keeps the last good epoch.
   """
+  config = with_absolute_paths(config)
   check_config(config)
   manifest = load_data_manifest(config)
-  _check_model_dir(config, manifest)
+  run_dir.check(config, manifest)
   # The strategy first: MultiWorkerMirroredStrategy must exist before other TF work.
   strategy = make_strategy(config.strategy)
-  import keras  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   replicas = strategy.num_replicas_in_sync
   if config.global_batch_size % replicas:
     raise ConfigError(f"--global_batch_size={config.global_batch_size} is not divisible by "
                       f"the {replicas} replicas of --strategy={config.strategy}")
   is_chief, task_id = _task(strategy)
   model_dir = pathlib.Path(config.model_dir)
-  model_dir.mkdir(parents=True, exist_ok=True)
-  if is_chief:
-    manifest_lib.write_json_atomic(model_dir / "config.json", dataclasses.asdict(config))
-    manifest_lib.write_json_atomic(model_dir / "dataset.json", manifest)
+  run_dir.prepare(model_dir)
+  with contextlib.ExitStack() as stack:
+    if is_chief:
+      # Only the chief writes the model_dir; other workers of its run share it.
+      stack.enter_context(run_dir.lock(model_dir))
+      # Again under the lock: another run may have written the folder since the check.
+      run_dir.check(config, manifest)
+      run_dir.remove_leftovers(model_dir)
+      fileio.write_json_atomic(model_dir / "config.json", dataclasses.asdict(config))
+      fileio.write_json_atomic(model_dir / "dataset.json", manifest)
+      save_dir = str(model_dir / "checkpoints")
+    else:
+      # Non-chief workers save their (identical) state to a scratch dir: one writer per
+      # file.
+      save_dir = tempfile.mkdtemp(prefix=f"ckpt-worker{task_id}-")
+      stack.callback(shutil.rmtree, save_dir, ignore_errors=True)
+    return _fit(config, manifest, strategy, is_chief, save_dir)
 
+
+def _fit(config: TrainConfig, manifest: dict[str, Any], strategy, is_chief: bool,
+         save_dir: str) -> dict[str, Any]:
+  """The run itself (model, data, callbacks, fit); see `train_and_evaluate`."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  model_dir = pathlib.Path(config.model_dir)
+  replicas = strategy.num_replicas_in_sync
+  # Process-wide, like the seeds and the precision policy below. The seeds already fix
+  # the weights, shuffling and augmentation; op determinism also fixes the reduction
+  # order of kernels and makes tf.data keep its element order (make_dataset is told too).
+  if config.deterministic:
+    tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.seed)
   policy = "float32" if config.mixed_precision == "none" else config.mixed_precision
   keras.mixed_precision.set_global_policy(policy)
 
   image_size = manifest["image_size"]
   num_classes = int(manifest["num_classes"])
-  compression = input_pipeline.compression_type(manifest)
+  compression = manifest_lib.compression_type(manifest)
   train_files = manifest_lib.shard_paths(config.data_dir, manifest, "train")
   val_files = manifest_lib.shard_paths(config.data_dir, manifest, "val")
   train_slices = int(manifest["splits"]["train"]["slices"])
@@ -240,7 +223,9 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
                             depth=config.depth, dropout=config.dropout, norm=config.norm)
     model.compile(optimizer=_optimizer(config, steps_per_epoch),
                   loss=losses.make_loss(config.loss, num_classes=num_classes,
-                                        include_background=config.include_background),
+                                        include_background=config.include_background,
+                                        smooth=config.dice_smooth,
+                                        ce_weight=config.ce_weight),
                   jit_compile=config.jit_compile)
     model.optimizer.build(model.trainable_variables)
   epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -254,16 +239,12 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   initial_epoch = int(epoch_var.numpy())
   if latest:
     print(f"Resuming from {latest}: {initial_epoch} epochs completed", flush=True)
-  # Non-chief workers save their (identical) state to a scratch dir: one writer per file.
-  save_dir = str(ckpt_dir) if is_chief else tempfile.mkdtemp(prefix=f"ckpt-worker{task_id}-")
-  manager = tf.train.CheckpointManager(checkpoint, save_dir, max_to_keep=2)
+  manager = tf.train.CheckpointManager(checkpoint, save_dir,
+                                       max_to_keep=config.checkpoints_kept)
 
   wait = callbacks_lib.InputWait(batches_per_step=len(strategy.extended.worker_devices),
                                 images_per_step=config.global_batch_size)
-  augment = None
-  if config.augment:
-    augment = augment_lib.AugmentConfig(elastic_prob=config.elastic_prob,
-                                        elastic_alpha=config.elastic_alpha)
+  augment = augment_config(config)
   augment_on = config.augment_on
   if augment_on == "auto":
     # With an accelerator the step augments almost for free and tf.data only reads and
@@ -282,21 +263,23 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
         train_files, image_size=image_size, compression=compression,
         global_batch_size=config.global_batch_size, training=True,
         input_context=input_context, augment=augment, seed=seed,
-        cache=train_slices * image_size**2 * 5 <= _CACHE_BYTES,
-        on_batch=wait.batch_ready)
+        shuffle_buffer=config.shuffle_buffer,
+        # Decoded slices: float32 image + uint8 mask, 5 bytes per pixel.
+        cache=train_slices * image_size**2 * 5 <= config.cache_bytes,
+        deterministic=config.deterministic, on_batch=wait.batch_ready)
 
   train_ds = strategy.distribute_datasets_from_function(train_fn)
   history_path = str(model_dir / "history.json")
   previous = callbacks_lib.read_history(history_path, initial_epoch) if is_chief else []
   best_path = str(model_dir / "best.keras") if is_chief else None
-  cbs = []
+  # First: a non-finite loss stops the run before any other callback sees the step.
+  cbs = [callbacks_lib.StopOnNonFiniteLoss()]
   if val_files:
     val_ds = input_pipeline.make_dataset(
         val_files, image_size=image_size, compression=compression,
         global_batch_size=config.global_batch_size, training=False)
     cbs.append(callbacks_lib.SplitDice(
-        val_ds, num_classes=num_classes, labels=manifest.get("labels", manifest_lib.LABELS),
-        best_path=best_path, best_value=best_var,
+        val_ds, num_classes=num_classes, best_path=best_path, best_value=best_var,
         image_dir=str(model_dir / "logs" / "images") if is_chief else None,
         num_images=config.num_overlays))
   elif is_chief:
@@ -309,9 +292,19 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
     cbs.append(callbacks_lib.TensorBoardScalars(str(model_dir / "logs")))
   keras_workarounds.apply(model, strategy, config.global_batch_size // replicas, image_size)
   if initial_epoch < config.epochs:
-    model.fit(train_ds, epochs=config.epochs, initial_epoch=initial_epoch,
-              steps_per_epoch=steps_per_epoch, callbacks=cbs, shuffle=False,
-              verbose=config.verbose if is_chief else 0)
+    try:
+      model.fit(train_ds, epochs=config.epochs, initial_epoch=initial_epoch,
+                steps_per_epoch=steps_per_epoch, callbacks=cbs, shuffle=False,
+                verbose=config.verbose if is_chief else 0)
+    except callbacks_lib.NonFiniteLoss as e:
+      kept = tf.train.latest_checkpoint(save_dir)
+      kept = (f"{model_dir} keeps {pathlib.Path(kept).name} (epoch {int(epoch_var.numpy())}),"
+              " best.keras and history.json" if kept else "no epoch had completed")
+      raise TrainingError(f"{e}; stopped before saving anything of that epoch ({kept}). "
+                          "Lower --learning_rate or check the data for extreme or "
+                          "non-finite values") from None
+    except (tf.errors.DataLossError, tf.errors.NotFoundError) as e:
+      raise TrainingError(_read_failure(config.data_dir, manifest, e)) from None
   else:
     print(f"Nothing to do: {initial_epoch} of --epochs={config.epochs} already completed",
           flush=True)
@@ -320,3 +313,13 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   return {"epochs_completed": int(epoch_var.numpy()), "initial_epoch": initial_epoch,
           "best_val_mean_dice": best if val_files and best >= 0 else None,
           "history": history}
+
+
+def _read_failure(data_dir: str, manifest: dict[str, Any], error) -> str:
+  """One line for a shard that failed to read mid-run, naming it when a hash tells."""
+  problems = _shard_problems(data_dir, manifest)
+  if problems:
+    return f"reading {data_dir} failed: {_describe(problems)}"
+  first = (error.message or str(error)).strip().splitlines()[0]
+  return (f"reading the shards of {data_dir} failed ({type(error).__name__}: {first}); "
+          "their SHA-256 match dataset.json, so check the disk or convert the data again")

@@ -1,0 +1,174 @@
+"""THE Dice and HD95 of spineseg: one count layout, NumPy and TF twins, one absent rule.
+
+Used by the trainer's validation (`trainer.callbacks.SplitDice`, TensorFlow counts) and by
+`spine-evaluate` (NumPy counts), so the two print the same keys and, for the same model
+and split, the same numbers (tests/test_metrics.py holds the twins equal;
+tests/test_trainer_train.py holds trainer and evaluate equal).
+
+Counts: int64 [C, 3], per class c the pixel counts (|P_c & G_c|, |P_c|, |G_c|) over the
+pixels whose ground truth is not `schema.IGNORE_LABEL` (padding is not anatomy). Counts
+add up over slices, batches, replicas and cases; Dice over a split is computed from the
+summed counts, never as a mean of per-batch Dice.
+
+Dice of class c = 2 |P_c & G_c| / (|P_c| + |G_c|). A class absent from the ground truth
+is `ABSENT`: neither 0 nor 1 (the score is undefined, and an unlabelled class of a
+partially labelled volume must not drag a mean up or down). Means skip absent entries.
+
+Summary keys (`KEYS`): dice_background, dice_disc, dice_vertebra, dice_mean (over the
+foreground classes present: the figure models are selected by), dice_mean_all (over all
+classes present, background included).
+
+HD95 of class c: surface voxels of P_c and G_c (foreground voxels with a face neighbour
+outside the class; the array border counts as outside), the Euclidean distance in mm
+from each surface voxel of one to the nearest of the other (`scipy.ndimage.
+distance_transform_edt` with `sampling=` the voxel spacing), the 95th percentile of each
+directed set, and the larger of the two (the symmetric form of MONAI's
+`compute_hausdorff_distance(percentile=95)`). `ABSENT` if the class is absent from the
+ground truth, `math.inf` if it is present there but not predicted.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from data_prep import schema
+
+ABSENT = "absent"
+KEYS = tuple(f"dice_{name}" for name in schema.CLASS_NAMES) + ("dice_mean", "dice_mean_all")
+
+
+# ------------------------------------------------------------------------------ counts
+
+def counts(pred: np.ndarray, gt: np.ndarray,
+           num_classes: int = schema.NUM_CLASSES) -> np.ndarray:
+  """Per-class (intersection, predicted, true) pixel counts, int64 [C, 3].
+
+  Args:
+    pred: predicted class ids, any rank.
+    gt: true class ids of the same shape; pixels equal to IGNORE_LABEL are not counted
+      (neither their prediction nor their truth).
+    num_classes: C.
+
+  Raises:
+    ValueError: if the shapes differ.
+  """
+  pred, gt = np.asarray(pred), np.asarray(gt)
+  if pred.shape != gt.shape:
+    raise ValueError(f"prediction shape {pred.shape} differs from ground truth {gt.shape}")
+  # One bincount over the joint (truth, prediction) index: no boolean masking or copies of
+  # a whole volume per class. Truth values >= C (IGNORE_LABEL) land in row C, left out.
+  k = num_classes + 1
+  g = np.minimum(gt.reshape(-1), num_classes).astype(np.intp)
+  p = np.minimum(pred.reshape(-1), num_classes).astype(np.intp)
+  joint = np.bincount(g * k + p, minlength=k * k).reshape(k, k)[:num_classes]
+  inter = np.diagonal(joint)[:num_classes]
+  return np.stack([inter, joint[:, :num_classes].sum(axis=0), joint.sum(axis=1)],
+                  axis=1).astype(np.int64)
+
+
+def tf_counts(labels, predictions, num_classes: int = schema.NUM_CLASSES):
+  """TF twin of `counts`: int64 [C, 3] for integer tensors of one shape.
+
+  Runs inside a tf.function or a distributed step; the results add across batches.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+  predictions = tf.reshape(tf.cast(predictions, tf.int32), [-1])
+  keep = tf.not_equal(labels, schema.IGNORE_LABEL)
+  labels = tf.boolean_mask(labels, keep)
+  predictions = tf.boolean_mask(predictions, keep)
+  both = tf.where(tf.equal(labels, predictions), labels, num_classes)
+
+  def count(x):
+    x = tf.minimum(x, num_classes)
+    return tf.math.bincount(x, minlength=num_classes + 1, maxlength=num_classes + 1,
+                            dtype=tf.int64)[:num_classes]
+
+  return tf.stack([count(both), count(predictions), count(labels)], axis=1)
+
+
+# -------------------------------------------------------------------------------- Dice
+
+def mean_present(values: Sequence[float | str]) -> float | str:
+  """Mean of the numeric values (ABSENT entries skipped; ABSENT if none is numeric)."""
+  nums = [float(v) for v in values if v != ABSENT]
+  return float(np.mean(nums)) if nums else ABSENT
+
+
+def dice(class_counts: np.ndarray) -> dict[str, float | str]:
+  """Dice per class and the two means (keys `KEYS`) from `counts` or sums of them.
+
+  Returns:
+    {"dice_background", "dice_disc", "dice_vertebra": Dice or ABSENT,
+     "dice_mean": mean over foreground classes present (ABSENT if none),
+     "dice_mean_all": mean over all classes present}.
+  """
+  class_counts = np.asarray(class_counts)
+  per_class = []
+  for inter, p, g in class_counts:
+    per_class.append(ABSENT if g == 0 else float(2.0 * inter / (p + g)))
+  out: dict[str, float | str] = {f"dice_{schema.CLASS_NAMES[c]}": v
+                                 for c, v in enumerate(per_class)}
+  out["dice_mean"] = mean_present(per_class[1:])
+  out["dice_mean_all"] = mean_present(per_class)
+  return out
+
+
+def format_dice(summary: dict[str, float | str]) -> str:
+  """`dice_disc 0.8123, dice_vertebra absent, ...`: one line for logs."""
+  return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                   for k, v in summary.items())
+
+
+# ------------------------------------------------------------------------------- HD95
+
+def surface(mask: np.ndarray) -> np.ndarray:
+  """Boolean surface of a binary mask: voxels with a face neighbour outside it."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  mask = np.asarray(mask, dtype=bool)
+  structure = ndimage.generate_binary_structure(mask.ndim, 1)
+  interior = ndimage.binary_erosion(mask, structure=structure, border_value=0)
+  return mask & ~interior
+
+
+def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float | str:
+  """95th percentile symmetric Hausdorff distance (mm) between two binary masks.
+
+  Args:
+    pred: binary prediction, any rank.
+    gt: binary ground truth of the same shape.
+    spacing: voxel size in mm along each axis (len == rank).
+
+  Returns:
+    The distance, ABSENT if `gt` is empty, math.inf if only `pred` is empty.
+
+  Raises:
+    ValueError: if shapes or the spacing length disagree.
+  """
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+  if pred.shape != gt.shape or len(spacing) != gt.ndim:
+    raise ValueError(f"hd95: shapes {pred.shape} / {gt.shape} and spacing {tuple(spacing)} "
+                     "must agree")
+  if not gt.any():
+    return ABSENT
+  if not pred.any():
+    return math.inf
+  # Every surface point lies in the bounding box of both masks, so the nearest-surface
+  # distances are the same inside the crop: a transform over far less memory and time.
+  box = tuple(slice(idx.min(), idx.max() + 1) for idx in np.nonzero(pred | gt))
+  surf_p, surf_g = surface(pred[box]), surface(gt[box])
+  sampling = [float(s) for s in spacing]
+  d_pg = ndimage.distance_transform_edt(~surf_g, sampling=sampling)[surf_p]
+  d_gp = ndimage.distance_transform_edt(~surf_p, sampling=sampling)[surf_g]
+  return float(max(np.percentile(d_pg, 95), np.percentile(d_gp, 95)))
+
+
+def hd95_per_class(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
+                   classes: Sequence[int] = schema.FOREGROUND) -> dict[str, float | str]:
+  """HD95 (mm) of each foreground class, keyed `hd95_<class name>`."""
+  pred, gt = np.asarray(pred), np.asarray(gt)
+  return {f"hd95_{schema.CLASS_NAMES[c]}": hd95(pred == c, gt == c, spacing)
+          for c in classes}

@@ -1,0 +1,207 @@
+"""TrainConfig: every setting of a training run, its defaults, help and checks.
+
+The one source of defaults: `trainer.main` generates one flag per field (name, default,
+help, allowed values) and `config.json` in the model_dir holds all of them. The bare
+defaults are the recommended settings (`experiments/default.flags` spells them out; a
+test holds the two equal).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+from trainer import augment as augment_lib
+from trainer import losses
+from trainer import unet
+
+STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
+OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
+AUGMENT_ON = ("auto", "device", "host")
+_AUG = augment_lib.AugmentConfig()  # The augmentation ranges' defaults are written there.
+
+
+class ConfigError(ValueError):
+  """A user error in the settings, the data or the model_dir (reported without traceback)."""
+
+
+def _setting(default, help_text: str, choices: tuple[str, ...] | None = None):
+  """A TrainConfig field: its default, its --help text and, for enums, the allowed values."""
+  metadata = {"help": help_text}
+  if choices is not None:
+    metadata["choices"] = tuple(choices)
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Every setting that shapes a training run: the one source of defaults and help.
+
+  `trainer.main` generates one flag per field (name, default, help, allowed values), and
+  `config.json` holds all of them. The bare defaults are the recommended settings;
+  `experiments/default.flags` spells them out (a test holds the two equal). Fields added
+  later count as their defaults when an older model_dir is resumed, so a new field's
+  default must reproduce what the trainer did before it existed.
+  """
+  data_dir: str = dataclasses.field(metadata={
+      "help": "Output directory of spine-convert."})
+  model_dir: str = dataclasses.field(metadata={
+      "help": "Where checkpoints, best.keras, logs and the run record go; rerun the same "
+              "command to resume. One run at a time (MODEL_DIR/.lock)."})
+  epochs: int = _setting(300, "Total epochs (a resumed run continues to this many).")
+  global_batch_size: int = _setting(
+      4, "Batch over all replicas; must divide by their number.")
+  learning_rate: float = _setting(1e-3, "Peak learning rate.")
+  lr_schedule: str = _setting("cosine", "constant, or cosine decay over all epochs.",
+                              LR_SCHEDULES)
+  optimizer: str = _setting("adamw", "adam, or adamw (decoupled weight decay).",
+                            OPTIMIZERS)
+  weight_decay: float = _setting(
+      1e-4, "Decoupled weight decay of --optimizer=adamw (refused with adam).")
+  loss: str = _setting("dice_ce", "Soft Dice over the foreground classes, or Dice + "
+                       "--ce_weight x cross-entropy.", losses.LOSSES)
+  dice_smooth: float = _setting(
+      1.0, "Added to numerator and denominator of the soft Dice loss (> 0).")
+  ce_weight: float = _setting(1.0, "Weight of the cross-entropy term of --loss=dice_ce.")
+  include_background: bool = _setting(
+      False, "Count the background class in the Dice loss mean (it dominates the pixels).")
+  base_filters: int = _setting(32, "Filters of the first U-Net level.")
+  depth: int = _setting(4, "Number of 2x downsamplings.")
+  dropout: float = _setting(0.0, "SpatialDropout2D rate (0: none).")
+  norm: str = _setting("group", "Normalization layer.", unet.NORMS)
+  mixed_precision: str = _setting(
+      "none", "Keras mixed precision policy (logits stay float32).", PRECISIONS)
+  jit_compile: bool = _setting(
+      False, "XLA-compile the train step (passed explicitly: Keras turns XLA off under a "
+      "distribution strategy otherwise).")
+  strategy: str = _setting(
+      "auto", "auto: multi_worker if TF_CONFIG is set, mirrored if >1 GPU, else "
+      "one_device.", STRATEGIES)
+  seed: int = _setting(0, "Seed of weights, shuffling and augmentation.")
+  deterministic: bool = _setting(
+      False, "Bit-identical reruns of the same command on the same machine: deterministic "
+      "TF ops and tf.data order (slower input pipeline).")
+  augment: bool = _setting(
+      True, "Joint geometric + intensity augmentation of the training slices.")
+  augment_on: str = _setting(
+      "auto", "device: augment inside the train step (tf.data only reads and batches); "
+      "host: in the tf.data pipeline on the CPU; auto: device with a GPU/TPU, else host.",
+      AUGMENT_ON)
+  elastic_prob: float = _setting(
+      0.0, "Share of training slices also deformed by a smooth random elastic field "
+      "(same field for image and mask); 0: off.")
+  elastic_alpha: float = _setting(
+      10.0, "Largest displacement of the elastic field, in pixels of the stored squares.")
+  # The other ranges of `trainer.augment.AugmentConfig` (see `augment_config`).
+  aug_max_rotation_deg: float = _setting(_AUG.max_rotation_deg,
+                                         "Largest rotation, in degrees.")
+  aug_scale_range: float = _setting(
+      _AUG.scale_range, "Zoom drawn log-uniformly in [1 - r, 1 + r] (0 <= r < 1).")
+  aug_max_translation: float = _setting(_AUG.max_translation,
+                                        "Largest shift, as a fraction of the side.")
+  aug_geometric_prob: float = _setting(
+      _AUG.geometric_prob, "Share of slices rotated, zoomed and shifted.")
+  aug_elastic_grid: int = _setting(
+      _AUG.elastic_grid, "Control points per side of the elastic field (>= 2).")
+  aug_gamma_min: float = _setting(_AUG.gamma_range[0], "Smallest intensity gamma (> 0).")
+  aug_gamma_max: float = _setting(_AUG.gamma_range[1], "Largest intensity gamma.")
+  aug_gamma_prob: float = _setting(_AUG.gamma_prob, "Share of slices gamma-changed.")
+  aug_contrast_min: float = _setting(_AUG.contrast_range[0], "Smallest contrast factor.")
+  aug_contrast_max: float = _setting(_AUG.contrast_range[1], "Largest contrast factor.")
+  aug_brightness: float = _setting(
+      _AUG.brightness, "Largest brightness shift, in units of the image's std.")
+  aug_contrast_prob: float = _setting(
+      _AUG.contrast_prob, "Share of slices with contrast/brightness changed.")
+  aug_bias_field_strength: float = _setting(
+      _AUG.bias_field_strength, "Log-amplitude of the smooth multiplicative bias field.")
+  aug_bias_field_prob: float = _setting(_AUG.bias_field_prob,
+                                        "Share of slices given a bias field.")
+  aug_noise_std: float = _setting(
+      _AUG.noise_std, "Largest Gaussian noise std, in units of the image's std.")
+  aug_noise_prob: float = _setting(_AUG.noise_prob, "Share of slices given noise.")
+  shuffle_buffer: int = _setting(512, "Training records in the shuffle buffer.")
+  cache_bytes: int = _setting(
+      1 << 30, "Cache the decoded train split in memory after the first epoch when it "
+      "fits in this many bytes (float32 image + uint8 mask per pixel); 0: never.")
+  verify_shards: bool = _setting(
+      True, "Check the SHA-256 of the train and val shards against dataset.json at start "
+      "(done up to 1 GiB of shards).")
+  checkpoints_kept: int = _setting(2, "Latest checkpoints kept in MODEL_DIR/checkpoints.")
+  num_overlays: int = _setting(
+      4, "Validation slices drawn as prediction overlays in TensorBoard each epoch.")
+  verbose: int = _setting(1, "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line "
+                          "per epoch.")
+
+
+def with_absolute_paths(config: TrainConfig) -> TrainConfig:
+  """`config` with data_dir and model_dir absolute and resolved (`d64/` == `./d64`)."""
+  def resolve(path: str) -> str:
+    return str(pathlib.Path(path).expanduser().resolve())
+  return dataclasses.replace(config, data_dir=resolve(config.data_dir),
+                             model_dir=resolve(config.model_dir))
+
+
+def augment_config(config: TrainConfig) -> augment_lib.AugmentConfig | None:
+  """The AugmentConfig of the run (None with --noaugment); every one of its fields set."""
+  if not config.augment:
+    return None
+  return augment_lib.AugmentConfig(
+      max_rotation_deg=config.aug_max_rotation_deg, scale_range=config.aug_scale_range,
+      max_translation=config.aug_max_translation,
+      geometric_prob=config.aug_geometric_prob, elastic_alpha=config.elastic_alpha,
+      elastic_grid=config.aug_elastic_grid, elastic_prob=config.elastic_prob,
+      gamma_range=(config.aug_gamma_min, config.aug_gamma_max),
+      gamma_prob=config.aug_gamma_prob,
+      contrast_range=(config.aug_contrast_min, config.aug_contrast_max),
+      brightness=config.aug_brightness, contrast_prob=config.aug_contrast_prob,
+      bias_field_strength=config.aug_bias_field_strength,
+      bias_field_prob=config.aug_bias_field_prob, noise_std=config.aug_noise_std,
+      noise_prob=config.aug_noise_prob)
+
+
+def check_config(config: TrainConfig) -> None:
+  """Refuses unknown enum values and impossible numbers.
+
+  Raises:
+    ConfigError: naming the setting, the value found and what is expected.
+  """
+  for field in dataclasses.fields(TrainConfig):
+    allowed = field.metadata.get("choices")
+    if allowed and getattr(config, field.name) not in allowed:
+      raise ConfigError(f"--{field.name}={getattr(config, field.name)!r}: expected one of "
+                        f"{allowed}")
+    if field.name.endswith("_prob") and not 0 <= getattr(config, field.name) <= 1:
+      raise ConfigError(f"--{field.name}={getattr(config, field.name)}: expected a share, "
+                        "0 <= p <= 1")
+  positive = ("epochs", "global_batch_size", "base_filters", "depth", "shuffle_buffer",
+              "checkpoints_kept", "learning_rate", "dice_smooth", "aug_gamma_min")
+  for name in positive:
+    if not getattr(config, name) > 0:
+      raise ConfigError(f"--{name}={getattr(config, name)}: expected > 0")
+  not_negative = ("weight_decay", "ce_weight", "cache_bytes", "num_overlays",
+                  "elastic_alpha", "aug_max_rotation_deg", "aug_brightness",
+                  "aug_bias_field_strength", "aug_noise_std", "aug_contrast_min")
+  for name in not_negative:
+    if not getattr(config, name) >= 0:
+      raise ConfigError(f"--{name}={getattr(config, name)}: expected >= 0")
+  below_one = ("dropout", "aug_scale_range", "aug_max_translation")
+  for name in below_one:
+    if not 0 <= getattr(config, name) < 1:
+      raise ConfigError(f"--{name}={getattr(config, name)}: expected 0 <= value < 1")
+  if config.aug_elastic_grid < 2:
+    raise ConfigError(f"--aug_elastic_grid={config.aug_elastic_grid}: expected >= 2")
+  for low, high in (("aug_gamma_min", "aug_gamma_max"),
+                    ("aug_contrast_min", "aug_contrast_max")):
+    if getattr(config, low) > getattr(config, high):
+      raise ConfigError(f"--{low}={getattr(config, low)} > --{high}="
+                        f"{getattr(config, high)}: expected min <= max")
+  if not config.augment:
+    # Ranges of an augmentation that does not run would be recorded but mean nothing.
+    defaults = TrainConfig(data_dir="", model_dir="")
+    changed = [n for n in ("elastic_prob",) + tuple(
+        f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("aug_"))
+               if getattr(config, n) != getattr(defaults, n)]
+    if changed:
+      raise ConfigError(f"--{changed[0]}={getattr(config, changed[0])} with --noaugment: "
+                        "it is part of the augmentation; drop one of the two")

@@ -1,0 +1,104 @@
+"""The model_dir of a run: one run at a time, leftovers of killed runs, resume checks.
+
+  .lock           flock'ed by the running chief (its pid and host inside): one run per dir
+A rerun into a model_dir resumes it only with the same settings (`RESUMABLE_CHANGES`
+aside) and the same dataset; anything else is refused with the differences named.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+from data_prep import fileio
+from trainer.config import ConfigError, TrainConfig
+
+# Settings a resumed run may change; any other difference means another experiment.
+# (augment_on moves the same augmentation between tf.data and the train step; model_dir
+# is the folder config.json was read from, so another value means it was moved; the
+# last three change no number of the run.)
+RESUMABLE_CHANGES = ("epochs", "strategy", "jit_compile", "augment_on", "model_dir",
+                      "verbose", "num_overlays", "verify_shards")
+LOCK_NAME = ".lock"
+# What killed runs leave in a model_dir, by subfolder (fileio.TMP_PREFIX* is always
+# included): temporaries of the writers before `fileio` (`.tmp-PID-best.keras`,
+# `.config.json.XXXX.tmp`, ...), and of tf.train.Checkpoint (a save's `ckpt-N_temp/`
+# folder, the `checkpoint` index written by temporary name and rename).
+_LEFTOVERS = {
+    ".": (".tmp-*-best.keras", ".config.json.*.tmp", ".dataset.json.*.tmp",
+          ".history.json.*.tmp"),
+    "checkpoints": ("ckpt-*_temp*", "checkpoint.tmp*"),
+}
+
+def check(config: TrainConfig, manifest: dict[str, Any]) -> None:
+  """Refuses to resume into a model_dir written with other settings or other data."""
+  model_dir = pathlib.Path(config.model_dir)
+  old_config = model_dir / "config.json"
+  if old_config.is_file():
+    # Settings added after a model_dir was written count as their defaults.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    old = {**defaults, **_read_json(old_config)}
+    # Same folder, however it was spelled (older versions stored paths as typed).
+    old.update({k: str(pathlib.Path(old[k]).expanduser().resolve())
+                for k in ("data_dir", "model_dir") if isinstance(old.get(k), str)})
+    new = dataclasses.asdict(config)
+    differ = sorted(k for k in set(old) | set(new)
+                    if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    if differ:
+      raise ConfigError(
+          f"{old_config}: this model_dir was trained with other settings "
+          f"({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in differ)}); "
+          "use a new --model_dir")
+  old_manifest = model_dir / "dataset.json"
+  if old_manifest.is_file() and _read_json(old_manifest) != manifest:
+    raise ConfigError(f"{old_manifest}: this model_dir was trained on another dataset "
+                      f"than {config.data_dir}; use a new --model_dir")
+
+
+def _read_json(path: pathlib.Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path}: unreadable ({e}); restore it or use a new --model_dir") from e
+
+
+def prepare(model_dir: pathlib.Path) -> None:
+  """Creates model_dir; ConfigError when it is a file or cannot be created."""
+  if model_dir.exists() and not model_dir.is_dir():
+    raise ConfigError(f"--model_dir={model_dir}: a file is there; expected a folder")
+  try:
+    model_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--model_dir={model_dir}: cannot create it: {e.strerror} "
+                      f"({e.filename})") from e
+
+
+@contextlib.contextmanager
+def lock(model_dir: pathlib.Path):
+  """Holds `fileio.FolderLock` on MODEL_DIR/.lock for the run; a second run is refused.
+
+  Raises:
+    ConfigError: another process holds the lock (its pid and host are named), or the
+      folder cannot be written.
+  """
+  try:
+    with fileio.FolderLock(model_dir, "spine-train", lock_file=LOCK_NAME):
+      yield
+  except fileio.FolderBusy as e:
+    raise ConfigError(f"--model_dir={e}") from None
+  except OSError as e:
+    raise ConfigError(f"--model_dir={model_dir}: cannot write there: {e.strerror}") from e
+
+
+def remove_leftovers(model_dir: pathlib.Path) -> None:
+  """Deletes temporaries of killed runs (`_LEFTOVERS`), naming them in one line."""
+  removed = []
+  for sub, patterns in _LEFTOVERS.items():
+    removed += fileio.remove_stale_temporaries(model_dir / sub, patterns)
+  if removed:
+    names = ", ".join(str(p.relative_to(model_dir)) for p in removed)
+    print(f"spine-train: removed leftovers of an interrupted run from {model_dir}: {names}",
+          flush=True)

@@ -62,10 +62,9 @@ def main(argv):
   model = unet.build_unet(base_filters=_BASE_FILTERS.value, depth=_DEPTH.value,
                           norm="group")
   model.save(model_dir / "best.keras")
-  manifest.write_json_atomic(model_dir / schema.MANIFEST_NAME, {
-      "format_version": schema.FORMAT_VERSION, "image_size": size, "num_classes": 3,
-      "normalization": {"method": "percentile", "per": "image"}, "compression": "none",
-      "splits": {}})
+  manifest.write_json_atomic(model_dir / schema.MANIFEST_NAME, manifest.make(
+      image_size=size, normalization="percentile", per="image", compression="none",
+      splits={}))
   t = time.perf_counter()
   export_dir = serving.export(model_dir, work / "serving" / "1", overwrite=True)
   export_s = time.perf_counter() - t

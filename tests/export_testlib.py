@@ -37,11 +37,9 @@ def write_model_dir(path: pathlib.Path, *, norm_method: str = "percentile",
   y = (x[..., 0] * 3).astype(np.int32).clip(0, 2)  # a learnable intensity -> class map
   model.fit(x, y, batch_size=4, epochs=steps, verbose=0)
   model.save(path / "best.keras")
-  manifest.write_json_atomic(path / schema.MANIFEST_NAME, {
-      "format_version": schema.FORMAT_VERSION, "image_size": IMAGE_SIZE, "num_classes": 3,
-      "labels": dict(manifest.LABELS),
-      "normalization": {"method": norm_method, "per": "image"}, "compression": "none",
-      "splits": {}})
+  manifest.write_json_atomic(path / schema.MANIFEST_NAME, manifest.make(
+      image_size=IMAGE_SIZE, normalization=norm_method, per="image", compression="none",
+      splits={}))
   (path / "config.json").write_text(json.dumps({"base_filters": 4, "depth": 2}))
   return path
 
@@ -68,9 +66,7 @@ def write_threshold_model_dir(path: pathlib.Path,
   model.layers[0].set_weights([np.array([0.0, k, 2 * k], np.float32).reshape(1, 1, 1, 3),
                                np.array([0.0, -k * t1, -k * (t1 + t2)], np.float32)])
   model.save(path / "best.keras")
-  manifest.write_json_atomic(path / schema.MANIFEST_NAME, {
-      "format_version": schema.FORMAT_VERSION, "image_size": image_size, "num_classes": 3,
-      "labels": dict(manifest.LABELS),
-      "normalization": {"method": "divide255", "per": "image"}, "compression": "none",
-      "splits": {}})
+  manifest.write_json_atomic(path / schema.MANIFEST_NAME, manifest.make(
+      image_size=image_size, normalization="divide255", per="image", compression="none",
+      splits={}))
   return path

@@ -321,10 +321,8 @@ def test_mixed_precision_model_serves_float32(tmp_path):
   model_dir = tmp_path / "model"
   model_dir.mkdir()
   model.save(model_dir / "best.keras")
-  manifest.write_json_atomic(model_dir / schema.MANIFEST_NAME, {
-      "format_version": schema.FORMAT_VERSION, "image_size": S, "num_classes": 3,
-      "normalization": {"method": "zscore", "per": "image"}, "compression": "none",
-      "splits": {}})
+  manifest.write_json_atomic(model_dir / schema.MANIFEST_NAME, manifest.make(
+      image_size=S, normalization="zscore", per="image", compression="none", splits={}))
   loaded = tf.saved_model.load(str(serving.export(model_dir, tmp_path / "out" / "1")))
   out = loaded.signatures["serving_default"](images=tf.random.uniform([2, 50, 40, 1]))
   assert out["probabilities"].dtype == tf.float32

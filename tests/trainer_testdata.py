@@ -62,9 +62,7 @@ def write_dataset(out_dir, *, num_train: int = 6, num_val: int = 3, image_size: 
       sha256 = hashlib.sha256((out / name).read_bytes()).hexdigest()
       entries.append({"file": name, "examples": len(indices), "sha256": sha256})
     splits[split] = {"cases": count, "slices": count, "shards": entries}
-  manifest.write_json_atomic(out / schema.MANIFEST_NAME, {
-      "format_version": schema.FORMAT_VERSION, "image_size": image_size, "num_classes": 3,
-      "labels": dict(manifest.LABELS),
-      "normalization": {"method": "percentile", "per": "image"},
-      "compression": compression, "splits": splits})
+  manifest.write_json_atomic(out / schema.MANIFEST_NAME, manifest.make(
+      image_size=image_size, normalization="percentile", per="image",
+      compression=compression, splits=splits))
   return str(out)

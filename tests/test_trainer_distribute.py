@@ -55,7 +55,7 @@ train.make_strategy = lambda name: tf.distribute.MirroredStrategy(["/cpu:0", "/c
 config = train.TrainConfig(data_dir=sys.argv[1], model_dir=sys.argv[2], epochs=1,
                            base_filters=4, depth=2, global_batch_size=4, verbose=0)
 result = train.train_and_evaluate(config)
-assert result["epochs_completed"] == 1 and result["best_val_mean_dice"] is not None, result
+assert result["epochs_completed"] == 1 and result["best_val_dice_mean"] is not None, result
 try:
   train.train_and_evaluate(train.TrainConfig(**dict(
       config.__dict__, global_batch_size=3, model_dir=sys.argv[2] + "_b")))

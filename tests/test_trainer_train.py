@@ -46,7 +46,7 @@ def test_few_steps_end_to_end(tmp_path):
   for key in ("loss", "val_dice_disc", "val_dice_vertebra", "val_dice_mean",
               "input_wait_fraction", "learning_rate"):
     assert all(np.isfinite(e[key]) for e in history), key
-  assert result["best_val_mean_dice"] == pytest.approx(max(e["val_dice_mean"]
+  assert result["best_val_dice_mean"] == pytest.approx(max(e["val_dice_mean"]
                                                            for e in history))
   # Every setting, paths made absolute.
   assert json.loads((model_dir / "config.json").read_text()) == dataclasses.asdict(

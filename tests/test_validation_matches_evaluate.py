@@ -39,7 +39,7 @@ def test_trainer_validation_equals_spine_evaluate(tmp_path):
   result = train.train_and_evaluate(config)
   history = json.loads((model_dir / "history.json").read_text())
   kept = max(history, key=lambda e: e["val_dice_mean"])  # the epoch best.keras holds
-  assert result["best_val_mean_dice"] == pytest.approx(kept["val_dice_mean"])
+  assert result["best_val_dice_mean"] == pytest.approx(kept["val_dice_mean"])
 
   export_dir = serving.export(str(model_dir), str(tmp_path / "export" / "1"))
   model = inference.load_saved_model(export_dir)

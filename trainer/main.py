@@ -1,11 +1,10 @@
 """spine-train: train the spine U-Net on a converted dataset (one CPU, GPUs or a cluster).
 
-  spine-train --data_dir=/tmp/spine2d_tfr --model_dir=/tmp/unet \
-      --flagfile=experiments/default.flags
+  spine-train --data_dir=/tmp/spine2d_tfr --model_dir=/tmp/unet
 
 Rerunning the same command after a crash or `kill -9` resumes from the last completed
 epoch. Several machines: set TF_CONFIG on each and run the same command. The flags are
-generated from `trainer.train.TrainConfig` (defaults: the recommended settings, as in
+generated from `trainer.config.TrainConfig` (defaults: the recommended settings, as in
 experiments/default.flags); every one of them is recorded in MODEL_DIR/config.json.
 Faults (bad settings or data, a busy model_dir, a non-finite loss) end it with one line
 `spine-train: error: ...` and exit status 1.

@@ -3,7 +3,7 @@
 `--model_dir` layout after a run:
   config.json     the whole TrainConfig (a rerun with other settings is refused)
   dataset.json    copy of the converter manifest (image_size, normalization, labels)
-  best.keras      best model by whole-split val_mean_dice (last epoch's without a val split)
+  best.keras      best model by whole-split val_dice_mean (last epoch's without a val split)
   history.json    one entry per completed epoch (loss, val Dice, input wait, images/s,
                   lr, seconds)
   checkpoints/    tf.train checkpoints (model, optimizer, epoch, best) for resume
@@ -154,7 +154,7 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   """Trains (or resumes training) and returns a summary.
 
   Returns:
-    {"epochs_completed", "initial_epoch", "best_val_mean_dice" (None without val),
+    {"epochs_completed", "initial_epoch", "best_val_dice_mean" (None without val),
      "history": list of per-epoch dicts}.
 
   Raises:
@@ -230,6 +230,7 @@ def _fit(config: TrainConfig, manifest: dict[str, Any], strategy, is_chief: bool
     model.optimizer.build(model.trainable_variables)
   epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
   best_var = tf.Variable(-1.0, dtype=tf.float64, trainable=False)
+  # The key `best_val_mean_dice` predates the metric's rename; kept so old runs resume.
   checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_var,
                                    best_val_mean_dice=best_var)
   ckpt_dir = model_dir / "checkpoints"
@@ -311,7 +312,7 @@ def _fit(config: TrainConfig, manifest: dict[str, Any], strategy, is_chief: bool
   history = callbacks_lib.read_history(history_path, config.epochs) if is_chief else []
   best = float(best_var.numpy())
   return {"epochs_completed": int(epoch_var.numpy()), "initial_epoch": initial_epoch,
-          "best_val_mean_dice": best if val_files and best >= 0 else None,
+          "best_val_dice_mean": best if val_files and best >= 0 else None,
           "history": history}
 
 

@@ -6,13 +6,15 @@ itself, but a console script's `__main__` is the wrapper pip writes into `.venv/
 no docstring, no flags, so `spine-predict --help` listed nothing. `run(main)` declares the
 flags of the module that defines `main` as key flags of `sys.argv[0]` and lends it that
 module's docstring, then calls `app.run(main)`. It also makes `--help` exit 0 (absl exits
-1): asking for help is not a failure.
+1): asking for help is not a failure, and enables `faulthandler`, so that a native crash
+prints the Python stacks of every thread.
 
   def run() -> None:
     cli.run(main)
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 from typing import Any, Callable
@@ -61,6 +63,9 @@ def run(main: Callable[[list[str]], Any]) -> None:
 
   Call it after every flag of the binary is defined.
   """
+  # A native crash (SIGSEGV, SIGABRT, ...) inside TensorFlow then prints every Python
+  # thread's stack on stderr: where it happened, instead of a bare "Segmentation fault".
+  faulthandler.enable()
   adopt_flags(main.__module__)
   wanted = _help_requested(sys.argv)
   if wanted:

@@ -88,3 +88,19 @@ def test_help_into_a_closed_pipe_exits_quietly():
   proc.stdout.close()  # long before the interpreter has started and written anything
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0 and b"Traceback" not in err, err.decode()
+
+
+def test_a_native_crash_prints_the_python_stack(tmp_path):
+  # cli.run enables faulthandler: a SIGSEGV names the thread and the line it happened on.
+  script = tmp_path / "crash.py"
+  script.write_text(
+      "import ctypes\n"
+      "from data_prep import cli\n"
+      "def main(argv):\n"
+      "  ctypes.string_at(0)\n"
+      "cli.run(main)\n")
+  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+  assert proc.returncode == -11
+  assert "Fatal Python error: Segmentation fault" in proc.stderr
+  assert 'crash.py", line 4 in main' in proc.stderr

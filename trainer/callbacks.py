@@ -87,6 +87,10 @@ class SplitDice(keras.callbacks.Callback):
       write_images(self._writer, "val_overlay", _overlays(shown, self._num_images),
                    epoch + 1)
 
+  def on_train_end(self, logs=None):
+    if self._writer is not None:
+      self._writer.close()
+
 
 def _metadata(plugin: str) -> bytes:
   return summary_pb2.SummaryMetadata(
@@ -133,6 +137,12 @@ class TensorBoardScalars(keras.callbacks.Callback):
                          metadata=_metadata("scalars"))
     for writer in self._writers.values():
       writer.flush()
+
+  def on_train_end(self, logs=None):
+    # Closed here, not by garbage collection at interpreter exit (no TF resource is left
+    # to finalize then).
+    for writer in self._writers.values():
+      writer.close()
 
 
 def _overlays(shown, limit):

@@ -24,7 +24,7 @@ import sys
 
 from absl import app, flags
 
-from data_prep import cli, preprocess, readers, slices, writer
+from data_prep import cli, preprocess, readers, schema, writer
 
 # Required unless --verify (checked in main: absl's required=True cannot be conditional).
 _IMAGES_DIR = flags.DEFINE_string(
@@ -127,7 +127,7 @@ def main(argv: list[str]) -> None:
         compression=_COMPRESSION.value, overwrite=_OVERWRITE.value,
         dry_run=_DRY_RUN.value, strict=_STRICT.value, case_id_regex=_CASE_ID_REGEX.value,
         progress=sys.stderr.isatty())  # no bar in logs and captured output
-  except (readers.InputError, slices.LabelError, writer.ConversionError, ValueError,
+  except (readers.InputError, schema.LabelError, writer.ConversionError, ValueError,
           OSError) as e:
     _fail(str(e))
   print(writer.format_summary(result))

@@ -296,6 +296,12 @@ def parse_example(serialized: tf.Tensor, image_size: int | None = None) -> Mappi
   }
 
 
+def geometry_fields(geometry: tf.Tensor) -> dict[str, tf.Tensor]:
+  """Names the entries of a parsed int [6] "geometry" tensor after `Geometry`'s fields."""
+  geometry = tf.cast(geometry, tf.int32)
+  return {f.name: geometry[i] for i, f in enumerate(dataclasses.fields(Geometry))}
+
+
 def valid_region(geometry: tf.Tensor, height, width) -> tf.Tensor:
   """bool [height, width]: True on the resized slice, False on the padding around it.
 
@@ -303,8 +309,8 @@ def valid_region(geometry: tf.Tensor, height, width) -> tf.Tensor:
     geometry: int [6] ordered as the fields of `Geometry`.
     height, width: the stored square's size.
   """
-  geometry = tf.cast(geometry, tf.int32)
-  rh, rw, top, left = geometry[2], geometry[3], geometry[4], geometry[5]
+  g = geometry_fields(geometry)
+  rh, rw, top, left = g["resized_height"], g["resized_width"], g["pad_top"], g["pad_left"]
   rows = tf.range(height)
   cols = tf.range(width)
   in_rows = (rows >= top) & (rows < top + rh)

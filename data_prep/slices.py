@@ -16,12 +16,6 @@ import numpy as np
 
 from data_prep import preprocess, readers, schema
 
-# The class contract and the label-map grammar live in `schema`; kept here as names
-# because the converter's statistics are indexed by them.
-NUM_CLASSES = schema.NUM_CLASSES
-LabelError = schema.LabelError
-
-
 def missing_labels(mask_slice: np.ndarray, required: Sequence[int]) -> list[int]:
   """Required labels that do not occur in one 2D mask slice."""
   present = set(np.unique(mask_slice).tolist())
@@ -43,7 +37,7 @@ class CaseResult:
   spacing: tuple = ()
   norm_offset: float = 0.0
   norm_scale: float = 1.0
-  class_counts: list = dataclasses.field(default_factory=lambda: [0] * NUM_CLASSES)
+  class_counts: list = dataclasses.field(default_factory=lambda: [0] * schema.NUM_CLASSES)
   # Sums over kept slices for dataset-level statistics: count, sum, sum of squares,
   # min, max of the raw intensities, then of the stored (normalized, fitted) images.
   raw_stats: list = dataclasses.field(default_factory=list)
@@ -100,7 +94,7 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
   except readers.InputError as e:
     result.error = str(e)
     return result
-  except LabelError as e:
+  except schema.LabelError as e:
     result.fatal = str(e)
     return result
   result.kind = case.kind
@@ -132,7 +126,7 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
     # deterministic=True: map entries (the feature keys) are otherwise serialized in an
     # order that varies between processes, which breaks byte-identical shards.
     result.examples.append((index, example.SerializeToString(deterministic=True)))
-    counts = np.bincount(fitted_mask.ravel(), minlength=NUM_CLASSES)
+    counts = np.bincount(fitted_mask.ravel(), minlength=schema.NUM_CLASSES)
     result.class_counts = [a + int(b) for a, b in zip(result.class_counts, counts)]
     result.raw_stats = merge_stats(result.raw_stats, _stats(case.image[index]))
     result.stored_stats = merge_stats(result.stored_stats, _stats(image))

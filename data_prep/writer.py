@@ -257,9 +257,9 @@ def _check_options(image_size, normalization, compression, val_fraction, test_fr
     raise ValueError("num_shards and examples_per_shard must be positive")
   if num_workers < 1:
     raise ValueError(f"num_workers must be positive, found {num_workers}")
-  bad = [x for x in required_labels if not 0 <= x < slices.NUM_CLASSES]
+  bad = [x for x in required_labels if not 0 <= x < schema.NUM_CLASSES]
   if bad:
-    raise ValueError(f"required_labels {bad} are not class ids 0..{slices.NUM_CLASSES - 1}")
+    raise ValueError(f"required_labels {bad} are not class ids 0..{schema.NUM_CLASSES - 1}")
 
 
 def _missing_dirs(path: pathlib.Path) -> list[pathlib.Path]:
@@ -520,7 +520,7 @@ class _Accumulator:
     self.failed: list[dict] = []
     self.skipped_slices: list[dict] = []
     self.cases_per_split = {s: 0 for s in schema.SPLITS}
-    self.class_counts = {s: [0] * slices.NUM_CLASSES for s in schema.SPLITS}
+    self.class_counts = {s: [0] * schema.NUM_CLASSES for s in schema.SPLITS}
     self.raw: list[float] = []
     self.stored: list[float] = []
     self.slices_written = 0

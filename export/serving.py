@@ -198,9 +198,9 @@ class SegmentationModule(tf.Module):
 
     def unfit(args):
       p, g = args
-      geo = {"resized_height": g[2], "resized_width": g[3], "pad_top": g[4],
-             "pad_left": g[5]}
-      original = preprocess.tf_unfit(p[None], geo, g[0], g[1])[0]
+      geo = schema.geometry_fields(g)
+      original = preprocess.tf_unfit(p[None], geo, geo["original_height"],
+                                     geo["original_width"])[0]
       return _pad_to(tf.cast(tf.argmax(original, axis=-1), tf.uint8), max_h, max_w)
 
     original_mask = tf.map_fn(unfit, (probs, geometry),

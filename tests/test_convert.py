@@ -150,7 +150,7 @@ def test_label_map_grouping_and_shard_sizes(tmp_path):
   _synthetic_2d(src, n=4, labels=(0, 3, 7), prefix="p1_")
   _synthetic_2d(src, n=4, labels=(0, 4, 9), prefix="p2_")
   _synthetic_2d(src, n=4, labels=(0, 5, 12), prefix="p3_")
-  with pytest.raises(slices.LabelError, match=r"s?p\d_0.npy.*\[3, 7\]|values \["):
+  with pytest.raises(schema.LabelError, match=r"s?p\d_0.npy.*\[3, 7\]|values \["):
     schema.apply_label_map(np.array([0, 3, 7]), {}, "p1_0.npy")
   with pytest.raises(writer.ConversionError, match=r"masks/p1_0.npy.*\[7\].*not covered"):
     _convert(src, tmp_path / "bad", label_map="1-5:1")

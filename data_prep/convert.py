@@ -40,9 +40,14 @@ _VERIFY = flags.DEFINE_string(
     "verify", None, help="Convert nothing: check the converted dataset in this folder "
     "(its manifest loads, every listed shard exists and matches its SHA-256). Exits 1 "
     "naming each bad shard. Takes no other flag.")
+_ANNOTATED_LABELS = flags.DEFINE_list(
+    "annotated_labels", ["0", "1", "2"], help="Classes these masks outline (background "
+    "implied), e.g. 2 for a vertebra-only set: a class missing here is UNKNOWN on the "
+    "unlabelled pixels, not background, and no loss punishes predicting it there.")
 _REQUIRED_LABELS = flags.DEFINE_list(
-    "required_labels", ["0", "1", "2"], help="Keep only slices whose mask contains every "
-    "one of these labels (after --label_map). An empty value keeps all slices.")
+    "required_labels", None, help="Keep only slices whose mask contains every one of "
+    "these labels (after --label_map); default: 0 and every --annotated_labels class. An "
+    "empty value keeps all slices.")
 _LABEL_MAP = flags.DEFINE_string(
     "label_map", None, help="Collapse source label ids before filtering, e.g. "
     "'1-5:1,6-12:2' (0 maps to 0 unless listed). Unmapped values are an error.")
@@ -112,14 +117,21 @@ def main(argv: list[str]) -> None:
     _fail(f"missing {', '.join(missing)}: --images_dir, --masks_dir and --output_dir are "
           "required to convert (or pass only --verify=DIR to check a converted dataset)")
   try:
-    required = [int(x) for x in _REQUIRED_LABELS.value if x.strip()]
+    required = (None if _REQUIRED_LABELS.value is None
+                else [int(x) for x in _REQUIRED_LABELS.value if x.strip()])
   except ValueError as e:
     raise app.UsageError(f"--required_labels: expected integers, found "
                          f"{_REQUIRED_LABELS.value}") from e
   try:
+    annotated = [int(x) for x in _ANNOTATED_LABELS.value if x.strip()]
+  except ValueError as e:
+    raise app.UsageError(f"--annotated_labels: expected class ids, found "
+                         f"{_ANNOTATED_LABELS.value}") from e
+  try:
     result = writer.convert_dataset(
         _IMAGES_DIR.value, _MASKS_DIR.value, _OUTPUT_DIR.value,
-        required_labels=required, label_map=_LABEL_MAP.value,
+        required_labels=required, annotated_labels=annotated,
+        label_map=_LABEL_MAP.value,
         val_fraction=_VAL_FRACTION.value, test_fraction=_TEST_FRACTION.value,
         seed=_SEED.value, num_shards=_NUM_SHARDS.value,
         examples_per_shard=_EXAMPLES_PER_SHARD.value, image_size=_IMAGE_SIZE.value,

@@ -6,9 +6,10 @@ and split, the same numbers (tests/test_metrics.py holds the twins equal;
 tests/test_trainer_train.py holds trainer and evaluate equal).
 
 Counts: int64 [C, 3], per class c the pixel counts (|P_c & G_c|, |P_c|, |G_c|) over the
-pixels whose ground truth is not `schema.IGNORE_LABEL` (padding is not anatomy). Counts
-add up over slices, batches, replicas and cases; Dice over a split is computed from the
-summed counts, never as a mean of per-batch Dice.
+pixels whose label says whether they are c: not `schema.IGNORE_LABEL` (padding is not
+anatomy), and not a set label leaving c open (an unannotated class of a partially labelled
+slice). Counts add up over slices, batches, replicas and cases; Dice over a split is
+computed from the summed counts, never as a mean of per-batch Dice.
 
 Dice of class c = 2 |P_c & G_c| / (|P_c| + |G_c|). A class absent from the ground truth
 is `ABSENT`: neither 0 nor 1 (the score is undefined, and an unlabelled class of a
@@ -41,14 +42,26 @@ KEYS = tuple(f"dice_{name}" for name in schema.CLASS_NAMES) + ("dice_mean", "dic
 
 # ------------------------------------------------------------------------------ counts
 
+def _value_tables(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """int64 [256, C] tables over the uint8 mask values: `exact[v, c]` (v is exactly c) and
+  `known[v, c]` (a pixel labelled v says whether it is c: exact, or a set without c)."""
+  allowed = schema.allowed_classes(np.arange(256))[:, :num_classes]
+  single = allowed.sum(-1) == 1
+  exact = allowed & single[:, None]
+  known = ~allowed | single[:, None]
+  return exact.astype(np.int64), known.astype(np.int64)
+
+
 def counts(pred: np.ndarray, gt: np.ndarray,
            num_classes: int = schema.NUM_CLASSES) -> np.ndarray:
   """Per-class (intersection, predicted, true) pixel counts, int64 [C, 3].
 
   Args:
     pred: predicted class ids, any rank.
-    gt: true class ids of the same shape; pixels equal to IGNORE_LABEL are not counted
-      (neither their prediction nor their truth).
+    gt: true labels of the same shape (uint8 values): class ids, or set labels
+      (`schema.SET_LABEL`); a pixel counts for class c only where its label says whether
+      it is c, so IGNORE_LABEL pixels count for no class and an unannotated class is not
+      counted on the pixels that leave it open.
     num_classes: C.
 
   Raises:
@@ -57,15 +70,22 @@ def counts(pred: np.ndarray, gt: np.ndarray,
   pred, gt = np.asarray(pred), np.asarray(gt)
   if pred.shape != gt.shape:
     raise ValueError(f"prediction shape {pred.shape} differs from ground truth {gt.shape}")
-  # One bincount over the joint (truth, prediction) index: no boolean masking or copies of
-  # a whole volume per class. Truth values >= C (IGNORE_LABEL) land in row C, left out.
+  # One bincount over the joint (label value, prediction) index, then [256, C] table
+  # algebra: no boolean masks or copies of a whole volume per class.
   k = num_classes + 1
-  g = np.minimum(gt.reshape(-1), num_classes).astype(np.intp)
+  g = np.clip(gt.reshape(-1), 0, 255).astype(np.intp)
   p = np.minimum(pred.reshape(-1), num_classes).astype(np.intp)
-  joint = np.bincount(g * k + p, minlength=k * k).reshape(k, k)[:num_classes]
-  inter = np.diagonal(joint)[:num_classes]
-  return np.stack([inter, joint[:, :num_classes].sum(axis=0), joint.sum(axis=1)],
-                  axis=1).astype(np.int64)
+  joint = np.bincount(g * k + p, minlength=256 * k).reshape(256, k)
+  return _from_joint(joint, *_value_tables(num_classes))
+
+
+def _from_joint(joint, exact, known):
+  """[C, 3] counts from a [256, C+1] joint histogram (NumPy or TF, same algebra)."""
+  c = exact.shape[1]
+  inter = (exact * joint[:, :c]).sum(0)
+  predicted = (known * joint[:, :c]).sum(0)
+  true = (exact * joint.sum(1)[:, None]).sum(0)
+  return np.stack([inter, predicted, true], axis=1).astype(np.int64)
 
 
 def tf_counts(labels, predictions, num_classes: int = schema.NUM_CLASSES):
@@ -74,19 +94,16 @@ def tf_counts(labels, predictions, num_classes: int = schema.NUM_CLASSES):
   Runs inside a tf.function or a distributed step; the results add across batches.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
-  predictions = tf.reshape(tf.cast(predictions, tf.int32), [-1])
-  keep = tf.not_equal(labels, schema.IGNORE_LABEL)
-  labels = tf.boolean_mask(labels, keep)
-  predictions = tf.boolean_mask(predictions, keep)
-  both = tf.where(tf.equal(labels, predictions), labels, num_classes)
-
-  def count(x):
-    x = tf.minimum(x, num_classes)
-    return tf.math.bincount(x, minlength=num_classes + 1, maxlength=num_classes + 1,
-                            dtype=tf.int64)[:num_classes]
-
-  return tf.stack([count(both), count(predictions), count(labels)], axis=1)
+  k = num_classes + 1
+  g = tf.clip_by_value(tf.reshape(tf.cast(labels, tf.int32), [-1]), 0, 255)
+  p = tf.minimum(tf.reshape(tf.cast(predictions, tf.int32), [-1]), num_classes)
+  joint = tf.reshape(tf.math.bincount(g * k + p, minlength=256 * k, maxlength=256 * k,
+                                      dtype=tf.int64), [256, k])
+  exact, known = (tf.constant(t) for t in _value_tables(num_classes))
+  inter = tf.reduce_sum(exact * joint[:, :num_classes], axis=0)
+  predicted = tf.reduce_sum(known * joint[:, :num_classes], axis=0)
+  true = tf.reduce_sum(exact * tf.reduce_sum(joint, axis=1, keepdims=True), axis=0)
+  return tf.stack([inter, predicted, true], axis=1)
 
 
 # -------------------------------------------------------------------------------- Dice

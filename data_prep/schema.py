@@ -30,10 +30,62 @@ FORMAT_VERSION = 1
 CLASS_NAMES = ("background", "disc", "vertebra")
 NUM_CLASSES = len(CLASS_NAMES)
 FOREGROUND = tuple(range(1, NUM_CLASSES))
-# Mask value of pixels that are not anatomy to be learned or scored: the padding around a
-# slice fitted into the square (derived from the stored geometry by `parse_example`) and
-# what augmentation moves in from outside the slice. Losses and metrics skip it.
+# Set labels: a mask value v >= SET_LABEL says "one of the classes whose bit is set in
+# v - SET_LABEL", for pixels whose class is not known exactly. An unlabelled pixel of a
+# slice whose folder annotates only some classes (`spine-convert --annotated_labels`) is
+# background OR one of the unannotated classes: `set_label((0, 1))` when only vertebrae
+# were outlined. Losses merge the classes of a set (marginal loss) and metrics count no
+# class the set leaves open; class ids 0..NUM_CLASSES-1 stay exact labels.
+SET_LABEL = 128
+# The set of every class: pixels that are not anatomy to be learned or scored (the padding
+# around a slice fitted into the square, derived from the stored geometry by
+# `parse_example`, and what augmentation moves in from outside the slice). No loss and no
+# metric counts them.
 IGNORE_LABEL = 255
+
+
+def set_label(classes: Sequence[int]) -> int:
+  """The mask value meaning "one of `classes`" (IGNORE_LABEL when that is every class)."""
+  bits = 0
+  for c in classes:
+    if not 0 <= int(c) < NUM_CLASSES:
+      raise ValueError(f"{c} is not a class id 0..{NUM_CLASSES - 1}")
+    bits |= 1 << int(c)
+  return IGNORE_LABEL if bits == (1 << NUM_CLASSES) - 1 else SET_LABEL + bits
+
+
+def allowed_classes(mask) -> np.ndarray:
+  """bool [..., NUM_CLASSES]: which classes each mask value allows (NumPy).
+
+  An exact label c allows c only; a set label the classes of its bits; IGNORE_LABEL, and
+  any value that names no class, every class.
+  """
+  mask = np.asarray(mask).astype(np.int64)
+  full = (1 << NUM_CLASSES) - 1
+  bits = np.where(mask >= SET_LABEL, mask - SET_LABEL, np.left_shift(1, np.minimum(mask, 62)))
+  bits = np.where((bits & full) == 0, full, bits & full)
+  return (bits[..., None] & (1 << np.arange(NUM_CLASSES))) != 0
+
+
+def tf_allowed_classes(mask):
+  """TF twin of `allowed_classes` for an integer tensor."""
+  mask = tf.cast(mask, tf.int32)
+  full = (1 << NUM_CLASSES) - 1
+  bits = tf.where(mask >= SET_LABEL, mask - SET_LABEL,
+                  tf.bitwise.left_shift(1, tf.minimum(mask, 30)))
+  bits = tf.bitwise.bitwise_and(bits, full)
+  bits = tf.where(tf.equal(bits, 0), full, bits)
+  return tf.not_equal(
+      tf.bitwise.bitwise_and(bits[..., tf.newaxis],
+                             tf.bitwise.left_shift(1, tf.range(NUM_CLASSES))), 0)
+
+
+def unlabelled_value(annotated: Sequence[int]) -> int:
+  """Mask value of an unlabelled pixel when the foreground classes `annotated` (plus
+  background) were outlined: 0 if every class was, else the set of background and the
+  classes that were not."""
+  missing = [c for c in FOREGROUND if c not in set(int(a) for a in annotated)]
+  return set_label((0,) + tuple(missing)) if missing else 0
 # TFRecord compression names as stored in dataset.json -> tf.data compression types.
 COMPRESSIONS = {"none": "", "gzip": "GZIP"}
 
@@ -140,6 +192,10 @@ SPACING = "geometry/spacing_mm"  # [row, column] pixel spacing in mm of the ORIG
 NORM_METHOD = "normalization/method"
 NORM_OFFSET = "normalization/offset"
 NORM_SCALE = "normalization/scale"
+# 0/1 per class id: whether the source folder outlines that class. Unlabelled pixels of a
+# slice lacking a foreground class here are read back as the set label of background and
+# the missing classes. Absent from older shards: every class annotated.
+ANNOTATED = "labels/annotated"
 
 # Names of the split files and the manifest, shared by writer and readers.
 MANIFEST_NAME = "dataset.json"
@@ -181,7 +237,8 @@ def _floats(values: Sequence[float]) -> tf.train.Feature:
 
 def make_example(image: np.ndarray, mask: np.ndarray, *, case_id: str, slice_index: int,
                  source: str, geometry: Geometry, spacing: Sequence[float],
-                 norm_method: str, norm_offset: float, norm_scale: float) -> tf.train.Example:
+                 norm_method: str, norm_offset: float, norm_scale: float,
+                 annotated: Sequence[int] = tuple(range(NUM_CLASSES))) -> tf.train.Example:
   """Builds one tf.train.Example from a preprocessed slice.
 
   Args:
@@ -195,6 +252,8 @@ def make_example(image: np.ndarray, mask: np.ndarray, *, case_id: str, slice_ind
     norm_method: name of the normalization applied (see `preprocess.NORMALIZATIONS`).
     norm_offset: offset subtracted from the raw intensities.
     norm_scale: divisor applied after the offset.
+    annotated: the class ids the source folder outlines (background is always implied);
+      the others are unknown, not background, on this slice's unlabelled pixels.
 
   Returns:
     The example; serialize it with `.SerializeToString()`.
@@ -228,6 +287,8 @@ def make_example(image: np.ndarray, mask: np.ndarray, *, case_id: str, slice_ind
       NORM_METHOD: _bytes(norm_method.encode("utf-8")),
       NORM_OFFSET: _floats([norm_offset]),
       NORM_SCALE: _floats([norm_scale]),
+      ANNOTATED: _ints([int(c == 0 or c in set(int(a) for a in annotated))
+                        for c in range(NUM_CLASSES)]),
   }
   return tf.train.Example(features=tf.train.Features(feature=feature))
 
@@ -250,6 +311,8 @@ _FEATURES = {
     NORM_METHOD: tf.io.FixedLenFeature([], tf.string),
     NORM_OFFSET: tf.io.FixedLenFeature([], tf.float32),
     NORM_SCALE: tf.io.FixedLenFeature([], tf.float32),
+    ANNOTATED: tf.io.FixedLenFeature([NUM_CLASSES], tf.int64,
+                                     default_value=[1] * NUM_CLASSES),
 }
 
 
@@ -263,8 +326,10 @@ def parse_example(serialized: tf.Tensor, image_size: int | None = None) -> Mappi
 
   Returns:
     A dict with "image" float32 [H, W, 1], "mask" uint8 [H, W, 1] (class ids inside the
-    slice, IGNORE_LABEL in the padding), "valid" bool [H, W, 1] (the slice, not the
-    padding), "case_id" string,
+    slice; on a partially annotated slice the unlabelled pixels hold the set label of
+    background and the unannotated classes; IGNORE_LABEL in the padding), "valid" bool
+    [H, W, 1] (the slice, not the padding), "annotated" bool [NUM_CLASSES], "case_id"
+    string,
     "slice_index" int64, "source" string, "geometry" int64 [6] ordered as the fields of
     `Geometry`, "spacing" float32 [2], "norm_method" string, "norm_offset" and
     "norm_scale" float32.
@@ -279,12 +344,20 @@ def parse_example(serialized: tf.Tensor, image_size: int | None = None) -> Mappi
   geometry = tf.stack([f[ORIGINAL_HEIGHT], f[ORIGINAL_WIDTH], f[RESIZED_HEIGHT],
                        f[RESIZED_WIDTH], f[PAD_TOP], f[PAD_LEFT]])
   valid = valid_region(geometry, tf.shape(image)[0], tf.shape(image)[1])[..., tf.newaxis]
+  # Unlabelled pixels of a partially annotated slice are background OR an unannotated
+  # class: the set label of those (no loss punishes predicting either).
+  annotated = tf.cast(f[ANNOTATED], tf.bool)
+  unknown_bits = tf.reduce_sum(tf.where(annotated, 0, tf.bitwise.left_shift(
+      tf.constant(1, tf.int64), tf.range(NUM_CLASSES, dtype=tf.int64))))
+  unlabelled = tf.cast(tf.where(unknown_bits > 0, SET_LABEL + 1 + unknown_bits, 0), tf.uint8)
+  mask = tf.where(tf.equal(mask, 0), unlabelled, mask)
   # Padding is not anatomy: it carries IGNORE_LABEL, which no loss or metric counts.
   mask = tf.where(valid, mask, tf.constant(IGNORE_LABEL, tf.uint8))
   return {
       "image": image,
       "mask": mask,
       "valid": valid,
+      "annotated": annotated,
       "case_id": f[CASE_ID],
       "slice_index": f[SLICE_INDEX],
       "source": f[SOURCE],

@@ -70,7 +70,9 @@ def describe_stats(acc: list[float]) -> dict[str, float]:
 
 
 def process_case(image_path: str, mask_path: str, *, image_size: int, normalization: str,
-                 required_labels: Sequence[int], label_map: dict[int, int]) -> CaseResult:
+                 required_labels: Sequence[int], label_map: dict[int, int],
+                 annotated_labels: Sequence[int] = tuple(range(schema.NUM_CLASSES))
+                 ) -> CaseResult:
   """Reads one case and turns its kept slices into serialized examples.
 
   Args:
@@ -81,6 +83,8 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
     required_labels: a slice is kept only if its mask holds every one of these.
     label_map: {source id: class id} from `schema.parse_label_map` (empty: ids
       must be 0..2).
+    annotated_labels: the classes this folder outlines (background implied); a mask
+      holding another class is a label error. Stored with every example.
 
   Returns:
     A CaseResult. Input problems are reported in `error` (the case is skipped), label
@@ -91,6 +95,12 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
   try:
     case = readers.read_case(image_path, mask_path)
     mask = schema.apply_label_map(case.mask, label_map, mask_path)
+    stray = sorted(set(np.unique(mask).tolist()) - {0} - set(annotated_labels))
+    if stray:
+      raise schema.LabelError(
+          f"{mask_path}: mask holds class(es) {stray} "
+          f"({', '.join(schema.CLASS_NAMES[c] for c in stray)}) that --annotated_labels="
+          f"{','.join(str(c) for c in annotated_labels)} says this folder does not outline")
   except readers.InputError as e:
     result.error = str(e)
     return result
@@ -122,7 +132,7 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
     example = schema.make_example(
         image, fitted_mask, case_id=case.case_id, slice_index=index, source=image_path,
         geometry=geometry, spacing=case.spacing, norm_method=normalization,
-        norm_offset=offset, norm_scale=scale)
+        norm_offset=offset, norm_scale=scale, annotated=annotated_labels)
     # deterministic=True: map entries (the feature keys) are otherwise serialized in an
     # order that varies between processes, which breaks byte-identical shards.
     result.examples.append((index, example.SerializeToString(deterministic=True)))

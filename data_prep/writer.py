@@ -370,7 +370,8 @@ def _nothing_to_write(pairs: list, orphans: list, acc: "_Accumulator",
 
 
 def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
-                    required_labels: Sequence[int] = (0, 1, 2),
+                    required_labels: Optional[Sequence[int]] = None,
+                    annotated_labels: Sequence[int] = (0, 1, 2),
                     label_map: Optional[str] = None, val_fraction: float = 0.2,
                     test_fraction: float = 0.0, seed: int = 0,
                     num_shards: Optional[int] = None,
@@ -386,7 +387,11 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
   Args:
     images_dir, masks_dir: source folders (2D images + .npy/PNG masks, or NIfTI).
     output_dir: destination; must be empty or absent unless `overwrite`.
-    required_labels: keep only slices whose mask holds all of these (empty: keep all).
+    required_labels: keep only slices whose mask holds all of these (empty: keep all;
+      None: background and every annotated class).
+    annotated_labels: the classes the masks outline (background is implied): on a slice
+      of a folder that lacks a foreground class here, unlabelled pixels are background OR
+      that class (`schema.set_label`), never punished as background. Default: all.
     label_map: "SRC:DST,LO-HI:DST,..." collapsing source ids before filtering.
     val_fraction, test_fraction, seed: split of the case groups.
     num_shards, examples_per_shard: shards per split, or examples per shard (at most
@@ -413,6 +418,12 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
       --strict violations, or an output directory that may not be written (an existing
       file, a full disk, a read-only file system, ...).
   """
+  annotated_labels = sorted({0} | set(int(x) for x in annotated_labels))
+  bad = [x for x in annotated_labels if not 0 <= x < schema.NUM_CLASSES]
+  if bad:
+    raise ValueError(f"annotated_labels {bad} are not class ids 0..{schema.NUM_CLASSES - 1}")
+  if required_labels is None:
+    required_labels = annotated_labels
   required_labels = sorted(set(int(x) for x in required_labels))
   num_workers = num_workers or os.cpu_count() or 1
   _check_options(image_size, normalization, compression, val_fraction, test_fraction,
@@ -457,7 +468,8 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
     shard_sets = {s: _ShardSet(tmp_dir, s, num_shards, examples_per_shard, compression)
                   for s in schema.SPLITS}
     kwargs = dict(image_size=image_size, normalization=normalization,
-                  required_labels=required_labels, label_map=mapping)
+                  required_labels=required_labels, label_map=mapping,
+                  annotated_labels=annotated_labels)
     tasks = [(img, msk, kwargs) for _, img, msk in pairs]
     bar = fileio.Progress(len(tasks), "convert", unit="cases", enabled=progress)
     acc = _Accumulator(split_of, groups)
@@ -487,6 +499,7 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
                            "slices": shard_set.total, "shards": shards}
     flags = dict(images_dir=str(images_dir), masks_dir=str(masks_dir),
                  output_dir=str(output_dir), required_labels=required_labels,
+                 annotated_labels=annotated_labels,
                  label_map=label_map or "", val_fraction=val_fraction,
                  test_fraction=test_fraction, seed=seed, num_shards=num_shards,
                  examples_per_shard=examples_per_shard, image_size=image_size,
@@ -559,6 +572,7 @@ class _Accumulator:
         splits=split_info, extra={
         "normalization": {"percentiles": list(preprocess.PERCENTILES)},
         "input_kind": kind,
+        "annotated_labels": flags["annotated_labels"],
         "flags": flags,
         "class_pixel_counts": dict(self.class_counts, all=all_counts),
         "class_pixel_frequencies": {**{s: freqs(c) for s, c in self.class_counts.items()},

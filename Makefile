@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 BAZEL_DEBS := bazel-bootstrap bazel-platforms
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv test demo bench bazel-test build-file clean
+.PHONY: venv test demo bench quality bazel-test build-file clean
 
 venv: $(STAMP)
 
@@ -25,9 +25,15 @@ test: $(STAMP)
 demo: $(STAMP)
 	tools/demo.sh
 
-# Every benchmark in bench/ with its default (small) settings.
+# Every benchmark in bench/ with its default (small) settings; the quality bench (hours
+# of training at full size) only as a --quick smoke run: `make quality` runs it in full.
 bench: $(STAMP)
-	@set -e; for b in bench/*_bench.py; do echo "== $$b"; $(PY) $$b; done
+	@set -e; for b in bench/*_bench.py; do \
+	  args=; case $$b in *quality_bench.py) args=--quick;; esac; \
+	  echo "== $$b $$args"; $(PY) $$b $$args; done
+
+quality: $(STAMP)
+	$(PY) bench/quality_bench.py --seeds=0,1
 
 # The suite under Bazel (py_test per test file, the .venv interpreter), offline once the
 # Debian packages are installed.

@@ -347,9 +347,12 @@ def parse_example(serialized: tf.Tensor, image_size: int | None = None) -> Mappi
   # Unlabelled pixels of a partially annotated slice are background OR an unannotated
   # class: the set label of those (no loss punishes predicting either).
   annotated = tf.cast(f[ANNOTATED], tf.bool)
-  unknown_bits = tf.reduce_sum(tf.where(annotated, 0, tf.bitwise.left_shift(
-      tf.constant(1, tf.int64), tf.range(NUM_CLASSES, dtype=tf.int64))))
-  unlabelled = tf.cast(tf.where(unknown_bits > 0, SET_LABEL + 1 + unknown_bits, 0), tf.uint8)
+  class_bits = tf.bitwise.left_shift(tf.constant(1, tf.int64),
+                                     tf.range(NUM_CLASSES, dtype=tf.int64))
+  unknown_bits = tf.reduce_sum(tf.where(annotated, tf.zeros_like(class_bits), class_bits))
+  # Background (bit 0) plus the unannotated classes, or plain background (0).
+  unlabelled = tf.cast(tf.where(unknown_bits > 0, SET_LABEL + 1 + unknown_bits,
+                                tf.zeros_like(unknown_bits)), tf.uint8)
   mask = tf.where(tf.equal(mask, 0), unlabelled, mask)
   # Padding is not anatomy: it carries IGNORE_LABEL, which no loss or metric counts.
   mask = tf.where(valid, mask, tf.constant(IGNORE_LABEL, tf.uint8))

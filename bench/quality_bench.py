@@ -1,0 +1,171 @@
+r"""Quality across scanners per training recipe, printed as one table (with the commands).
+
+  python bench/quality_bench.py --quick              # smoke: every recipe runs (~minutes)
+  python bench/quality_bench.py --recipes=default,partial --seeds=0,1 --epochs=300
+
+For each recipe and seed this runs the real commands a user runs, each printed before it
+runs so any row can be reproduced by hand:
+  spine-convert (once per dataset and conversion setting) -> spine-train -> spine-export
+  -> spine-evaluate on spine2d's val split (disc, vertebra: the training scanners) and on
+  two volumes of OTHER scanners never trained on: spine3d/ivd_11 (discs labelled only:
+  its disc Dice) and spine3d/vb2_05 (vertebral bodies only: its vertebra Dice).
+Data: ../shared/data (spine2d, spine3d, spine3d_extra; see its README). Without it the
+bench says so and exits 0.
+
+A recipe is data + flags. `partial` adds the five partially labelled volumes of
+spine3d_extra (vertebral bodies only, T2/T1/inversion recovery) converted with
+`--annotated_labels=2`. Seeds: a difference smaller than the seed-to-seed spread is not a
+result; run several (`--seeds`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+BIN = pathlib.Path(sys.executable).parent
+
+_DATA = flags.DEFINE_string("data", str(REPO.parent / "shared" / "data"),
+                            help="The shared data folder (spine2d, spine3d, spine3d_extra).")
+_RECIPES = flags.DEFINE_list("recipes", None, help="Recipes to run (default: all).")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], help="Training seeds per recipe.")
+_QUICK = flags.DEFINE_bool("quick", False, help="Smoke sizes: 64 px, 2 epochs, tiny U-Net.")
+_EPOCHS = flags.DEFINE_integer("epochs", 300, help="Epochs per run (not --quick).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, help="Converted square side.")
+_WORK_DIR = flags.DEFINE_string("work_dir", None, help="Keep everything here (default: temp).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """Training data and flags of one row."""
+  name: str
+  description: str
+  extra_data: bool = False              # + spine3d_extra with --annotated_labels=2
+  convert_flags: tuple[str, ...] = ()   # for every dataset of the recipe
+  train_flags: tuple[str, ...] = ()
+  evaluate_flags: tuple[str, ...] = ()
+
+
+RECIPES = (
+    Recipe("default", "today's default flags, spine2d only"),
+    Recipe("partial", "+ partially labelled volumes (spine3d_extra, --annotated_labels=2)",
+           extra_data=True),
+)
+
+
+def _run(cmd: list[str], log: pathlib.Path) -> None:
+  print("  $ " + " ".join(str(c) for c in cmd), flush=True)
+  with open(log, "a") as f:
+    proc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
+                          cwd=REPO, check=False)
+  if proc.returncode:
+    tail = log.read_text().strip().splitlines()[-3:]
+    raise RuntimeError(f"{cmd[0]} exited {proc.returncode}: {' | '.join(tail)}")
+
+
+def _folder_of(data: pathlib.Path, sub: str, case: str, out: pathlib.Path) -> pathlib.Path:
+  """A folder holding only `case`'s image and mask (symlinks), for spine-evaluate."""
+  for kind in ("images", "masks"):
+    (out / kind).mkdir(parents=True, exist_ok=True)
+    src = data / sub / kind / f"{case}.nii.gz"
+    dst = out / kind / src.name
+    if not dst.exists():
+      dst.symlink_to(src)
+  return out
+
+
+def _score(report: pathlib.Path, key: str) -> float | str:
+  return json.loads(report.read_text())["overall"]["pooled"]["dice"][key]
+
+
+def main(argv):
+  del argv
+  data = pathlib.Path(_DATA.value)
+  if not (data / "spine2d").is_dir() or not (data / "spine3d").is_dir():
+    print(f"quality_bench: {data} lacks spine2d/spine3d; nothing to measure")
+    return
+  quick = _QUICK.value
+  size = 64 if quick else _IMAGE_SIZE.value
+  epochs = 2 if quick else _EPOCHS.value
+  model_flags = ["--base_filters=4", "--depth=2"] if quick else []
+  wanted = _RECIPES.value or [r.name for r in RECIPES]
+  unknown = sorted(set(wanted) - {r.name for r in RECIPES})
+  if unknown:
+    raise app.UsageError(f"unknown recipes {unknown}; expected {[r.name for r in RECIPES]}")
+  recipes = [r for r in RECIPES if r.name in wanted]
+  work = pathlib.Path(_WORK_DIR.value or tempfile.mkdtemp(prefix="quality_bench-"))
+  work.mkdir(parents=True, exist_ok=True)
+  log = work / "commands.log"
+  ivd = _folder_of(data, "spine3d", "ivd_11", work / "eval" / "ivd_11")
+  vb2 = _folder_of(data, "spine3d", "vb2_05", work / "eval" / "vb2_05")
+  rows = []
+  for recipe in recipes:
+    tag = "-".join(recipe.convert_flags).replace("--", "").replace("=", "") or "plain"
+    d2 = work / f"spine2d-{size}-{tag}"
+    if not (d2 / "dataset.json").exists():
+      _run([BIN / "spine-convert", f"--images_dir={data / 'spine2d' / 'images'}",
+            f"--masks_dir={data / 'spine2d' / 'masks'}", f"--output_dir={d2}",
+            f"--image_size={size}", "--val_fraction=0.2", "--seed=0",
+            *recipe.convert_flags], log)
+    data_dirs = [d2]
+    if recipe.extra_data:
+      dx = work / f"extra-{size}-{tag}"
+      if not (dx / "dataset.json").exists():
+        _run([BIN / "spine-convert", f"--images_dir={data / 'spine3d_extra' / 'images'}",
+              f"--masks_dir={data / 'spine3d_extra' / 'masks'}", f"--output_dir={dx}",
+              f"--image_size={size}", "--annotated_labels=2", "--val_fraction=0.2",
+              "--seed=0", *recipe.convert_flags], log)
+      data_dirs.append(dx)
+    for seed in _SEEDS.value:
+      run = work / f"{recipe.name}-seed{seed}"
+      shutil.rmtree(run, ignore_errors=True)
+      start = time.monotonic()
+      _run([BIN / "spine-train", f"--data_dir={','.join(str(d) for d in data_dirs)}",
+            f"--model_dir={run / 'model'}", f"--epochs={epochs}", f"--seed={seed}",
+            "--verbose=0", *model_flags, *recipe.train_flags], log)
+      minutes = (time.monotonic() - start) / 60
+      export = run / "export" / "1"
+      _run([BIN / "spine-export", f"--model_dir={run / 'model'}", f"--export_dir={export}"],
+           log)
+      scores = {}
+      for name, args in (("val", [f"--data_dir={d2}", "--split=val"]),
+                         ("ivd_11", [f"--images_dir={ivd / 'images'}",
+                                     f"--masks_dir={ivd / 'masks'}"]),
+                         ("vb2_05", [f"--images_dir={vb2 / 'images'}",
+                                     f"--masks_dir={vb2 / 'masks'}"])):
+        out = run / f"{name}.json"
+        _run([BIN / "spine-evaluate", f"--saved_model={export}", *args,
+              f"--output_json={out}", *recipe.evaluate_flags], log)
+        scores[name] = out
+      rows.append((recipe, seed, _score(scores["val"], "dice_disc"),
+                   _score(scores["val"], "dice_vertebra"),
+                   _score(scores["ivd_11"], "dice_disc"),
+                   _score(scores["vb2_05"], "dice_vertebra"), minutes))
+
+  def fmt(v):
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+  print(f"\n{size} px, {epochs} epochs{' (quick smoke: figures mean nothing)' if quick else ''};"
+        f" work dir {work}\n")
+  print("| recipe | seed | spine2d val disc | spine2d val vertebra | ivd_11 disc | "
+        "vb2_05 vertebral body | train min |")
+  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+  for recipe, seed, *values, minutes in rows:
+    print(f"| {recipe.name}: {recipe.description} | {seed} | "
+          + " | ".join(fmt(v) for v in values) + f" | {minutes:.1f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -45,6 +45,9 @@ _QUICK = flags.DEFINE_bool("quick", False, help="Smoke sizes: 64 px, 2 epochs, t
 _EPOCHS = flags.DEFINE_integer("epochs", 300, help="Epochs per run (not --quick).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, help="Converted square side.")
 _WORK_DIR = flags.DEFINE_string("work_dir", None, help="Keep everything here (default: temp).")
+_TRAIN_FLAGS = flags.DEFINE_string(
+    "train_flags", "", help="Extra spine-train flags for every run, space-separated, e.g. "
+    "'--base_filters=16' for a cheaper comparison.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +63,9 @@ class Recipe:
 
 RECIPES = (
     Recipe("default", "today's default flags, spine2d only"),
+    # Equal weights: proportional sampling would give spine2d's 7 slices a 3% share.
     Recipe("partial", "+ partially labelled volumes (spine3d_extra, --annotated_labels=2)",
-           extra_data=True),
+           extra_data=True, train_flags=("--dataset_weights=1,1",)),
 )
 
 
@@ -134,7 +138,8 @@ def main(argv):
       start = time.monotonic()
       _run([BIN / "spine-train", f"--data_dir={','.join(str(d) for d in data_dirs)}",
             f"--model_dir={run / 'model'}", f"--epochs={epochs}", f"--seed={seed}",
-            "--verbose=0", *model_flags, *recipe.train_flags], log)
+            "--verbose=0", *model_flags, *_TRAIN_FLAGS.value.split(), *recipe.train_flags],
+           log)
       minutes = (time.monotonic() - start) / 60
       export = run / "export" / "1"
       _run([BIN / "spine-export", f"--model_dir={run / 'model'}", f"--export_dir={export}"],
@@ -157,8 +162,8 @@ def main(argv):
   def fmt(v):
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-  print(f"\n{size} px, {epochs} epochs{' (quick smoke: figures mean nothing)' if quick else ''};"
-        f" work dir {work}\n")
+  print(f"\n{size} px, {epochs} epochs {_TRAIN_FLAGS.value}"
+        f"{' (quick smoke: figures mean nothing)' if quick else ''}; work dir {work}\n")
   print("| recipe | seed | spine2d val disc | spine2d val vertebra | ivd_11 disc | "
         "vb2_05 vertebral body | train min |")
   print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")

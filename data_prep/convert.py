@@ -61,6 +61,15 @@ _EXAMPLES_PER_SHARD = flags.DEFINE_integer(
     help=f"Examples per shard (default {writer.DEFAULT_EXAMPLES_PER_SHARD}).")
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", 256, help="Side of the stored square slices (aspect ratio kept, padded).")
+_TARGET_SPACING_MM = flags.DEFINE_float(
+    "target_spacing_mm", None, help="Resample every slice to this many mm per pixel "
+    "(from its own spacing: NIfTI affine, or --spacing_2d_mm), then centre it in the "
+    "--image_size square, padded or cropped; stored in dataset.json and baked into the "
+    "exported model. Default: fit each slice by its longer side, whatever its mm.")
+_SPACING_2D_MM = flags.DEFINE_string(
+    "spacing_2d_mm", None, help="mm per pixel of 2D images (they carry none): "
+    f"{readers.SPACING_HELP}. Stored with each example; required for 2D images with "
+    "--target_spacing_mm.")
 _NORMALIZATION = flags.DEFINE_enum(
     "normalization", "percentile", list(preprocess.NORMALIZATIONS),
     help="Intensity normalization, per image (2D) or per volume (NIfTI).")
@@ -138,6 +147,8 @@ def main(argv: list[str]) -> None:
         normalization=_NORMALIZATION.value, num_workers=_NUM_WORKERS.value,
         compression=_COMPRESSION.value, overwrite=_OVERWRITE.value,
         dry_run=_DRY_RUN.value, strict=_STRICT.value, case_id_regex=_CASE_ID_REGEX.value,
+        target_spacing_mm=_TARGET_SPACING_MM.value,
+        spacing_2d_mm=readers.parse_spacing_mm(_SPACING_2D_MM.value),
         progress=sys.stderr.isatty())  # no bar in logs and captured output
   except (readers.InputError, schema.LabelError, writer.ConversionError, ValueError,
           OSError) as e:

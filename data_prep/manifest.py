@@ -14,6 +14,9 @@ Keys every reader may rely on:
   compression      "none" | "gzip" (the TFRecord compression type)
   splits           {split: {"cases": int, "slices": int,
                             "shards": [{"file": name, "examples": int, "sha256": hex}]}}
+Optional (absent from older manifests, which mean null):
+  target_spacing_mm  float: mm per stored pixel (slices resampled, then centred in the
+                     square); null: each slice fitted by its longer side.
 The converter adds more (flags, class frequencies, intensity statistics, skipped inputs).
 """
 from __future__ import annotations
@@ -79,6 +82,11 @@ def validate(manifest: dict[str, Any], where: str = schema.MANIFEST_NAME) -> Non
   if manifest["compression"] not in schema.COMPRESSIONS:
     raise ValueError(f"{where}: unknown compression {manifest['compression']!r}; expected "
                      f"one of {sorted(schema.COMPRESSIONS)}")
+  target = manifest.get("target_spacing_mm")
+  if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                             or not target > 0 or target == float("inf")):
+    raise ValueError(f"{where}: target_spacing_mm must be a positive number or null, found "
+                     f"{target!r}")
   splits = manifest["splits"]
   unknown = sorted(set(splits) - set(schema.SPLITS)) if isinstance(splits, dict) else None
   if unknown is None or unknown:

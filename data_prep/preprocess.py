@@ -16,6 +16,18 @@ Fit: scale the longer side to `size` (bilinear for images, nearest for masks, bo
 half-pixel centers and no antialiasing, exactly as `tf.image.resize`), then pad the shorter
 side symmetrically (extra pixel at the bottom/right). Padding holds the normalized value of
 a raw 0, i.e. air.
+
+Fit at a target spacing (`spine-convert --target_spacing_mm`, nnU-Net's habit): the slice
+is resampled from its own [row, column] spacing to `target_spacing` mm per pixel (same
+resize as above, sizes rounded to whole pixels), then centred in the square: padded where
+it is smaller, CROPPED where it is larger (negative `pad_top` / `pad_left` in the stored
+`schema.Geometry`; the extra row or column goes to the top/left crop). Every stored pixel
+then covers the same millimetres whatever the scanner's field of view. Sizes are computed
+from the spacing rounded to float32 (what the SavedModel's `spacing` input holds), so both
+twins round to the same pixel count. The serving graph does not crop: it grows the canvas
+to the next multiple of `size` along an axis the resampled slice exceeds
+(`grown_canvas`), since the U-Net is fully convolutional and a crop would label the cut
+away anatomy as background.
 """
 from __future__ import annotations
 
@@ -66,6 +78,66 @@ def fit_geometry(height: int, width: int, size: int) -> schema.Geometry:
   return schema.Geometry(height, width, rh, rw, (size - rh) // 2, (size - rw) // 2)
 
 
+def float32_spacing(spacing) -> tuple[float, float]:
+  """(row, column) spacing in mm as the float32 values the SavedModel receives.
+
+  Raises:
+    ValueError: unless two positive finite numbers.
+  """
+  s = np.asarray(spacing, dtype=np.float64).reshape(-1)
+  if s.shape != (2,) or not np.all(np.isfinite(s)) or np.any(s <= 0):
+    raise ValueError(f"expected a positive (row, column) spacing in mm, found {spacing}")
+  s = s.astype(np.float32)
+  return float(s[0]), float(s[1])
+
+
+def resampled_size(height: int, width: int, spacing, target_spacing: float
+                   ) -> tuple[int, int]:
+  """Pixel size of a (height, width) slice at `spacing` resampled to `target_spacing`.
+
+  `spacing` None means the slice is already at the target spacing (no resampling).
+  """
+  if spacing is None:
+    return int(height), int(width)
+  row, col = float32_spacing(spacing)
+  t = float(target_spacing)
+  # np.round and tf.round both round half to even; the float64 products are exact twins.
+  return (max(1, int(np.round(height * row / t))), max(1, int(np.round(width * col / t))))
+
+
+def place_geometry(height: int, width: int, resized_height: int, resized_width: int,
+                   canvas_height: int, canvas_width: int) -> schema.Geometry:
+  """Geometry of a resized slice centred on a canvas (negative pads: a centred crop)."""
+  return schema.Geometry(height, width, resized_height, resized_width,
+                         (canvas_height - resized_height) // 2,
+                         (canvas_width - resized_width) // 2)
+
+
+def spacing_geometry(height: int, width: int, spacing, target_spacing: float,
+                     size: int) -> schema.Geometry:
+  """Geometry that resamples a slice to `target_spacing` and centres it in the square.
+
+  Args:
+    height, width: the slice's size in pixels.
+    spacing: its (row, column) spacing in mm, or None when already at the target.
+    target_spacing: mm per stored pixel.
+    size: side of the stored square; a larger resampled slice is centre-cropped.
+  """
+  if height < 1 or width < 1:
+    raise ValueError(f"cannot fit an empty slice of shape ({height}, {width})")
+  rh, rw = resampled_size(height, width, spacing, target_spacing)
+  return place_geometry(height, width, rh, rw, size, size)
+
+
+def grown_canvas(resized_height: int, resized_width: int, size: int) -> tuple[int, int]:
+  """The serving canvas: the square, grown per axis to the next multiple of `size`.
+
+  Multiples of `size` stay divisible by the U-Net's 2**depth, as `size` is.
+  """
+  return (size * max(1, -(-int(resized_height) // size)),
+          size * max(1, -(-int(resized_width) // size)))
+
+
 def _source_coords(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Bilinear source indices (lo, hi) and weights along one axis, as tf.image.resize."""
   scale = in_size / out_size
@@ -97,23 +169,35 @@ def resize_nearest(x: np.ndarray, height: int, width: int) -> np.ndarray:
   return x[rows][:, cols]
 
 
-def fit_image(image: np.ndarray, geometry: schema.Geometry, size: int,
+def _place(resized: np.ndarray, geometry: schema.Geometry, size, fill, dtype) -> np.ndarray:
+  """Puts `resized` at (pad_top, pad_left) of a `fill` canvas, cropping what lies outside.
+
+  `size` is the square's side, or a (height, width) canvas.
+  """
+  ch, cw = (size, size) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
+  out = np.full((ch, cw), fill, dtype=dtype)
+  top, left = geometry.pad_top, geometry.pad_left
+  # The rows/columns of the resized slice that land on the canvas (all, unless cropped).
+  r0, r1 = max(0, -top), min(geometry.resized_height, ch - top)
+  c0, c1 = max(0, -left), min(geometry.resized_width, cw - left)
+  out[top + r0:top + r1, left + c0:left + c1] = resized[r0:r1, c0:c1]
+  return out
+
+
+def fit_image(image: np.ndarray, geometry: schema.Geometry, size,
               pad_value: float) -> np.ndarray:
-  """Resizes a normalized 2D image (bilinear) and pads it into a size x size square."""
+  """Resizes a normalized 2D image (bilinear) and pads (or crops) it into the square.
+
+  `size`: the square's side, or a (height, width) canvas (`grown_canvas`).
+  """
   resized = resize_bilinear(image, geometry.resized_height, geometry.resized_width)
-  out = np.full((size, size), pad_value, dtype=np.float32)
-  out[geometry.pad_top:geometry.pad_top + geometry.resized_height,
-      geometry.pad_left:geometry.pad_left + geometry.resized_width] = resized
-  return out
+  return _place(resized, geometry, size, pad_value, np.float32)
 
 
-def fit_mask(mask: np.ndarray, geometry: schema.Geometry, size: int) -> np.ndarray:
-  """Resizes a 2D label mask (nearest) and pads it with background into the square."""
+def fit_mask(mask: np.ndarray, geometry: schema.Geometry, size) -> np.ndarray:
+  """Resizes a 2D label mask (nearest) and pads it with background (or crops it)."""
   resized = resize_nearest(mask, geometry.resized_height, geometry.resized_width)
-  out = np.zeros((size, size), dtype=np.uint8)
-  out[geometry.pad_top:geometry.pad_top + geometry.resized_height,
-      geometry.pad_left:geometry.pad_left + geometry.resized_width] = resized
-  return out
+  return _place(resized, geometry, size, 0, np.uint8)
 
 
 def pad_value(method: str, offset: float, scale: float) -> float:
@@ -192,33 +276,88 @@ def tf_fit_geometry(height: tf.Tensor, width: tf.Tensor, size: int) -> dict[str,
           "pad_top": (size - rh) // 2, "pad_left": (size - rw) // 2}
 
 
+def tf_resampled_size(height: tf.Tensor, width: tf.Tensor, spacing: tf.Tensor | None,
+                      target_spacing: float) -> tuple[tf.Tensor, tf.Tensor]:
+  """TF twin of `resampled_size`: int32 scalars; `spacing` float32 [2] or None."""
+  if spacing is None:
+    return tf.cast(height, tf.int32), tf.cast(width, tf.int32)
+  s = tf.cast(tf.cast(spacing, tf.float32), tf.float64)
+  t = tf.constant(float(target_spacing), tf.float64)
+  rh = tf.cast(tf.round(tf.cast(height, tf.float64) * s[0] / t), tf.int32)
+  rw = tf.cast(tf.round(tf.cast(width, tf.float64) * s[1] / t), tf.int32)
+  return tf.maximum(rh, 1), tf.maximum(rw, 1)
+
+
+def tf_spacing_geometry(height: tf.Tensor, width: tf.Tensor, spacing: tf.Tensor | None,
+                        target_spacing: float, size: int,
+                        grow: bool = False) -> dict[str, tf.Tensor]:
+  """TF twin of `spacing_geometry` (grow=False) or of it on `grown_canvas` (grow=True).
+
+  With grow=True the dict also holds "canvas_height" and "canvas_width", which
+  `tf_fit_images` then uses instead of the static square.
+  """
+  rh, rw = tf_resampled_size(height, width, spacing, target_spacing)
+  if grow:
+    ch = size * tf.maximum(1, (rh + size - 1) // size)
+    cw = size * tf.maximum(1, (rw + size - 1) // size)
+  else:
+    ch = cw = tf.constant(size, tf.int32)
+  geometry = {"resized_height": rh, "resized_width": rw,
+              "pad_top": (ch - rh) // 2, "pad_left": (cw - rw) // 2}  # floor, as NumPy
+  if grow:
+    geometry.update(canvas_height=ch, canvas_width=cw)
+  return geometry
+
+
 def tf_fit_images(images: tf.Tensor, geometry: dict[str, tf.Tensor], size: int,
                   pad_values: tf.Tensor) -> tf.Tensor:
   """TF twin of `fit_image` for a batch [N, H, W, 1] sharing one geometry.
 
-  `pad_values` is [N, 1, 1, 1] (per-image pad value).
+  `pad_values` is [N, 1, 1, 1] (per-image pad value). The canvas is size x size, or
+  geometry's "canvas_height" x "canvas_width" when present (then not a static shape).
+  Negative pads crop, as in `fit_image`.
   """
-  resized = tf.image.resize(images, tf.stack([geometry["resized_height"],
-                                              geometry["resized_width"]]),
-                            method="bilinear", antialias=False)
+  rh, rw = geometry["resized_height"], geometry["resized_width"]
   top, left = geometry["pad_top"], geometry["pad_left"]
-  bottom = size - geometry["resized_height"] - top
-  right = size - geometry["resized_width"] - left
+  ch = geometry.get("canvas_height", size)
+  cw = geometry.get("canvas_width", size)
+  resized = tf.image.resize(images, tf.stack([rh, rw]), method="bilinear",
+                            antialias=False)
+  # The part on the canvas: everything, unless the slice is larger (a centred crop).
+  r0, r1 = tf.maximum(-top, 0), tf.minimum(rh, ch - top)
+  c0, c1 = tf.maximum(-left, 0), tf.minimum(rw, cw - left)
+  resized = resized[:, r0:r1, c0:c1, :]
+  top, left = top + r0, left + c0
+  bottom = ch - (r1 - r0) - top
+  right = cw - (c1 - c0) - left
   # Pad with zeros, then add the pad value outside the image: one fused op, any dtype.
   padded = tf.pad(resized - pad_values, [[0, 0], [top, bottom], [left, right], [0, 0]])
   out = padded + pad_values
+  if "canvas_height" in geometry:
+    return out
   return tf.ensure_shape(out, [None, size, size, None])
 
 
 def tf_unfit(maps: tf.Tensor, geometry: dict[str, tf.Tensor], height: tf.Tensor,
-             width: tf.Tensor) -> tf.Tensor:
-  """Maps [N, size, size, C] per-class maps back to the original [N, H, W, C] slice.
+             width: tf.Tensor, fill: tf.Tensor | None = None) -> tf.Tensor:
+  """Maps [N, h, w, C] per-class maps on the canvas back to the original [N, H, W, C].
 
   Crops the padding, then resizes bilinearly (for probabilities or logits; take the argmax
-  afterwards to get labels).
+  afterwards to get labels). Where the slice was cropped to fit the square (negative
+  pads), the part never seen by the model gets `fill` ([C], e.g. background probability
+  1; zeros when None) before the resize.
   """
+  rh, rw = geometry["resized_height"], geometry["resized_width"]
   top, left = geometry["pad_top"], geometry["pad_left"]
-  cropped = maps[:, top:top + geometry["resized_height"],
-                 left:left + geometry["resized_width"], :]
+  h, w = tf.shape(maps)[1], tf.shape(maps)[2]
+  # Extend the maps over the cropped-away border (zero-sized unless there was a crop).
+  extend = [[0, 0], [tf.maximum(-top, 0), tf.maximum(top + rh - h, 0)],
+            [tf.maximum(-left, 0), tf.maximum(left + rw - w, 0)], [0, 0]]
+  extended = tf.pad(maps, extend)
+  if fill is not None:
+    outside = 1.0 - tf.pad(tf.ones_like(maps[..., :1]), extend)
+    extended = extended + outside * tf.cast(fill, maps.dtype)  # + 0 on the canvas: exact
+  top, left = top + extend[1][0], left + extend[2][0]
+  cropped = extended[:, top:top + rh, left:left + rw, :]
   return tf.image.resize(cropped, tf.stack([height, width]), method="bilinear",
                          antialias=False)

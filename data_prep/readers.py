@@ -42,14 +42,17 @@ class Case:
     case_id: the file stem (nnU-Net channel suffix removed).
     image: float32 [S, H, W] raw intensities in display order.
     mask: int32 [S, H, W] labels in display order, or None (prediction-time reading).
-    spacing: (row mm, column mm) of every slice; (1.0, 1.0) for 2D files, which carry
-      no reliable spacing.
+    spacing: (row mm, column mm) of every slice: from the affine for NIfTI; for 2D files,
+      which carry no reliable spacing, the one the caller gives (`--spacing_2d_mm`), else
+      (1.0, 1.0).
     image_path: the source image file.
     mask_path: the source mask file, or None.
     kind: "2d" or "3d".
     affine: [4, 4] affine of a NIfTI volume (None for 2D).
     original_shape: shape of the stored array before reorientation.
     transform: orientation transform for `orientation.from_display` (None for 2D).
+    spacing_known: False for a 2D file read without a given spacing: its (1.0, 1.0) is a
+      placeholder, not a measurement, and must not be resampled from.
   """
   case_id: str
   image: np.ndarray
@@ -61,6 +64,38 @@ class Case:
   affine: Optional[np.ndarray] = None
   original_shape: tuple[int, ...] = ()
   transform: Optional[np.ndarray] = None
+  spacing_known: bool = True
+
+
+SPACING_HELP = "one value in mm per pixel, or ROW,COLUMN, e.g. 0.9 or 0.9,1.1"
+
+
+def parse_spacing_mm(text: Optional[str], flag: str = "--spacing_2d_mm"
+                     ) -> Optional[tuple[float, float]]:
+  """Parses a spacing flag into (row mm, column mm); None or "" gives None.
+
+  Raises:
+    ValueError: naming the flag, the value and the expected form.
+  """
+  if text is None or not str(text).strip():
+    return None
+  parts = str(text).split(",")
+  try:
+    values = [float(p) for p in parts]
+  except ValueError:
+    values = []
+  if len(values) not in (1, 2) or not all(np.isfinite(v) and v > 0 for v in values):
+    raise ValueError(f"{flag}={text!r}: expected {SPACING_HELP} (positive numbers)")
+  return (values[0], values[-1])
+
+
+def _check_spacing(spacing) -> Optional[tuple[float, float]]:
+  if spacing is None:
+    return None
+  values = tuple(float(v) for v in spacing)
+  if len(values) != 2 or not all(np.isfinite(v) and v > 0 for v in values):
+    raise ValueError(f"expected a positive (row, column) spacing in mm, found {spacing}")
+  return values
 
 
 def split_name(path: str | os.PathLike) -> tuple[str, str]:
@@ -161,13 +196,21 @@ def _as_int_mask(data: np.ndarray, path: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------- public API
 
-def read_image(path: str | os.PathLike) -> Case:
+def read_image(path: str | os.PathLike,
+               spacing_2d: Optional[tuple[float, float]] = None) -> Case:
   """Reads one image (2D file or NIfTI volume) without a mask, for prediction.
+
+  Args:
+    path: the image file.
+    spacing_2d: (row mm, column mm) of a 2D file's pixels (ignored for NIfTI, whose
+      affine says); None: unknown (`Case.spacing_known` False).
 
   Raises:
     InputError: unreadable file, wrong dimensionality, multi-channel, NaN/Inf values.
+    ValueError: a spacing_2d that is not two positive numbers.
   """
   path = str(path)
+  spacing_2d = _check_spacing(spacing_2d)
   case_id = case_id_of(path)
   if is_nifti(path):
     affine, data = _load_nifti(path, "image")
@@ -188,17 +231,21 @@ def read_image(path: str | os.PathLike) -> Case:
   if data.ndim != 2:
     raise InputError(f"{path}: expected a 2D grayscale image, found shape {data.shape}")
   image = _as_float_image(data, path)
-  return Case(case_id=case_id, image=image[None], mask=None, spacing=(1.0, 1.0),
-              image_path=path, kind="2d", original_shape=data.shape)
+  return Case(case_id=case_id, image=image[None], mask=None,
+              spacing=spacing_2d or (1.0, 1.0), image_path=path, kind="2d",
+              original_shape=data.shape, spacing_known=spacing_2d is not None)
 
 
-def read_case(image_path: str | os.PathLike, mask_path: str | os.PathLike) -> Case:
+def read_case(image_path: str | os.PathLike, mask_path: str | os.PathLike,
+              spacing_2d: Optional[tuple[float, float]] = None) -> Case:
   """Reads an image and its label mask into one display-order `Case`.
+
+  `spacing_2d` as for `read_image`.
 
   Raises:
     InputError: either file is unusable, or the two disagree in shape or affine.
   """
-  case = read_image(image_path)
+  case = read_image(image_path, spacing_2d)
   mask_path = str(mask_path)
   if case.kind == "3d":
     if not is_nifti(mask_path):

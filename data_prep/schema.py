@@ -174,7 +174,8 @@ def apply_label_map(mask, mapping: dict[int, int], source: str):
 
 # Feature keys. Geometry keys describe how the stored square slice maps back to the
 # original slice: original (height, width) -> resized (height, width) by `scale`, then
-# padded by (pad_top, pad_left) into the square.
+# padded by (pad_top, pad_left) into the square; a negative pad is a centred crop (a slice
+# resampled to `--target_spacing_mm` that is larger than the square).
 IMAGE = "image/raw_float32"
 MASK = "mask/raw_uint8"
 HEIGHT = "image/height"
@@ -214,7 +215,12 @@ def shard_pattern(split: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-  """How a stored square slice maps back to the original slice."""
+  """How a stored square slice maps back to the original slice.
+
+  The resized slice's pixel (r, c) is the square's (pad_top + r, pad_left + c). Negative
+  pads (only with a target spacing) mean the resized slice is larger than the square and
+  was centre-cropped: `valid_region` and `preprocess.tf_unfit` handle both signs.
+  """
   original_height: int
   original_width: int
   resized_height: int

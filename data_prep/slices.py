@@ -71,8 +71,9 @@ def describe_stats(acc: list[float]) -> dict[str, float]:
 
 def process_case(image_path: str, mask_path: str, *, image_size: int, normalization: str,
                  required_labels: Sequence[int], label_map: dict[int, int],
-                 annotated_labels: Sequence[int] = tuple(range(schema.NUM_CLASSES))
-                 ) -> CaseResult:
+                 annotated_labels: Sequence[int] = tuple(range(schema.NUM_CLASSES)),
+                 target_spacing_mm: Optional[float] = None,
+                 spacing_2d_mm: Optional[tuple[float, float]] = None) -> CaseResult:
   """Reads one case and turns its kept slices into serialized examples.
 
   Args:
@@ -85,6 +86,9 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
       must be 0..2).
     annotated_labels: the classes this folder outlines (background implied); a mask
       holding another class is a label error. Stored with every example.
+    target_spacing_mm: resample every slice to this many mm per pixel before fitting
+      it into the square (`preprocess.spacing_geometry`); None: fit by the longer side.
+    spacing_2d_mm: (row, column) mm per pixel of 2D files (NIfTI: from the affine).
 
   Returns:
     A CaseResult. Input problems are reported in `error` (the case is skipped), label
@@ -93,7 +97,11 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
   result = CaseResult(case_id=readers.case_id_of(image_path), image_path=image_path,
                       mask_path=mask_path)
   try:
-    case = readers.read_case(image_path, mask_path)
+    case = readers.read_case(image_path, mask_path, spacing_2d=spacing_2d_mm)
+    if target_spacing_mm is not None and not case.spacing_known:
+      result.fatal = (f"{image_path}: --target_spacing_mm={target_spacing_mm} needs the "
+                      f"pixel spacing of 2D images, which carry none; pass --spacing_2d_mm")
+      return result
     mask = schema.apply_label_map(case.mask, label_map, mask_path)
     stray = sorted(set(np.unique(mask).tolist()) - {0} - set(annotated_labels))
     if stray:
@@ -115,7 +123,11 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
   offset, scale = preprocess.normalization_params(case.image, normalization)
   result.norm_offset, result.norm_scale = offset, scale
   pad = preprocess.pad_value(normalization, offset, scale)
-  geometry = preprocess.fit_geometry(case.image.shape[1], case.image.shape[2], image_size)
+  if target_spacing_mm is None:
+    geometry = preprocess.fit_geometry(case.image.shape[1], case.image.shape[2], image_size)
+  else:  # Every stored pixel covers target_spacing_mm; what overflows the square is cut.
+    geometry = preprocess.spacing_geometry(case.image.shape[1], case.image.shape[2],
+                                           case.spacing, target_spacing_mm, image_size)
   for index in range(case.image.shape[0]):
     missing = missing_labels(mask[index], required_labels)
     if missing:

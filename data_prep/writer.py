@@ -33,6 +33,7 @@ import collections
 import contextlib
 import errno
 import hashlib
+import math
 import multiprocessing
 import os
 import pathlib
@@ -380,6 +381,8 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
                     compression: str = "none", overwrite: bool = False,
                     dry_run: bool = False, strict: bool = False,
                     case_id_regex: Optional[str] = None,
+                    target_spacing_mm: Optional[float] = None,
+                    spacing_2d_mm: Optional[Sequence[float]] = None,
                     progress: bool = True,
                     log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
   """Converts paired image/mask folders into sharded TFRecords plus `dataset.json`.
@@ -405,6 +408,11 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
       would be written (its shards have no sha256).
     strict: fail on any skipped file (orphan, unreadable or mismatched pair).
     case_id_regex: groups cases for splitting (first group, or the whole match).
+    target_spacing_mm: resample every slice to this many mm per pixel, then centre it in
+      the square (padded, or cropped where larger); stored in dataset.json. None: fit
+      each slice by its longer side (the shards are then those of earlier versions).
+    spacing_2d_mm: (row, column) mm per pixel of 2D images, stored with each example
+      (NIfTI volumes take theirs from the affine); required for 2D with a target spacing.
     progress: draw a progress bar on stderr.
     log: receives one-line notices (leftovers of a killed run removed); default stderr.
 
@@ -430,6 +438,13 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
                  num_shards, examples_per_shard, num_workers, required_labels)
   if num_shards is None and examples_per_shard is None:
     examples_per_shard = DEFAULT_EXAMPLES_PER_SHARD
+  if target_spacing_mm is not None:
+    target_spacing_mm = float(target_spacing_mm)
+    if not (math.isfinite(target_spacing_mm) and target_spacing_mm > 0):
+      raise ValueError(f"--target_spacing_mm must be a positive number of mm, found "
+                       f"{target_spacing_mm}")
+  if spacing_2d_mm is not None:
+    spacing_2d_mm = tuple(float(v) for v in spacing_2d_mm)
   mapping = schema.parse_label_map(label_map)
   if case_id_regex:
     re.compile(case_id_regex)
@@ -445,6 +460,11 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
   if len(kinds) > 1:
     raise ConversionError(f"{images_dir}: mixes 2D images and NIfTI volumes; convert them "
                           "separately (their normalization differs: per image vs volume)")
+  if target_spacing_mm is not None and kinds == {"2d"} and spacing_2d_mm is None:
+    raise ConversionError(
+        f"{images_dir}: --target_spacing_mm={target_spacing_mm} resamples every slice to "
+        "that spacing, but 2D images carry no pixel spacing; pass --spacing_2d_mm (mm per "
+        "pixel of these images, ROW[,COLUMN])")
   groups = {cid: group_of(cid, case_id_regex) for cid, _, _ in pairs}
   split_of = assign_splits(list(groups.values()), val_fraction, test_fraction, seed)
 
@@ -469,7 +489,8 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
                   for s in schema.SPLITS}
     kwargs = dict(image_size=image_size, normalization=normalization,
                   required_labels=required_labels, label_map=mapping,
-                  annotated_labels=annotated_labels)
+                  annotated_labels=annotated_labels, target_spacing_mm=target_spacing_mm,
+                  spacing_2d_mm=spacing_2d_mm)
     tasks = [(img, msk, kwargs) for _, img, msk in pairs]
     bar = fileio.Progress(len(tasks), "convert", unit="cases", enabled=progress)
     acc = _Accumulator(split_of, groups)
@@ -504,7 +525,8 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
                  test_fraction=test_fraction, seed=seed, num_shards=num_shards,
                  examples_per_shard=examples_per_shard, image_size=image_size,
                  normalization=normalization, compression=compression, strict=strict,
-                 case_id_regex=case_id_regex or "")
+                 case_id_regex=case_id_regex or "", target_spacing_mm=target_spacing_mm,
+                 spacing_2d_mm=list(spacing_2d_mm) if spacing_2d_mm else None)
     manifest = acc.manifest(flags, split_info, orphans, kinds.pop(), image_size,
                             normalization, compression)
     if not dry_run:
@@ -572,6 +594,8 @@ class _Accumulator:
         splits=split_info, extra={
         "normalization": {"percentiles": list(preprocess.PERCENTILES)},
         "input_kind": kind,
+        # mm per stored pixel (None: slices fitted by their longer side, any mm/pixel).
+        "target_spacing_mm": flags["target_spacing_mm"],
         "annotated_labels": flags["annotated_labels"],
         "flags": flags,
         "class_pixel_counts": dict(self.class_counts, all=all_counts),

@@ -36,6 +36,10 @@ _SPLIT = flags.DEFINE_string("split", "val", help="Split of --data_dir to score.
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, help="Write the scores here.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, help="Slices per model call.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, help="Replace an existing JSON.")
+_SPACING_2D_MM = flags.DEFINE_string(
+    "spacing_2d_mm", None, help="mm per pixel of 2D images in --images_dir (one value, "
+    "or ROW,COLUMN); required for them when the model was trained with spine-convert "
+    "--target_spacing_mm. NIfTI volumes carry their own spacing.")
 
 
 def _fail(message: str) -> None:
@@ -68,6 +72,14 @@ def main(argv):
     raise app.UsageError("--images_dir and --masks_dir go together")
   if _DATA_DIR.value and _LABEL_MAP.value:
     raise app.UsageError("--label_map applies to --masks_dir only")
+  if _DATA_DIR.value and _SPACING_2D_MM.value:
+    raise app.UsageError("--spacing_2d_mm applies to --images_dir only (a converted "
+                         "dataset stores its spacing)")
+  from data_prep import readers  # pylint: disable=g-import-not-at-top
+  try:
+    spacing_2d = readers.parse_spacing_mm(_SPACING_2D_MM.value)
+  except ValueError as e:
+    _fail(str(e))
   if _BATCH_SIZE.value < 1:
     raise app.UsageError(f"--batch_size must be >= 1, found {_BATCH_SIZE.value}")
   out_json = pathlib.Path(_OUTPUT_JSON.value) if _OUTPUT_JSON.value else None
@@ -94,7 +106,7 @@ def main(argv):
     if folders:
       report = evaluate_lib.evaluate_folders(
           model, _IMAGES_DIR.value, _MASKS_DIR.value, label_map=label_map,
-          batch_size=_BATCH_SIZE.value)
+          batch_size=_BATCH_SIZE.value, spacing_2d_mm=spacing_2d)
     else:
       report = evaluate_lib.evaluate_split(model, _DATA_DIR.value, _SPLIT.value,
                                            batch_size=_BATCH_SIZE.value)

@@ -53,8 +53,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def evaluate_folders(model, images_dir: str, masks_dir: str, *,
                      label_map: dict[int, int] | None = None, batch_size: int = 8,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True,
+                     spacing_2d_mm: tuple[float, float] | None = None) -> dict[str, Any]:
   """Scores the model on image/mask pairs of two folders.
+
+  Predictions are in each input's own geometry (a model trained at a target spacing
+  resamples with the NIfTI affine's spacing, or `spacing_2d_mm` for 2D files, which such
+  a model refuses without it).
 
   Returns:
     {"cases": [row...], "overall": summarize(rows), "failures": [message...]}; a row
@@ -73,13 +78,14 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
   def cases_2d():
     for case_id, image_path, mask_path in pairs:
       try:
-        case = readers.read_case(image_path, mask_path)
+        case = readers.read_case(image_path, mask_path, spacing_2d=spacing_2d_mm)
         gt = schema.apply_label_map(case.mask, label_map or {}, mask_path)
+        spacing = inference.spacing_for(model, case)
         if case.kind == "2d":
           gt_masks[image_path] = gt[0]
           yield case
           continue
-        pred = inference.segment_volume(model, case.image)
+        pred = inference.segment_volume(model, case.image, spacing)
         spacing = orientation.display_voxel_sizes(case.affine, case.transform)
         rows.append(_case_row(case_id, "3d", metrics.counts(pred, gt),
                               metrics.hd95_per_class(pred, gt, spacing)))
@@ -126,6 +132,16 @@ def evaluate_split(model, data_dir: str, split: str, *,
                      f"squares, the SavedModel was exported for {model_size} px; evaluate "
                      "it on a dataset converted with --image_size="
                      f"{model_size}, or use --images_dir/--masks_dir")
+  model_target = getattr(model, "spineseg_target_spacing_mm", None)
+  data_target = manifest.get("target_spacing_mm")
+  if (model_target is None) != (data_target is None) or (
+      model_target is not None and abs(model_target - data_target) > 1e-6):
+    def say(t):
+      return "no target spacing" if t is None else f"{t:g} mm per pixel"
+    raise ValueError(f"{manifest_lib.path_of(data_dir)}: the dataset was converted at "
+                     f"{say(data_target)}, the SavedModel was trained at "
+                     f"{say(model_target)}; convert it with the model's "
+                     "--target_spacing_mm, or use --images_dir/--masks_dir")
   ds = tf.data.TFRecordDataset(
       shards, compression_type=manifest_lib.compression_type(manifest)).map(parse)
   counts: dict[str, np.ndarray] = {}

@@ -3,7 +3,10 @@
 Shared by `spine-predict` and `spine-evaluate`. Uses only the SavedModel's signatures
 (never the training code): `serving_default` for 2D slices, `segment_volume` for the
 slices of one NIfTI volume (normalization statistics over the whole volume, as the
-converter computes them).
+converter computes them). A model trained at a target spacing (`spine-convert
+--target_spacing_mm`) gets each input's in-plane spacing through `segment_spacing` /
+`segment_volume_spacing` (NIfTI: from the affine, in display order; 2D files: the
+caller's `--spacing_2d_mm`, without which a 2D input is refused for such a model).
 """
 from __future__ import annotations
 
@@ -79,13 +82,35 @@ def _image_size(loaded: Any, metadata: dict[str, Any], path: pathlib.Path) -> in
   return None
 
 
+def _target_spacing(loaded: Any, metadata: dict[str, Any],
+                    path: pathlib.Path) -> float | None:
+  """mm per pixel the model works at: metadata first, else the graph's variable."""
+  if "target_spacing_mm" in metadata:
+    value = metadata["target_spacing_mm"]
+    if value is None:
+      return None
+    try:
+      value = float(value)
+    except (TypeError, ValueError):
+      value = float("nan")
+    if not 0 < value < float("inf"):
+      raise InputError(f"{path / METADATA_FILE}: target_spacing_mm must be a positive "
+                       f"number or null, found {metadata['target_spacing_mm']!r}")
+    return value
+  variable = getattr(loaded, "target_spacing_mm", None)  # exports before the metadata
+  if variable is not None and float(variable.numpy()) > 0:
+    return float(variable.numpy())
+  return None
+
+
 def load_saved_model(path: str | os.PathLike) -> Any:
   """Loads an exported spineseg SavedModel.
 
   Besides its signatures the returned object carries `spineseg_metadata` (the dict of
-  `assets.extra/spineseg.json`, {} if absent) and `spineseg_image_size` (the square side
+  `assets.extra/spineseg.json`, {} if absent), `spineseg_image_size` (the square side
   in pixels the model was exported for, or None if unknown), so that callers can refuse
-  data prepared at another size.
+  data prepared at another size, and `spineseg_target_spacing_mm` (mm per pixel the
+  model was trained at, or None: it fits slices by their longer side).
 
   Raises:
     InputError: the folder is missing, holds no SavedModel, cannot be loaded, lacks
@@ -107,6 +132,8 @@ def load_saved_model(path: str | os.PathLike) -> Any:
                      f"{sorted(loaded.signatures)} (export it with spine-export)")
   loaded.spineseg_metadata = _read_metadata(path)
   loaded.spineseg_image_size = _image_size(loaded, loaded.spineseg_metadata, path)
+  loaded.spineseg_target_spacing_mm = _target_spacing(loaded, loaded.spineseg_metadata,
+                                                      path)
   return loaded
 
 
@@ -128,7 +155,7 @@ def list_inputs(path: str | os.PathLike) -> list[pathlib.Path]:
   return sorted(files, key=lambda p: readers.natural_key(p.name))
 
 
-def _read_npy_image(path: str) -> readers.Case:
+def _read_npy_image(path: str, spacing_2d: tuple[float, float] | None) -> readers.Case:
   try:
     data = np.load(path, allow_pickle=False)
   except Exception as e:  # NumPy raises several types for a corrupt file.
@@ -144,32 +171,69 @@ def _read_npy_image(path: str) -> readers.Case:
   if not np.all(np.isfinite(image)):
     raise InputError(f"{path}: expected finite intensities, found NaN/Inf")
   return readers.Case(case_id=readers.split_name(path)[0], image=image[None], mask=None,
-                      spacing=(1.0, 1.0), image_path=path, kind="2d",
-                      original_shape=data.shape)
+                      spacing=spacing_2d or (1.0, 1.0), image_path=path, kind="2d",
+                      original_shape=data.shape, spacing_known=spacing_2d is not None)
 
 
-def read_input(path: str | os.PathLike) -> readers.Case:
+def read_input(path: str | os.PathLike,
+               spacing_2d: tuple[float, float] | None = None) -> readers.Case:
   """Reads a 2D slice (PNG/JPEG/TIFF/.npy) or a NIfTI volume, in display order.
+
+  `spacing_2d`: (row, column) mm per pixel of a 2D file; None: unknown.
 
   Raises:
     InputError: naming the file (unreadable, RGB, wrong rank, 2D/4D NIfTI, ...).
   """
   path = str(path)
   if readers.split_name(path)[1] == ".npy":
-    return _read_npy_image(path)
-  return readers.read_image(path)
+    return _read_npy_image(path, spacing_2d)
+  return readers.read_image(path, spacing_2d)
 
 
-def segment_slices(model: Any, images: np.ndarray) -> np.ndarray:
-  """Label masks uint8 [N, H, W] of raw slices [N, H, W] sharing one size."""
+def spacing_for(model: Any, case: readers.Case) -> tuple[float, float] | None:
+  """The spacing to send with a case's slices, or None when the model needs none.
+
+  Raises:
+    InputError: the model works at a target spacing and the case is a 2D file whose
+      spacing was not given (`--spacing_2d_mm`): guessing would mis-scale it silently.
+  """
+  target = getattr(model, "spineseg_target_spacing_mm", None)
+  if target is None:
+    return None  # fitted by the longer side: the spacing changes nothing
+  if not case.spacing_known:
+    raise InputError(f"{case.image_path}: a 2D image carries no pixel spacing and the "
+                     f"model works at {target:g} mm per pixel; pass --spacing_2d_mm "
+                     f"({readers.SPACING_HELP})")
+  return tuple(float(v) for v in case.spacing)
+
+
+def _call(model: Any, plain: str, with_spacing: str, images: np.ndarray,
+          spacing: tuple[float, float] | None) -> np.ndarray:
   x = tf.constant(np.asarray(images, dtype=np.float32)[..., None])
-  return model.signatures["serving_default"](images=x)["mask"].numpy()
+  # Exports before spacing inputs had no target spacing either: nothing to resample.
+  if spacing is None or with_spacing not in model.signatures:
+    return model.signatures[plain](images=x)["mask"].numpy()
+  return model.signatures[with_spacing](
+      images=x, spacing=tf.constant(spacing, tf.float32))["mask"].numpy()
 
 
-def segment_volume(model: Any, volume: np.ndarray) -> np.ndarray:
-  """Label mask uint8 [S, H, W] of one volume's display-order slices [S, H, W]."""
-  x = tf.constant(np.asarray(volume, dtype=np.float32)[..., None])
-  return model.signatures["segment_volume"](images=x)["mask"].numpy()
+def segment_slices(model: Any, images: np.ndarray,
+                   spacing: tuple[float, float] | None = None) -> np.ndarray:
+  """Label masks uint8 [N, H, W] of raw slices [N, H, W] sharing one size.
+
+  `spacing`: their (row, column) mm per pixel (`spacing_for`); None: `serving_default`,
+  which takes them to be at the model's target spacing.
+  """
+  return _call(model, "serving_default", "segment_spacing", images, spacing)
+
+
+def segment_volume(model: Any, volume: np.ndarray,
+                   spacing: tuple[float, float] | None = None) -> np.ndarray:
+  """Label mask uint8 [S, H, W] of one volume's display-order slices [S, H, W].
+
+  `spacing`: the slices' in-plane (row, column) mm (`spacing_for`), or None.
+  """
+  return _call(model, "segment_volume", "segment_volume_spacing", volume, spacing)
 
 
 def orientation_back(case: readers.Case, mask: np.ndarray) -> np.ndarray:
@@ -181,19 +245,20 @@ def segment_cases_2d(model: Any, cases: Iterable[readers.Case],
                      batch_size: int) -> Iterable[tuple[readers.Case, np.ndarray]]:
   """Yields (case, mask [H, W]) for 2D cases, batching slices of equal size together.
 
-  Slices of one size wait in a bucket until it holds `batch_size` (a signature call
-  takes one size); leftovers are flushed at the end. Order of the results is therefore
-  not the input order.
+  Slices of one size and spacing wait in a bucket until it holds `batch_size` (a
+  signature call takes one size and one spacing); leftovers are flushed at the end.
+  Order of the results is therefore not the input order. Check each case with
+  `spacing_for` before: here an unknown spacing fails the whole batch.
   """
-  buckets: dict[tuple[int, int], list[readers.Case]] = {}
+  buckets: dict[tuple, list[readers.Case]] = {}
 
   def flush(key):
     batch = buckets.pop(key)
-    masks = segment_slices(model, np.stack([c.image[0] for c in batch]))
+    masks = segment_slices(model, np.stack([c.image[0] for c in batch]), key[2])
     yield from zip(batch, masks)
 
   for case in cases:
-    key = case.image.shape[1:]
+    key = tuple(case.image.shape[1:]) + (spacing_for(model, case),)
     buckets.setdefault(key, []).append(case)
     if len(buckets[key]) >= batch_size:
       yield from flush(key)

@@ -2,7 +2,9 @@
 
   spine-predict --saved_model=models/spineseg/1 --input=scans/ --output=masks/ --overlay
 
-Input: one 2D slice (PNG/JPEG/TIFF/.npy), one NIfTI volume, or a folder of them.
+Input: one 2D slice (PNG/JPEG/TIFF/.npy), one NIfTI volume, or a folder of them. A model
+trained at a target spacing (spine-convert --target_spacing_mm) resamples each input from
+its own spacing (NIfTI: the affine; 2D: --spacing_2d_mm, required) and maps back.
 `--output` is a folder; for each input `NAME.ext` it receives
   2D:     NAME_mask.png (uint8 labels 0/1/2) and NAME_mask.npy
   NIfTI:  NAME_mask.nii.gz (or .nii): labels with the input's shape, affine, voxel order
@@ -31,6 +33,10 @@ _OUTPUT = flags.DEFINE_string("output", None, help="Output folder (created if ne
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, help="2D slices per model call.")
 _OVERLAY = flags.DEFINE_bool("overlay", False, help="Also write PNG overlays.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, help="Replace existing outputs.")
+_SPACING_2D_MM = flags.DEFINE_string(
+    "spacing_2d_mm", None, help="mm per pixel of 2D inputs (one value, or ROW,COLUMN); "
+    "required for them when the model was trained with spine-convert "
+    "--target_spacing_mm. NIfTI volumes carry their own spacing.")
 
 
 def main(argv):
@@ -38,13 +44,19 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _BATCH_SIZE.value < 1:
     raise app.UsageError(f"--batch_size must be >= 1, found {_BATCH_SIZE.value}")
+  from data_prep import readers  # pylint: disable=g-import-not-at-top
+  try:
+    spacing_2d = readers.parse_spacing_mm(_SPACING_2D_MM.value)
+  except ValueError as e:  # one line, as every other fault
+    print(f"spine-predict: error: {e}", file=sys.stderr)
+    sys.exit(1)
   # Imported here so that --help and flag errors do not pay for loading TensorFlow.
   from export import inference, predict_lib  # pylint: disable=g-import-not-at-top
   try:
     model = inference.load_saved_model(_SAVED_MODEL.value)
     written, failures = predict_lib.predict(
         model, _INPUT.value, _OUTPUT.value, batch_size=_BATCH_SIZE.value,
-        overlay=_OVERLAY.value, overwrite=_OVERWRITE.value)
+        overlay=_OVERLAY.value, overwrite=_OVERWRITE.value, spacing_2d_mm=spacing_2d)
   except predict_lib.OutputError as e:
     if e.written:
       print(f"spine-predict: wrote {len(e.written)} files to {_OUTPUT.value}")

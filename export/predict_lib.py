@@ -1,6 +1,7 @@
 """Library of spine-predict: segment files with a SavedModel and write masks/overlays.
 
-Outputs for an input `NAME.ext` in the output folder:
+Outputs for an input `NAME.ext` in the output folder, always in the input's own geometry
+(a model trained at a target spacing resamples inside the graph and maps back):
   2D:     NAME_mask.png (uint8 labels 0/1/2) and NAME_mask.npy
   NIfTI:  NAME_mask.nii.gz (or .nii): labels with the input's shape, affine, voxel order
   overlay (optional): NAME_overlay.png, the slice (or a volume's middle sagittal slice)
@@ -153,7 +154,8 @@ def prepare_output_dir(output_dir: str | os.PathLike) -> pathlib.Path:
 
 def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
             batch_size: int = 8, overlay: bool = False, overwrite: bool = False,
-            progress: bool = True) -> tuple[list[pathlib.Path], list[tuple[str, str]]]:
+            progress: bool = True, spacing_2d_mm: tuple[float, float] | None = None
+            ) -> tuple[list[pathlib.Path], list[tuple[str, str]]]:
   """Segments every input and writes the masks.
 
   Args:
@@ -164,6 +166,8 @@ def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike,
     overlay: also write PNG overlays.
     overwrite: replace existing outputs (otherwise such an input is a failure).
     progress: print a progress bar on stderr.
+    spacing_2d_mm: (row, column) mm per pixel of the 2D inputs; a model trained at a
+      target spacing refuses 2D inputs without it (NIfTI volumes carry theirs).
 
   Returns:
     (written, failures): the files written, and (input path, message) per failed input;
@@ -215,7 +219,8 @@ def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike,
   def cases_2d():
     for path, paths in targets.items():
       try:
-        case = inference.read_input(path)
+        case = inference.read_input(path, spacing_2d_mm)
+        spacing = inference.spacing_for(model, case)
       except inference.InputError as e:
         fail(path, str(e))
         continue
@@ -223,7 +228,7 @@ def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike,
         yield case
         continue
       try:
-        mask = inference.segment_volume(model, case.image)
+        mask = inference.segment_volume(model, case.image, spacing)
         label_image = _nifti_like(inference.orientation_back(case, mask), path)
         items = [(paths["nifti"], lambda p, im=label_image: _write_nifti(p, im))]
         if "overlay" in paths:

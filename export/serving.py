@@ -3,25 +3,39 @@
 A client sends raw pixels; the graph runs the training preprocessing (the TF twins in
 `data_prep.preprocess`: normalization, aspect-preserving resize and pad to the square
 `image_size`), the model, a float32 softmax, and maps the probabilities back to the
-client's geometry. The normalization method and `image_size` are read from the model
-directory's `dataset.json` at export time and baked in as constants, so the SavedModel
-needs no project code and no custom objects to load.
+client's geometry. The normalization method, `image_size` and `target_spacing_mm` are read
+from the model directory's `dataset.json` at export time and baked in as constants, so the
+SavedModel needs no project code and no custom objects to load.
+
+Physical scale. A model converted with `--target_spacing_mm=T` saw T mm per pixel. The
+`*_spacing` signatures take the [row, column] mm per pixel of the slices they receive and
+resample them to T first (`preprocess.tf_spacing_geometry`); a resampled slice larger
+than the square is not cropped but gets a larger canvas (the next multiple of
+`image_size` per axis: the U-Net is fully convolutional), so every pixel gets a label.
+Every other pixel signature assumes its pixels are ALREADY at T mm (no resampling, the
+same canvas rule). For a model without a target spacing, slices are fitted into the
+square by their longer side, as the converter did, and a spacing input is ignored. The
+SavedModel's `target_spacing_mm` variable holds T (0: none).
 
 Signatures (inputs -> outputs):
   serving_default   images float32 [N,H,W,1] (any H, W; one size per call), statistics
                     per image -> probabilities float32 [N,H,W,3], mask uint8 [N,H,W].
+  segment_spacing   images float32 [N,H,W,1], spacing float32 [2] (row, column mm per
+                    pixel, shared by the batch) -> as serving_default.
   segment_uint8     same, for uint8 pixels (a gRPC client sending 8-bit images).
   segment_uint16    same, for uint16 pixels (16-bit PNG/DICOM-like intensities).
   segment_volume    images float32 [S,H,W,1], the sagittal slices of ONE volume;
                     normalization statistics over the whole volume, as the converter does
                     for NIfTI -> same outputs. The model runs in chunks of VOLUME_CHUNK.
+  segment_volume_spacing  images float32 [S,H,W,1], spacing float32 [2] (the in-plane
+                    spacing of the display-order slices) -> as segment_volume.
   segment_png       png string [N] of 1-channel (grayscale) 8- or 16-bit PNGs, sizes may
                     differ -> probabilities [N,Hmax,Wmax,3], mask [N,Hmax,Wmax] (zero-padded
                     at the bottom/right beyond each image), height/width int32 [N].
   segment_examples  serialized tf.Examples of `data_prep.schema` [N] -> probabilities
                     [N,S,S,3] and mask [N,S,S] in the stored square geometry;
                     original_mask [N,Hmax,Wmax] uint8 at each slice's original geometry
-                    (zero-padded), original_height/original_width int32 [N]; case_id
+                    (zero-padded; rows/columns a target-spacing crop cut away: 0), original_height/original_width int32 [N]; case_id
                     string [N], slice_index int64 [N].
 """
 from __future__ import annotations
@@ -48,8 +62,8 @@ VOLUME_CHUNK = 16
 MODEL_FILE = "best.keras"
 # Written next to the SavedModel (TF Serving ignores assets.extra): what was exported.
 METADATA_FILE = "assets.extra/spineseg.json"
-SIGNATURES = ("serving_default", "segment_uint8", "segment_uint16", "segment_volume",
-              "segment_png", "segment_examples")
+SIGNATURES = ("serving_default", "segment_spacing", "segment_uint8", "segment_uint16",
+              "segment_volume", "segment_volume_spacing", "segment_png", "segment_examples")
 
 
 def _pad_to(x: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
@@ -64,11 +78,14 @@ class SegmentationModule(tf.Module):
   """Keras segmentation model plus its preprocessing, with serving signatures."""
 
   def __init__(self, model: keras.Model, *, image_size: int, norm_method: str,
-               num_classes: int = 3):
+               num_classes: int = 3, target_spacing_mm: float | None = None):
     """Wraps `model` (float logits [N,S,S,num_classes] from [N,S,S,1]).
 
+    `target_spacing_mm`: mm per pixel the model was trained at (dataset.json), or None
+    (slices fitted by their longer side).
+
     Raises:
-      ValueError: for an unknown normalization method or a bad image size.
+      ValueError: for an unknown normalization method, a bad image size or spacing.
     """
     super().__init__(name="spineseg")
     if norm_method not in preprocess.NORMALIZATIONS:
@@ -80,6 +97,13 @@ class SegmentationModule(tf.Module):
     self._size = int(image_size)
     self._method = norm_method
     self._classes = int(num_classes)
+    self._target = None if target_spacing_mm is None else float(target_spacing_mm)
+    if self._target is not None and not 0 < self._target < float("inf"):
+      raise ValueError(f"target_spacing_mm must be a positive number, found "
+                       f"{target_spacing_mm}")
+    # Restored with the SavedModel, so a loader knows T even without assets.extra.
+    self.target_spacing_mm = tf.Variable(self._target or 0.0, dtype=tf.float64,
+                                         trainable=False, name="target_spacing_mm")
 
   # --------------------------------------------------------------- building blocks
 
@@ -90,29 +114,45 @@ class SegmentationModule(tf.Module):
 
   def _probabilities_chunked(self, squares: tf.Tensor) -> tf.Tensor:
     n = tf.shape(squares)[0]
+    h, w = tf.shape(squares)[1], tf.shape(squares)[2]  # the square, or a grown canvas
     k = VOLUME_CHUNK
     padded = tf.pad(squares, [[0, (n + k - 1) // k * k - n], [0, 0], [0, 0], [0, 0]])
-    chunks = tf.reshape(padded, [-1, k, self._size, self._size, 1])
+    chunks = tf.reshape(padded, [-1, k, h, w, 1])
     probs = tf.map_fn(
         self._probabilities_square, chunks,
-        fn_output_signature=tf.TensorSpec([k, self._size, self._size, self._classes],
-                                          tf.float32))
-    return tf.reshape(probs, [-1, self._size, self._size, self._classes])[:n]
+        fn_output_signature=tf.TensorSpec([k, None, None, self._classes], tf.float32))
+    return tf.reshape(probs, [-1, h, w, self._classes])[:n]
 
-  def preprocess(self, images: tf.Tensor, per_image: bool = True):
-    """Raw [N,H,W,1] pixels -> (squares [N,S,S,1] float32, geometry dict)."""
+  def preprocess(self, images: tf.Tensor, per_image: bool = True,
+                 spacing: tf.Tensor | None = None):
+    """Raw [N,H,W,1] pixels -> (canvas [N,h,w,1] float32, geometry dict).
+
+    The canvas is the S x S square, except for a model with a target spacing whose
+    resampled slice exceeds it (see the module docstring). `spacing` (float32 [2]) is
+    used only by such a model; None means the pixels are already at its target spacing.
+    """
     x = tf.cast(images, tf.float32)
     offset, scale = preprocess.tf_normalization_params(x, self._method, per_image)
     normalized = preprocess.tf_apply_normalization(x, self._method, offset, scale)
     # Padding holds the normalized value of a raw 0 (air), as in the converter.
     pad = preprocess.tf_apply_normalization(tf.zeros_like(offset), self._method, offset,
                                             scale)
-    geometry = preprocess.tf_fit_geometry(tf.shape(x)[1], tf.shape(x)[2], self._size)
+    if self._target is None:
+      geometry = preprocess.tf_fit_geometry(tf.shape(x)[1], tf.shape(x)[2], self._size)
+    else:
+      if spacing is not None:
+        spacing = tf.convert_to_tensor(spacing, tf.float32)
+        tf.debugging.assert_all_finite(spacing, "spacing must be finite (mm per pixel)")
+        tf.debugging.assert_positive(
+            spacing, message="spacing must hold two positive mm values (row, column)")
+      geometry = preprocess.tf_spacing_geometry(tf.shape(x)[1], tf.shape(x)[2], spacing,
+                                                self._target, self._size, grow=True)
     return preprocess.tf_fit_images(normalized, geometry, self._size, pad), geometry
 
   def _segment(self, images: tf.Tensor, per_image: bool = True,
-               chunked: bool = False) -> dict[str, tf.Tensor]:
-    squares, geometry = self.preprocess(images, per_image)
+               chunked: bool = False, spacing: tf.Tensor | None = None
+               ) -> dict[str, tf.Tensor]:
+    squares, geometry = self.preprocess(images, per_image, spacing)
     if chunked:
       probs_square = self._probabilities_chunked(squares)
     else:
@@ -139,7 +179,16 @@ class SegmentationModule(tf.Module):
   @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32,
                                               name="images")])
   def serve_float32(self, images):
+    """Raw slices, no spacing: taken to be at the model's target spacing (no resampling;
+    for a model without one, fitted by the longer side). Old clients keep working."""
     return self._segment(images)
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, None, None, 1], tf.float32, name="images"),
+      tf.TensorSpec([2], tf.float32, name="spacing")])
+  def segment_spacing(self, images, spacing):
+    """Raw slices of [row, column] `spacing` mm per pixel, resampled to the target."""
+    return self._segment(images, spacing=spacing)
 
   @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.uint8,
                                               name="images")])
@@ -155,6 +204,12 @@ class SegmentationModule(tf.Module):
                                               name="images")])
   def segment_volume(self, images):
     return self._segment(images, per_image=False, chunked=True)
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, None, None, 1], tf.float32, name="images"),
+      tf.TensorSpec([2], tf.float32, name="spacing")])
+  def segment_volume_spacing(self, images, spacing):
+    return self._segment(images, per_image=False, chunked=True, spacing=spacing)
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="png")])
   def segment_png(self, png):
@@ -196,11 +251,14 @@ class SegmentationModule(tf.Module):
     probs = self._probabilities_square(images)
     max_h, max_w = tf.reduce_max(geometry[:, 0]), tf.reduce_max(geometry[:, 1])
 
+    # What a converter crop (target spacing) cut away was never seen: background.
+    background = tf.one_hot(0, self._classes, dtype=tf.float32)
+
     def unfit(args):
       p, g = args
       geo = schema.geometry_fields(g)
       original = preprocess.tf_unfit(p[None], geo, geo["original_height"],
-                                     geo["original_width"])[0]
+                                     geo["original_width"], fill=background)[0]
       return _pad_to(tf.cast(tf.argmax(original, axis=-1), tf.uint8), max_h, max_w)
 
     original_mask = tf.map_fn(unfit, (probs, geometry),
@@ -214,9 +272,11 @@ class SegmentationModule(tf.Module):
     """Concrete functions keyed by signature name, for `tf.saved_model.save`."""
     return {
         "serving_default": self.serve_float32.get_concrete_function(),
+        "segment_spacing": self.segment_spacing.get_concrete_function(),
         "segment_uint8": self.serve_uint8.get_concrete_function(),
         "segment_uint16": self.serve_uint16.get_concrete_function(),
         "segment_volume": self.segment_volume.get_concrete_function(),
+        "segment_volume_spacing": self.segment_volume_spacing.get_concrete_function(),
         "segment_png": self.segment_png.get_concrete_function(),
         "segment_examples": self.segment_examples.get_concrete_function(),
     }
@@ -332,7 +392,8 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
   norm = manifest["normalization"]
   module = SegmentationModule(model, image_size=int(manifest["image_size"]),
                               norm_method=norm["method"],
-                              num_classes=int(manifest["num_classes"]))
+                              num_classes=int(manifest["num_classes"]),
+                              target_spacing_mm=manifest.get("target_spacing_mm"))
   tmp = None
   try:
     export_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -341,6 +402,7 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
     tf.saved_model.save(module, str(tmp), signatures=module.signatures())
     metadata = {"model_dir": str(pathlib.Path(model_dir).resolve()),
                 "image_size": int(manifest["image_size"]), "normalization": norm,
+                "target_spacing_mm": manifest.get("target_spacing_mm"),
                 "num_classes": int(manifest["num_classes"]),
                 "labels": manifest.get("labels", manifest_lib.LABELS),
                 "volume_chunk": VOLUME_CHUNK, "signatures": list(SIGNATURES),

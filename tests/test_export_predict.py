@@ -23,6 +23,7 @@ import export_testlib
 import trainer_testdata
 from data_prep import fileio
 from data_prep import metrics
+from data_prep import readers
 from data_prep import schema
 from export import evaluate_lib
 from export import inference
@@ -279,6 +280,22 @@ def test_evaluate_volumes_dice_and_hd95_against_known_truth(threshold, tmp_path)
   assert row["hd95_mm"]["hd95_disc"] == 0.0
   # Every vertebra surface voxel has its twin exactly one slice away: 2.0 mm, not 0.8/0.9.
   assert row["hd95_mm"]["hd95_vertebra"] == pytest.approx(2.0)
+
+
+def test_spacing_changes_nothing_for_a_model_without_target_spacing(model):
+  # Fitted by the longer side, as its dataset was: a spacing is accepted and ignored, and
+  # 2D inputs need none (tests/test_spacing.py covers models with a target spacing).
+  rng = np.random.default_rng(2)
+  assert model.spineseg_target_spacing_mm is None
+  images = rng.integers(0, 256, (2, 30, 50)).astype(np.uint8)
+  plain = inference.segment_slices(model, images)
+  np.testing.assert_array_equal(inference.segment_slices(model, images, (0.4, 0.9)), plain)
+  volume = _volume(rng)
+  np.testing.assert_array_equal(inference.segment_volume(model, volume, (0.5, 2.0)),
+                                inference.segment_volume(model, volume))
+  unknown = readers.Case(case_id="x", image=images[:1], mask=None, spacing=(1.0, 1.0),
+                         image_path="x.png", spacing_known=False)
+  assert inference.spacing_for(model, unknown) is None  # not refused: nothing to resample
 
 
 def test_saved_model_reports_its_image_size(model, tmp_path):

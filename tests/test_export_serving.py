@@ -48,6 +48,9 @@ calls = {
     "uint8": ("segment_uint8", {"images": inp["images_u8"]}),
     "uint16": ("segment_uint16", {"images": inp["images_u16"]}),
     "volume": ("segment_volume", {"images": inp["volume"]}),
+    "spacing": ("segment_spacing", {"images": inp["images"], "spacing": inp["spacing"]}),
+    "volume_spacing": ("segment_volume_spacing", {"images": inp["volume"],
+                                                  "spacing": inp["spacing"]}),
     "png": ("segment_png", {"png": blobs("png")}),
     "examples": ("segment_examples", {"examples": blobs("example")}),
 }
@@ -134,7 +137,8 @@ def test_signatures_in_fresh_tensorflow_only_process(exported, tmp_path):
     ex_images.append(image)
     ex_geos.append(geo)
   np.savez(tmp_path / "inputs.npz", images=images_u8.astype(np.float32),
-           images_u8=images_u8, images_u16=images_u16, volume=volume)
+           images_u8=images_u8, images_u16=images_u16, volume=volume,
+           spacing=np.array([0.5, 0.7], np.float32))
   script = tmp_path / "check.py"
   script.write_text(CHECK_SCRIPT)
   proc = subprocess.run([sys.executable, "-I", str(script), str(export_dir), str(tmp_path)],
@@ -151,6 +155,10 @@ def test_signatures_in_fresh_tensorflow_only_process(exported, tmp_path):
   # The volume shares one set of statistics over all its slices.
   _assert_matches(out["volume/probabilities"], out["volume/mask"],
                   _reference(model, volume[..., 0], per_image=False))
+  # A model without a target spacing ignores the spacing input: the same outputs.
+  for name in ("probabilities", "mask"):
+    np.testing.assert_array_equal(out[f"spacing/{name}"], out[f"default/{name}"])
+    np.testing.assert_array_equal(out[f"volume_spacing/{name}"], out[f"volume/{name}"])
 
   # PNGs of different sizes: each in its own geometry, zero-padded to the largest.
   np.testing.assert_array_equal(out["png/height"], [50, 48])
@@ -328,3 +336,62 @@ def test_mixed_precision_model_serves_float32(tmp_path):
   assert out["probabilities"].dtype == tf.float32
   assert out["probabilities"].shape == (2, 50, 40, 3)
   np.testing.assert_allclose(out["probabilities"].numpy().sum(-1), 1.0, atol=1e-3)
+
+
+TARGET_MM = 0.8
+
+
+@pytest.fixture(scope="module")
+def exported_at_spacing(tmp_path_factory):
+  """The U-Net of `exported`, its dataset converted at TARGET_MM mm per pixel."""
+  root = tmp_path_factory.mktemp("export_spacing")
+  model_dir = export_testlib.write_model_dir(root / "model")
+  manifest.write_json_atomic(model_dir / schema.MANIFEST_NAME, manifest.make(
+      image_size=S, normalization="percentile", per="image", compression="none",
+      splits={}, extra={"target_spacing_mm": TARGET_MM}))
+  export_dir = serving.export(model_dir, root / "serving" / "1")
+  model = keras.models.load_model(model_dir / "best.keras", compile=False)
+  return tf.saved_model.load(str(export_dir)), model
+
+
+def _spacing_reference(model, images, spacing, per_image=True):
+  """NumPy twin of the spacing signatures: the converter's resampling on the serving
+  canvas (`grown_canvas`), the Keras model, then a NumPy crop-and-resize back."""
+  method = "percentile"
+  images = np.asarray(images, np.float32)
+  h, w = images.shape[1:3]
+  rh, rw = preprocess.resampled_size(h, w, spacing, TARGET_MM)
+  canvas = preprocess.grown_canvas(rh, rw, S)
+  geo = preprocess.place_geometry(h, w, rh, rw, *canvas)
+  stats = [preprocess.normalization_params(x if per_image else images, method)
+           for x in images]
+  squares = np.stack([
+      preprocess.fit_image(preprocess.apply_normalization(x, method, off, sc), geo, canvas,
+                           preprocess.pad_value(method, off, sc))
+      for x, (off, sc) in zip(images, stats)])
+  return _unfit(_probs(model, squares), geo), geo, canvas
+
+
+def test_spacing_signatures_match_the_converter_resampling(exported_at_spacing):
+  loaded, model = exported_at_spacing
+  rng = np.random.default_rng(4)
+  # 45 x 70 px at 0.5 x 0.6 mm: 28 x 53 px at 0.8 mm (0.6 in float32 is 0.60000002:
+  # 52.500002 px rounds up), wider than the 32 px square: a 32 x 64 canvas, not a crop.
+  images = rng.integers(0, 256, (2, 45, 70, 1)).astype(np.float32)
+  ref, geo, canvas = _spacing_reference(model, images[..., 0], (0.5, 0.6))
+  assert (geo.resized_height, geo.resized_width) == (28, 53) and canvas == (32, 64)
+  out = loaded.signatures["segment_spacing"](images=tf.constant(images),
+                                             spacing=tf.constant([0.5, 0.6]))
+  _assert_matches(out["probabilities"].numpy(), out["mask"].numpy(), ref)
+  # A volume: statistics over all slices; 50 x 40 px at 1.2 x 1.0 mm -> 75 x 50 px.
+  volume = rng.gamma(2.0, 100.0, (3, 50, 40, 1)).astype(np.float32)
+  ref, geo, canvas = _spacing_reference(model, volume[..., 0], (1.2, 1.0), per_image=False)
+  assert canvas == (96, 64)
+  out = loaded.signatures["segment_volume_spacing"](images=tf.constant(volume),
+                                                    spacing=tf.constant([1.2, 1.0]))
+  _assert_matches(out["probabilities"].numpy(), out["mask"].numpy(), ref)
+  # Without a spacing the pixels are taken to be at the target: no resampling.
+  ref, geo, _ = _spacing_reference(model, images[..., 0], (TARGET_MM, TARGET_MM))
+  assert (geo.resized_height, geo.resized_width) == (45, 70)
+  out = loaded.signatures["serving_default"](images=tf.constant(images))
+  _assert_matches(out["probabilities"].numpy(), out["mask"].numpy(), ref)

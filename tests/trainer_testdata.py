@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
+from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -29,12 +30,18 @@ def synthetic_slice(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np
 
 def write_dataset(out_dir, *, num_train: int = 6, num_val: int = 3, image_size: int = 32,
                   compression: str = "none", train_shards: int = 2, seed: int = 0,
-                  train_image_value: float | None = None) -> str:
+                  train_image_value: float | None = None, image_offset: float = 0.0,
+                  annotated: Sequence[int] = (0, 1, 2),
+                  normalization: str = "percentile") -> str:
   """Writes train/val shards and a manifest as spine-convert would; returns the dir.
 
   Every shard's SHA-256 is recorded, as the converter does. `train_image_value` (e.g.
   inf) replaces every pixel of the train images, for a loss that cannot be finite; the
-  random draws stay those of the unpoisoned dataset.
+  random draws stay those of the unpoisoned dataset. `image_offset` is added to every
+  image (a dataset whose slices can be told apart from another's by their values).
+  `annotated` (the classes the masks outline) makes a partially labelled dataset: the
+  other foreground classes are left unlabelled in the masks, as spine-convert
+  --annotated_labels stores them. `normalization` is the method the manifest names.
   """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -52,17 +59,22 @@ def write_dataset(out_dir, *, num_train: int = 6, num_val: int = 3, image_size: 
       with tf.io.TFRecordWriter(str(out / name), options) as writer:
         for i in indices:
           image, mask = synthetic_slice(rng, image_size)
+          image = image + np.float32(image_offset)
+          for c in schema.FOREGROUND:
+            if c not in annotated:
+              mask[mask == c] = 0
           if split == "train" and train_image_value is not None:
             image = np.full_like(image, train_image_value)
           example = schema.make_example(
               image, mask, case_id=f"{split}{i}", slice_index=0, source=f"{split}{i}.png",
-              geometry=geometry, spacing=[1.0, 1.0], norm_method="percentile",
-              norm_offset=0.0, norm_scale=1.0)
+              geometry=geometry, spacing=[1.0, 1.0], norm_method=normalization,
+              norm_offset=0.0, norm_scale=1.0, annotated=annotated)
           writer.write(example.SerializeToString())
       sha256 = hashlib.sha256((out / name).read_bytes()).hexdigest()
       entries.append({"file": name, "examples": len(indices), "sha256": sha256})
     splits[split] = {"cases": count, "slices": count, "shards": entries}
   manifest.write_json_atomic(out / schema.MANIFEST_NAME, manifest.make(
-      image_size=image_size, normalization="percentile", per="image",
-      compression=compression, splits=splits))
+      image_size=image_size, normalization=normalization, per="image",
+      compression=compression, splits=splits,
+      extra={"annotated_labels": sorted({0, *annotated})}))
   return str(out)

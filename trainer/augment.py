@@ -3,7 +3,10 @@
 Geometry (rotation, isotropic scale, translation) is ONE affine matrix applied to both the
 image (bilinear) and the mask (nearest), so labels stay on the anatomy they came from;
 an optional smooth elastic field (off by default) is likewise shared by both.
-Intensity changes (gamma, contrast/brightness, bias field, noise) touch the image only.
+Intensity changes (gamma, contrast/brightness, bias field, noise) touch the image only, as
+do the scanner/sequence changes, all off by default (`random_appearance`: per-region
+contrast remapping, Gaussian blur, low resolution), which let a model trained on one
+sequence (T2) hold up on others (T1, inversion recovery) and on other scanners.
 
 Every random draw is `tf.random.stateless_*` from a [2] int seed, so a given seed yields
 the same result eagerly and inside `tf.data` (tests hold the two to it), and the input
@@ -45,6 +48,19 @@ class AugmentConfig:
   bias_field_prob: float = 0.3
   noise_std: float = 0.05            # max noise std, in units of the image's std
   noise_prob: float = 0.3
+  # Scanner/sequence changes (`random_appearance`), off by default.
+  remap_prob: float = 0.0            # per-region random intensity remapping (SynthSeg-like)
+  blur_prob: float = 0.0
+  blur_max_sigma: float = 1.5        # Gaussian sigma drawn in [0, max], pixels
+  lowres_prob: float = 0.0
+  lowres_max_factor: float = 3.0     # down/upsampling factor drawn in [1, max] per axis
+
+
+# `remap_regions`: offsets b_k are drawn in [-REMAP_MAX_OFFSET, REMAP_MAX_OFFSET] (units of
+# the image's std), and region boundaries are smoothed by a Gaussian of REMAP_EDGE_SIGMA
+# pixels so the remapping paints no artificial edges along the label outlines.
+REMAP_MAX_OFFSET = 1.0
+REMAP_EDGE_SIGMA = 1.0
 
 
 def affine_transforms(size: tf.Tensor, angle: tf.Tensor, scale: tf.Tensor,
@@ -298,6 +314,202 @@ def random_intensity(images, seed, config: AugmentConfig, static_shapes: bool = 
   return _intensity(images, params, noise)
 
 
+def _portable_seed(seed):
+  """The low 31 bits of each seed element, as int64.
+
+  XLA's samplers turn negative seed elements into other keys than TF's (TF and XLA agree
+  on non-negative int32-range seeds), and seeds from `tf.data.Dataset.random` are often
+  negative.
+  """
+  return tf.bitwise.bitwise_and(tf.cast(seed, tf.int64), tf.constant(0x7FFFFFFF, tf.int64))
+
+
+def _portable_uniform(seed, shape, low=0.0, high=1.0):
+  """Uniform in [low, high), the same numbers eagerly, in tf.data and under XLA.
+
+  XLA's float samplers give other numbers than TF's for one seed, its integer samplers
+  the same ones (for a `_portable_seed`): so draw 32 random bits and keep the top 24
+  (exact in float32).
+  """
+  bits = tf.random.stateless_uniform(shape, seed=_portable_seed(seed), minval=None, maxval=None,
+                                     dtype=tf.uint32)
+  unit = tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) * (1.0 / (1 << 24))
+  return low + (high - low) * unit
+
+
+def _gaussian_taps(sigma: tf.Tensor, radius: int) -> tf.Tensor:
+  """[B, 2 radius + 1] normalized sampled Gaussians exp(-t^2 / 2 sigma^2), t = -r..r.
+
+  sigma 0 gives the identity (sigma is floored at 1e-3: every tap but the centre is 0).
+  """
+  t = tf.range(-radius, radius + 1, dtype=tf.float32)[tf.newaxis]
+  sigma = tf.maximum(tf.cast(sigma, tf.float32), 1e-3)[:, tf.newaxis]
+  taps = tf.exp(-0.5 * tf.square(t / sigma))
+  return taps / tf.reduce_sum(taps, axis=1, keepdims=True)
+
+
+def _convolve_axis(x: tf.Tensor, taps: tf.Tensor, axis: int) -> tf.Tensor:
+  """Correlates [B, H, W, C] with symmetric taps ([T] shared or [B, T] per sample) along
+  axis 1 or 2, edges replicated (scipy.ndimage mode 'nearest'). Shifted gathers, not a
+  convolution op: per-sample kernels, any radius, and XLA fuses the sum into one pass."""
+  size = tf.shape(x)[axis]
+  count = taps.shape[-1]
+  radius = (count - 1) // 2
+  out = 0.0
+  for t in range(count):
+    index = tf.clip_by_value(tf.range(size) + (t - radius), 0, size - 1)
+    weight = taps[t] if taps.shape.rank == 1 else _per_sample(taps[:, t])
+    out += weight * tf.gather(x, index, axis=axis)
+  return out
+
+
+def remap_regions(images: tf.Tensor, masks: tf.Tensor, scale: tf.Tensor,
+                  offset: tf.Tensor) -> tf.Tensor:
+  """Maps the intensities of each labelled region through its own affine function.
+
+  Per sample, with x the image, mu and s its mean and std (s floored at 1e-6):
+
+    z = (x - mu) / s
+    R_k = 1 where the mask's class is k (k = 0..NUM_CLASSES-1), else 0; set labels
+          (>= schema.SET_LABEL) and schema.IGNORE_LABEL count as background (k = 0)
+    w_k = G * R_k, G a Gaussian of REMAP_EDGE_SIGMA px (radius 3 sigma, edges
+          replicated); sum_k w_k = 1 everywhere
+    y = sum_k w_k (scale_k z + offset_k)
+    x' = mu + s (y - mean(y)) / max(std(y), 1e-6)
+
+  So pixels farther than 3 REMAP_EDGE_SIGMA px from another region go through one affine
+  map of x per region (a negative scale inverts that region's contrast: discs are bright
+  in T2, dark in T1), boundaries blend smoothly, and the image keeps its mean and std.
+
+  Args:
+    images: float32 [B, H, W, 1].
+    masks: integer [B, H, W, 1] mask values (only read).
+    scale: [B, NUM_CLASSES] slopes a_k.
+    offset: [B, NUM_CLASSES] offsets b_k, in units of the image's std.
+
+  Returns:
+    float32 [B, H, W, 1].
+  """
+  axes = [1, 2, 3]
+  mean = tf.reduce_mean(images, axis=axes, keepdims=True)
+  std = tf.maximum(tf.math.reduce_std(images, axis=axes, keepdims=True), 1e-6)
+  labels = tf.cast(masks[..., 0], tf.int32)
+  labels = tf.where(labels < schema.NUM_CLASSES, labels, 0)
+  regions = tf.one_hot(labels, schema.NUM_CLASSES)  # [B, H, W, K]
+  taps = _gaussian_taps(tf.constant([REMAP_EDGE_SIGMA]),
+                        math.ceil(3 * REMAP_EDGE_SIGMA))[0]
+  weights = _convolve_axis(_convolve_axis(regions, taps, 1), taps, 2)
+  slope = tf.reduce_sum(weights * scale[:, None, None, :], axis=3, keepdims=True)
+  shift = tf.reduce_sum(weights * offset[:, None, None, :], axis=3, keepdims=True)
+  remapped = slope * (images - mean) / std + shift
+  new_mean = tf.reduce_mean(remapped, axis=axes, keepdims=True)
+  new_std = tf.maximum(tf.math.reduce_std(remapped, axis=axes, keepdims=True), 1e-6)
+  return mean + std * (remapped - new_mean) / new_std
+
+
+def gaussian_blur(images: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
+  """Separable Gaussian blur, sigma [B] pixels per sample, taps t = -radius..radius.
+
+  The same as scipy.ndimage.gaussian_filter(x, sigma, mode="nearest", radius=radius).
+  """
+  taps = _gaussian_taps(sigma, radius)
+  return _convolve_axis(_convolve_axis(images, taps, 1), taps, 2)
+
+
+def _area_matrix(side, coarse: tf.Tensor) -> tf.Tensor:
+  """[B, side, side] area downsampling of `side` pixels to coarse[b] (<= side) pixels.
+
+  Row j (< coarse) averages the fine pixels it covers, [j, j + 1) * side / coarse, with
+  fractional weights at its ends (partial volume of a thick voxel; `tf.image.resize`
+  method "area"); rows >= coarse are zero.
+  """
+  width = (tf.cast(side, tf.float32) / coarse)[:, None, None]
+  j = tf.cast(tf.range(side), tf.float32)[None, :, None]
+  p = tf.cast(tf.range(side), tf.float32)[None, None, :]
+  overlap = tf.minimum(p + 1, (j + 1) * width) - tf.maximum(p, j * width)
+  return tf.maximum(overlap, 0.0) / width
+
+
+def _upsample_matrix(side, coarse: tf.Tensor) -> tf.Tensor:
+  """[B, side, side] bilinear upsampling (half-pixel centres, as `tf.image.resize`) of the
+  first coarse[b] pixels to `side` pixels."""
+  position = (tf.cast(tf.range(side), tf.float32)[None] + 0.5) * (
+      coarse[:, None] / tf.cast(side, tf.float32)) - 0.5
+  src = tf.clip_by_value(position, 0.0, coarse[:, None] - 1)
+  low = tf.floor(src)
+  frac = (src - low)[..., None]
+  high = tf.minimum(low + 1, coarse[:, None] - 1)
+  return (tf.one_hot(tf.cast(low, tf.int32), side) * (1 - frac) +
+          tf.one_hot(tf.cast(high, tf.int32), side) * frac)
+
+
+def downsample_upsample(images: tf.Tensor, coarse: tf.Tensor) -> tf.Tensor:
+  """Area-downsamples each image to coarse[b] = (rows, cols) pixels, upsamples it back
+  bilinearly (what `tf.image.resize` "area" then "bilinear" do, with per-sample sizes).
+
+  Dense [B, side, side] operators per axis (static shapes whatever the sizes drawn).
+  """
+  shape = tf.shape(images)
+  coarse = tf.cast(coarse, tf.float32)
+  rows = tf.matmul(_upsample_matrix(shape[1], coarse[:, 0]),
+                   _area_matrix(shape[1], coarse[:, 0]))
+  cols = tf.matmul(_upsample_matrix(shape[2], coarse[:, 1]),
+                   _area_matrix(shape[2], coarse[:, 1]))
+  return tf.einsum("bip,bpqc,bjq->bijc", rows, images, cols)
+
+
+@tf.function(jit_compile=True)
+def _remap_where(images, masks, scale, offset, apply):
+  return _select(apply, remap_regions(images, masks, scale, offset), images)
+
+
+@tf.function(jit_compile=True)
+def _blur_where(images, sigma, apply, radius):
+  return _select(apply, gaussian_blur(images, sigma, radius), images)
+
+
+@tf.function(jit_compile=True)
+def _lowres_where(images, factor, apply):
+  side = tf.cast(tf.shape(images)[1:3], tf.float32)
+  coarse = tf.clip_by_value(tf.round(side / factor), 1.0, side)
+  return _select(apply, downsample_upsample(images, coarse), images)
+
+
+def random_appearance(images, masks, seed, config: AugmentConfig):
+  """How other sequences and scanners show the same anatomy, per sample, image only.
+
+  - remap_prob: `remap_regions` with slopes a_k ~ U[-1, 1] and offsets
+    b_k ~ U[-REMAP_MAX_OFFSET, REMAP_MAX_OFFSET] per region (SynthSeg's random contrast
+    per label, applied to real images: T2 <-> T1 / inversion-recovery contrasts).
+  - blur_prob: `gaussian_blur` with sigma ~ U[0, blur_max_sigma] px (radius
+    ceil(3 blur_max_sigma)): thick slices, low field.
+  - lowres_prob: `downsample_upsample` by factors ~ U[1, lowres_max_factor] drawn per
+    axis (anisotropic acquisitions): coarse size round(side / factor).
+
+  Applied in that order. Every parameter is drawn (integer-based, `_portable_uniform`)
+  whatever is on, so switching one transform on leaves the others' draws alone, and a
+  seed gives the same result eagerly, in tf.data and inside an XLA-compiled step.
+  """
+  seeds = tf.unstack(tf.random.experimental.stateless_split(_portable_seed(seed), 7))
+  batch = tf.shape(images)[:1]
+  classes = tf.concat([batch, [schema.NUM_CLASSES]], 0)
+  scale = _portable_uniform(seeds[0], classes, -1.0, 1.0)
+  offset = _portable_uniform(seeds[1], classes, -REMAP_MAX_OFFSET, REMAP_MAX_OFFSET)
+  remap_on = _portable_uniform(seeds[2], batch) < config.remap_prob
+  sigma = _portable_uniform(seeds[3], batch, 0.0, config.blur_max_sigma)
+  blur_on = _portable_uniform(seeds[4], batch) < config.blur_prob
+  factor = _portable_uniform(seeds[5], tf.concat([batch, [2]], 0), 1.0,
+                             config.lowres_max_factor)
+  lowres_on = _portable_uniform(seeds[6], batch) < config.lowres_prob
+  if config.remap_prob > 0:
+    images = _remap_where(images, masks, scale, offset, remap_on)
+  if config.blur_prob > 0 and config.blur_max_sigma > 0:
+    images = _blur_where(images, sigma, blur_on, math.ceil(3 * config.blur_max_sigma))
+  if config.lowres_prob > 0 and config.lowres_max_factor > 1:
+    images = _lowres_where(images, factor, lowres_on)
+  return images
+
+
 def augment_batch(images: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor,
                   config: AugmentConfig = AugmentConfig(),
                   static_shapes: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
@@ -323,6 +535,12 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor,
   images, masks = random_geometry(images, masks, geo_seed, config)
   if config.elastic_prob > 0 and config.elastic_alpha > 0:
     images, masks = random_elastic(images, masks, elastic_seed, config)
+  if config.remap_prob > 0 or config.blur_prob > 0 or config.lowres_prob > 0:
+    # Its own seed, folded in: the three above stay as they were, so with these
+    # transforms off (the default) the output is what it was before they existed.
+    # Before the gamma/bias/noise changes: those act on whatever contrast comes out.
+    appearance_seed = tf.random.experimental.stateless_fold_in(_portable_seed(seed), 3)
+    images = random_appearance(images, masks, appearance_seed, config)
   return random_intensity(images, int_seed, config, static_shapes), masks
 
 

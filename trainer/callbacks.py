@@ -10,7 +10,7 @@ import pathlib
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import keras
 import numpy as np
@@ -33,13 +33,23 @@ class SplitDice(keras.callbacks.Callback):
   saved. Validation runs the model in cross-replica context on one device of each worker:
   the split is small next to training, and every worker gets the same numbers without
   collectives.
+
+  Several datasets (`dataset` a {name: val split} mapping): each split is scored on its
+  own, logged as `val_<name>_<key>` and printed in a line of its own; `val_<key>` are
+  the figures pooled over all splits (summed counts: `spine-evaluate` over their union),
+  and the model is selected by `val_dice_mean_datasets` (`SELECTION_KEY`), the mean over
+  datasets of each one's `dice_mean` (absent ones skipped), so a small dataset counts as
+  much as a large one. A class a dataset does not annotate is absent from its figures.
   """
 
-  def __init__(self, dataset: tf.data.Dataset, *, num_classes: int,
-               best_path: str | None, best_value: tf.Variable,
+  SELECTION_KEY = "dice_mean_datasets"
+
+  def __init__(self, dataset: tf.data.Dataset | Mapping[str, tf.data.Dataset], *,
+               num_classes: int, best_path: str | None, best_value: tf.Variable,
                image_dir: str | None = None, num_images: int = 4):
     super().__init__()
-    self._dataset = dataset
+    self._several = isinstance(dataset, Mapping)
+    self._datasets = dict(dataset) if self._several else {"": dataset}
     self._num_classes = num_classes
     self._best_path = best_path
     self._best = best_value
@@ -47,7 +57,7 @@ class SplitDice(keras.callbacks.Callback):
     self._num_images = num_images
     self._step = None
 
-  def _counts(self):
+  def _counts(self, dataset: tf.data.Dataset):
     if self._step is None:
       model, num_classes = self.model, self._num_classes
 
@@ -60,7 +70,7 @@ class SplitDice(keras.callbacks.Callback):
       self._step = step
     total = np.zeros((self._num_classes, 3), np.int64)
     shown = []
-    for images, masks in self._dataset:
+    for images, masks in dataset:
       counts, predictions = self._step(images, masks)
       total += counts.numpy()
       if len(shown) < self._num_images:
@@ -69,23 +79,46 @@ class SplitDice(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     logs = logs if logs is not None else {}
-    total, shown = self._counts()
-    summary = metrics.dice(total)
-    for key, value in summary.items():
-      if value != metrics.ABSENT:
-        logs[f"val_{key}"] = value
-    print(f"epoch {epoch + 1}: validation over the whole split: "
-          f"{metrics.format_dice(summary)}", flush=True)
-    mean = summary["dice_mean"]
-    if mean != metrics.ABSENT and mean > float(self._best.numpy()):
-      self._best.assign(mean)
+    pooled = np.zeros((self._num_classes, 3), np.int64)
+    means = []
+    for name, dataset in self._datasets.items():
+      total, shown = self._counts(dataset)
+      pooled += total
+      if self._several:
+        summary = metrics.dice(total)
+        self._log(logs, f"val_{name}_", summary)
+        means.append(summary["dice_mean"])
+        print(f"epoch {epoch + 1}: validation of {name}: {metrics.format_dice(summary)}",
+              flush=True)
+      if self._writer is not None and shown:
+        tag = f"val_overlay_{name}" if self._several else "val_overlay"
+        write_images(self._writer, tag, _overlays(shown, self._num_images), epoch + 1)
+    summary = metrics.dice(pooled)
+    self._log(logs, "val_", summary)
+    if self._several:
+      selected, key = metrics.mean_present(means), f"val_{self.SELECTION_KEY}"
+      if selected != metrics.ABSENT:
+        logs[key] = selected
+      shown_mean = f"{selected:.4f}" if selected != metrics.ABSENT else selected
+      print(f"epoch {epoch + 1}: validation pooled over {len(self._datasets)} datasets: "
+            f"{metrics.format_dice(summary)}; {self.SELECTION_KEY} (mean of their "
+            f"dice_mean) {shown_mean}", flush=True)
+    else:
+      selected, key = summary["dice_mean"], "val_dice_mean"
+      print(f"epoch {epoch + 1}: validation over the whole split: "
+            f"{metrics.format_dice(summary)}", flush=True)
+    if selected != metrics.ABSENT and selected > float(self._best.numpy()):
+      self._best.assign(selected)
       if self._best_path:
         _save_model(self.model, self._best_path)
-        print(f"epoch {epoch + 1}: new best val_dice_mean {mean:.4f}, "
+        print(f"epoch {epoch + 1}: new best {key} {selected:.4f}, "
               f"saved {self._best_path}", flush=True)
-    if self._writer is not None and shown:
-      write_images(self._writer, "val_overlay", _overlays(shown, self._num_images),
-                   epoch + 1)
+
+  @staticmethod
+  def _log(logs, prefix: str, summary) -> None:
+    for key, value in summary.items():
+      if value != metrics.ABSENT:
+        logs[f"{prefix}{key}"] = value
 
   def on_train_end(self, logs=None):
     if self._writer is not None:

@@ -8,6 +8,7 @@ test holds the two equal).
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 
 from trainer import augment as augment_lib
@@ -45,11 +46,22 @@ class TrainConfig:
   default must reproduce what the trainer did before it existed.
   """
   data_dir: str = dataclasses.field(metadata={
-      "help": "Output directory of spine-convert."})
+      "help": "Output directory of spine-convert; several, comma-separated, train one "
+              "model on all of them (same image_size and normalization; see "
+              "--dataset_weights and --steps_per_epoch)."})
   model_dir: str = dataclasses.field(metadata={
       "help": "Where checkpoints, best.keras, logs and the run record go; rerun the same "
               "command to resume. One run at a time (MODEL_DIR/.lock)."})
   epochs: int = _setting(300, "Total epochs (a resumed run continues to this many).")
+  dataset_weights: str = _setting(
+      "", "With several --data_dir: comma-separated sampling weights, one per folder; each "
+      "training slice comes from folder i with probability w_i / sum(w) (0: validated on, "
+      "never trained on). Empty: proportional to each folder's train slices.")
+  steps_per_epoch: int = _setting(
+      0, "Training steps per epoch; 0: the FIRST --data_dir's train slices / "
+      "global_batch_size, rounded up (one pass over it, as with a single folder), so "
+      "adding a large dataset changes what each step sees, not the run time. The start "
+      "line says how often each dataset is seen per epoch and per run.")
   global_batch_size: int = _setting(
       4, "Batch over all replicas; must divide by their number.")
   learning_rate: float = _setting(1e-3, "Peak learning rate.")
@@ -120,13 +132,27 @@ class TrainConfig:
   aug_noise_std: float = _setting(
       _AUG.noise_std, "Largest Gaussian noise std, in units of the image's std.")
   aug_noise_prob: float = _setting(_AUG.noise_prob, "Share of slices given noise.")
+  aug_remap_prob: float = _setting(
+      _AUG.remap_prob, "Share of slices whose background, discs and vertebrae each get their "
+      "own random linear intensity map (slope in [-1, 1]: contrast may invert, as T2 vs "
+      "T1/inversion recovery), edges blended, mean/std kept; 0: off.")
+  aug_blur_prob: float = _setting(_AUG.blur_prob,
+                                  "Share of slices Gaussian-blurred (resolution loss); 0: off.")
+  aug_blur_max_sigma: float = _setting(
+      _AUG.blur_max_sigma, "Largest sigma of that blur, in pixels (drawn in [0, max]).")
+  aug_lowres_prob: float = _setting(
+      _AUG.lowres_prob, "Share of slices downsampled (area) and upsampled back (bilinear): "
+      "a coarser scanner resolution; 0: off.")
+  aug_lowres_max_factor: float = _setting(
+      _AUG.lowres_max_factor, "Largest down/upsampling factor, drawn in [1, max] per axis "
+      "(>= 1).")
   shuffle_buffer: int = _setting(512, "Training records in the shuffle buffer.")
   cache_bytes: int = _setting(
       1 << 30, "Cache the decoded train split in memory after the first epoch when it "
       "fits in this many bytes (float32 image + uint8 mask per pixel); 0: never.")
   verify_shards: bool = _setting(
       True, "Check the SHA-256 of the train and val shards against dataset.json at start "
-      "(done up to 1 GiB of shards).")
+      "(done for each --data_dir folder up to 1 GiB of its shards).")
   checkpoints_kept: int = _setting(2, "Latest checkpoints kept in MODEL_DIR/checkpoints.")
   num_overlays: int = _setting(
       4, "Validation slices drawn as prediction overlays in TensorBoard each epoch.")
@@ -134,12 +160,55 @@ class TrainConfig:
                           "per epoch.")
 
 
+def split_list(text: str) -> list[str]:
+  """The entries of a comma-separated setting, stripped (empty entries kept as "")."""
+  return [part.strip() for part in text.split(",")]
+
+
+def resolve_data_dirs(text: str) -> str:
+  """Every folder of a --data_dir list absolute and resolved (empty entries left as "")."""
+  return ",".join(str(pathlib.Path(p).expanduser().resolve()) if p else ""
+                  for p in split_list(text))
+
+
+def data_dirs(config: TrainConfig) -> list[str]:
+  """The folders of --data_dir, in order (one for a single folder)."""
+  return split_list(config.data_dir)
+
+
 def with_absolute_paths(config: TrainConfig) -> TrainConfig:
-  """`config` with data_dir and model_dir absolute and resolved (`d64/` == `./d64`)."""
-  def resolve(path: str) -> str:
-    return str(pathlib.Path(path).expanduser().resolve())
-  return dataclasses.replace(config, data_dir=resolve(config.data_dir),
-                             model_dir=resolve(config.model_dir))
+  """`config` with data_dir (each folder) and model_dir absolute and resolved
+  (`d64/` == `./d64`)."""
+  return dataclasses.replace(
+      config, data_dir=resolve_data_dirs(config.data_dir),
+      model_dir=str(pathlib.Path(config.model_dir).expanduser().resolve()))
+
+
+def dataset_weights(config: TrainConfig) -> list[float] | None:
+  """The parsed --dataset_weights (None when empty: proportional to the train slices).
+
+  Raises:
+    ConfigError: a value that is not a finite number >= 0, all zero, or not one weight
+      per --data_dir folder.
+  """
+  if not config.dataset_weights.strip():
+    return None
+  flag = f"--dataset_weights={config.dataset_weights}"
+  try:
+    weights = [float(w) for w in split_list(config.dataset_weights)]
+  except ValueError:
+    raise ConfigError(f"{flag}: expected numbers separated by commas") from None
+  folders = data_dirs(config)
+  if len(weights) != len(folders):
+    raise ConfigError(f"{flag}: {len(weights)} weight(s) for the {len(folders)} folder(s) "
+                      "of --data_dir; expected one per folder")
+  for weight, folder in zip(weights, folders):
+    if not (math.isfinite(weight) and weight >= 0):
+      raise ConfigError(f"{flag}: weight {weight:g} of {folder}: expected a finite "
+                        "number >= 0")
+  if not any(weights):
+    raise ConfigError(f"{flag}: every weight is 0; expected at least one > 0")
+  return weights
 
 
 def augment_config(config: TrainConfig) -> augment_lib.AugmentConfig | None:
@@ -157,7 +226,9 @@ def augment_config(config: TrainConfig) -> augment_lib.AugmentConfig | None:
       brightness=config.aug_brightness, contrast_prob=config.aug_contrast_prob,
       bias_field_strength=config.aug_bias_field_strength,
       bias_field_prob=config.aug_bias_field_prob, noise_std=config.aug_noise_std,
-      noise_prob=config.aug_noise_prob)
+      noise_prob=config.aug_noise_prob, remap_prob=config.aug_remap_prob,
+      blur_prob=config.aug_blur_prob, blur_max_sigma=config.aug_blur_max_sigma,
+      lowres_prob=config.aug_lowres_prob, lowres_max_factor=config.aug_lowres_max_factor)
 
 
 def check_config(config: TrainConfig) -> None:
@@ -174,14 +245,24 @@ def check_config(config: TrainConfig) -> None:
     if field.name.endswith("_prob") and not 0 <= getattr(config, field.name) <= 1:
       raise ConfigError(f"--{field.name}={getattr(config, field.name)}: expected a share, "
                         "0 <= p <= 1")
+  folders = data_dirs(config)
+  if not all(folders):
+    raise ConfigError(f"--data_dir={config.data_dir}: an empty entry in the list; expected "
+                      "folders separated by single commas")
+  twice = sorted({f for f in folders if folders.count(f) > 1})
+  if twice:
+    raise ConfigError(f"--data_dir lists {twice[0]} more than once; expected each folder "
+                      "once (--dataset_weights weighs a folder more)")
+  dataset_weights(config)
   positive = ("epochs", "global_batch_size", "base_filters", "depth", "shuffle_buffer",
               "checkpoints_kept", "learning_rate", "dice_smooth", "aug_gamma_min")
   for name in positive:
     if not getattr(config, name) > 0:
       raise ConfigError(f"--{name}={getattr(config, name)}: expected > 0")
-  not_negative = ("weight_decay", "ce_weight", "cache_bytes", "num_overlays",
-                  "elastic_alpha", "aug_max_rotation_deg", "aug_brightness",
-                  "aug_bias_field_strength", "aug_noise_std", "aug_contrast_min")
+  not_negative = ("steps_per_epoch", "weight_decay", "ce_weight", "cache_bytes",
+                  "num_overlays", "elastic_alpha", "aug_max_rotation_deg", "aug_brightness",
+                  "aug_bias_field_strength", "aug_noise_std", "aug_contrast_min",
+                  "aug_blur_max_sigma")
   for name in not_negative:
     if not getattr(config, name) >= 0:
       raise ConfigError(f"--{name}={getattr(config, name)}: expected >= 0")
@@ -191,6 +272,9 @@ def check_config(config: TrainConfig) -> None:
       raise ConfigError(f"--{name}={getattr(config, name)}: expected 0 <= value < 1")
   if config.aug_elastic_grid < 2:
     raise ConfigError(f"--aug_elastic_grid={config.aug_elastic_grid}: expected >= 2")
+  if not config.aug_lowres_max_factor >= 1:
+    raise ConfigError(f"--aug_lowres_max_factor={config.aug_lowres_max_factor}: "
+                      "expected >= 1")
   for low, high in (("aug_gamma_min", "aug_gamma_max"),
                     ("aug_contrast_min", "aug_contrast_max")):
     if getattr(config, low) > getattr(config, high):

@@ -1,6 +1,8 @@
 """spine-train: train the spine U-Net on a converted dataset (one CPU, GPUs or a cluster).
 
   spine-train --data_dir=/tmp/spine2d_tfr --model_dir=/tmp/unet
+  spine-train --data_dir=/tmp/spine2d_tfr,/tmp/vb_tfr --dataset_weights=1,1 \
+      --model_dir=/tmp/both
 
 Rerunning the same command after a crash or `kill -9` resumes from the last completed
 epoch. Several machines: set TF_CONFIG on each and run the same command. The flags are

@@ -2,7 +2,9 @@
 
   .lock           flock'ed by the running chief (its pid and host inside): one run per dir
 A rerun into a model_dir resumes it only with the same settings (`RESUMABLE_CHANGES`
-aside) and the same dataset; anything else is refused with the differences named.
+aside) and the same dataset (`dataset.json`: the first --data_dir's manifest; with
+several folders `datasets.json` records every one); anything else is refused with the
+differences named.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pathlib
 from typing import Any
 
 from data_prep import fileio
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import ConfigError, TrainConfig, resolve_data_dirs
 
 # Settings a resumed run may change; any other difference means another experiment.
 # (augment_on moves the same augmentation between tf.data and the train step; model_dir
@@ -22,6 +24,8 @@ from trainer.config import ConfigError, TrainConfig
 RESUMABLE_CHANGES = ("epochs", "strategy", "jit_compile", "augment_on", "model_dir",
                       "verbose", "num_overlays", "verify_shards")
 LOCK_NAME = ".lock"
+# With several --data_dir folders: {"datasets": [{"name", "data_dir", "manifest"}, ...]}.
+DATASETS_NAME = "datasets.json"
 # What killed runs leave in a model_dir, by subfolder (fileio.TMP_PREFIX* is always
 # included): temporaries of the writers before `fileio` (`.tmp-PID-best.keras`,
 # `.config.json.XXXX.tmp`, ...), and of tf.train.Checkpoint (a save's `ckpt-N_temp/`
@@ -32,8 +36,20 @@ _LEFTOVERS = {
     "checkpoints": ("ckpt-*_temp*", "checkpoint.tmp*"),
 }
 
-def check(config: TrainConfig, manifest: dict[str, Any]) -> None:
-  """Refuses to resume into a model_dir written with other settings or other data."""
+def check(config: TrainConfig, manifest: dict[str, Any],
+          datasets: dict[str, Any] | None = None) -> None:
+  """Refuses to resume into a model_dir written with other settings or other data.
+
+  Args:
+    config: the run's settings, paths absolute.
+    manifest: the manifest of the (first) --data_dir, as `dataset.json` holds it.
+    datasets: with several folders, the `datasets.json` record of the run
+      ({"datasets": [{"name", "data_dir", "manifest"}, ...]}, in --data_dir order);
+      else None.
+
+  Raises:
+    ConfigError: naming the differing settings or the folder whose data changed.
+  """
   model_dir = pathlib.Path(config.model_dir)
   old_config = model_dir / "config.json"
   if old_config.is_file():
@@ -42,8 +58,10 @@ def check(config: TrainConfig, manifest: dict[str, Any]) -> None:
                 if f.default is not dataclasses.MISSING}
     old = {**defaults, **_read_json(old_config)}
     # Same folder, however it was spelled (older versions stored paths as typed).
-    old.update({k: str(pathlib.Path(old[k]).expanduser().resolve())
-                for k in ("data_dir", "model_dir") if isinstance(old.get(k), str)})
+    if isinstance(old.get("data_dir"), str):
+      old["data_dir"] = resolve_data_dirs(old["data_dir"])
+    if isinstance(old.get("model_dir"), str):
+      old["model_dir"] = str(pathlib.Path(old["model_dir"]).expanduser().resolve())
     new = dataclasses.asdict(config)
     differ = sorted(k for k in set(old) | set(new)
                     if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
@@ -55,7 +73,16 @@ def check(config: TrainConfig, manifest: dict[str, Any]) -> None:
   old_manifest = model_dir / "dataset.json"
   if old_manifest.is_file() and _read_json(old_manifest) != manifest:
     raise ConfigError(f"{old_manifest}: this model_dir was trained on another dataset "
-                      f"than {config.data_dir}; use a new --model_dir")
+                      f"than {config.data_dir.split(',')[0]}; use a new --model_dir")
+  old_datasets = model_dir / DATASETS_NAME
+  if datasets is not None and old_datasets.is_file():
+    recorded = _read_json(old_datasets)
+    recorded = recorded.get("datasets", []) if isinstance(recorded, dict) else []
+    for i, entry in enumerate(datasets["datasets"]):
+      if i >= len(recorded) or recorded[i].get("manifest") != entry["manifest"]:
+        raise ConfigError(f"{old_datasets}: this model_dir was trained on other data than "
+                          f"{entry['data_dir']} (its dataset.json changed since); use a "
+                          "new --model_dir")
 
 
 def _read_json(path: pathlib.Path) -> Any:

@@ -2,8 +2,12 @@
 
 `--model_dir` layout after a run:
   config.json     the whole TrainConfig (a rerun with other settings is refused)
-  dataset.json    copy of the converter manifest (image_size, normalization, labels)
-  best.keras      best model by whole-split val_dice_mean (last epoch's without a val split)
+  dataset.json    copy of the converter manifest (image_size, normalization, labels); with
+                  several --data_dir folders, the first one's (they share image_size and
+                  normalization, all export needs)
+  datasets.json   several folders only: {"datasets": [{"name", "data_dir", "manifest"}]}
+  best.keras      best model by whole-split val_dice_mean (last epoch's without a val split;
+                  with several folders by val_dice_mean_datasets, the mean over folders)
   history.json    one entry per completed epoch (loss, val Dice, input wait, images/s,
                   lr, seconds)
   checkpoints/    tf.train checkpoints (model, optimizer, epoch, best) for resume
@@ -21,6 +25,7 @@ import dataclasses
 import math
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -37,7 +42,8 @@ from trainer import unet
 # The settings live in trainer.config; re-exported because callers know them as train.*.
 from trainer.config import (AUGMENT_ON, LR_SCHEDULES, OPTIMIZERS, PRECISIONS,  # pylint: disable=unused-import
                             STRATEGIES, ConfigError, TrainConfig, augment_config,
-                            check_config, with_absolute_paths)
+                            check_config, data_dirs, dataset_weights,
+                            with_absolute_paths)
 
 # Shards are hashed at start up to this many bytes (about a second per GiB from a page
 # cache); bigger datasets are checked only when reading one fails.
@@ -47,30 +53,113 @@ class TrainingError(RuntimeError):
   """A run stopped by a fault the user must act on: a non-finite loss, unreadable data."""
 
 
-def load_data_manifest(config: TrainConfig) -> dict[str, Any]:
-  """Loads and checks the converted dataset; ConfigError when it cannot be trained on."""
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One converted dataset of a run: its folder, its name in logs, its manifest."""
+  data_dir: str
+  name: str
+  manifest: dict[str, Any]
+
+  def files(self, split: str) -> list[str]:
+    return manifest_lib.shard_paths(self.data_dir, self.manifest, split)
+
+  @property
+  def train_slices(self) -> int:
+    return int(self.manifest["splits"]["train"]["slices"])
+
+  @property
+  def compression(self) -> str:
+    return manifest_lib.compression_type(self.manifest)
+
+
+def dataset_names(folders: list[str]) -> list[str]:
+  """Names of the --data_dir folders in logs: their basenames, characters other than
+  letters, digits, `.`, `-` and `_` replaced by `_`, repeats made unique with `_2`, `_3`."""
+  names = []
+  for folder in folders:
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", pathlib.Path(folder).name) or "data"
+    name, n = base, 1
+    while name in names:
+      n += 1
+      name = f"{base}_{n}"
+    names.append(name)
+  return names
+
+
+def load_data_manifest(data_dir: str, config: TrainConfig) -> dict[str, Any]:
+  """Loads and checks one converted dataset; ConfigError when it cannot be trained on."""
   try:
-    manifest = manifest_lib.load(config.data_dir)
+    manifest = manifest_lib.load(data_dir)
     manifest_lib.compression_type(manifest)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(str(e)) from e
-  train_files = manifest_lib.shard_paths(config.data_dir, manifest, "train")
+  train_files = manifest_lib.shard_paths(data_dir, manifest, "train")
   if not train_files:
-    raise ConfigError(f"{manifest_lib.path_of(config.data_dir)}: the dataset has no train "
+    raise ConfigError(f"{manifest_lib.path_of(data_dir)}: the dataset has no train "
                       "shards; convert with a train split")
-  missing = [f for f in (train_files + manifest_lib.shard_paths(config.data_dir, manifest,
-                                                                  "val"))
+  missing = [f for f in (train_files + manifest_lib.shard_paths(data_dir, manifest, "val"))
              if not os.path.exists(f)]
   if missing:
-    raise ConfigError(f"{config.data_dir}: shards listed in dataset.json are missing: "
+    raise ConfigError(f"{data_dir}: shards listed in dataset.json are missing: "
                       f"{missing[:3]}")
   size, depth = manifest["image_size"], config.depth
   if size % 2**depth:
-    raise ConfigError(f"--depth={depth}: image_size {size} of {config.data_dir} is not "
+    raise ConfigError(f"--depth={depth}: image_size {size} of {data_dir} is not "
                       f"divisible by 2**depth={2**depth}")
   if config.verify_shards:
-    _verify_shards_at_start(config.data_dir, manifest)
+    _verify_shards_at_start(data_dir, manifest)
   return manifest
+
+
+def load_datasets(config: TrainConfig) -> list[Source]:
+  """Every --data_dir folder, loaded and checked; they must agree on what the model sees.
+
+  Raises:
+    ConfigError: a folder that cannot be trained on, or two folders with another
+      image_size, normalization method or target spacing (both folders and values
+      named).
+  """
+  folders = data_dirs(config)
+  sources = [Source(folder, name, load_data_manifest(folder, config))
+             for folder, name in zip(folders, dataset_names(folders))]
+  first = sources[0]
+  for other in sources[1:]:
+    for what, value in (("image_size", lambda m: m["image_size"]),
+                        ("normalization", lambda m: m["normalization"].get("method")),
+                        ("target_spacing_mm", lambda m: m.get("target_spacing_mm"))):
+      if value(other.manifest) != value(first.manifest):
+        raise ConfigError(
+            f"--data_dir: {other.data_dir} has {what} {value(other.manifest)!r}, "
+            f"{first.data_dir} has {value(first.manifest)!r}; one model reads one "
+            f"{what}: convert them alike")
+  return sources
+
+
+def sampling_weights(config: TrainConfig, sources: list[Source]) -> list[float]:
+  """The share of training slices drawn from each dataset (sums to 1):
+  --dataset_weights normalized, or proportional to each one's train slices."""
+  weights = dataset_weights(config) or [float(s.train_slices) for s in sources]
+  total = sum(weights)
+  return [w / total for w in weights]
+
+
+def epoch_plan(config: TrainConfig, sources: list[Source],
+               shares: list[float]) -> tuple[int, str]:
+  """Steps per epoch (--steps_per_epoch, or the first dataset's train slices / batch),
+  and the start line saying how often each dataset is seen per epoch and per run."""
+  batch = config.global_batch_size
+  steps = config.steps_per_epoch or max(1, math.ceil(sources[0].train_slices / batch))
+  seen = []
+  for source, share in zip(sources, shares):
+    per_epoch = steps * batch * share / max(1, source.train_slices)
+    seen.append(f"{source.name}: {source.train_slices} train slices, share "
+                f"{100 * share:.0f}%, seen {per_epoch:.2f}x per epoch, "
+                f"{per_epoch * config.epochs:.1f}x in {config.epochs} epochs")
+  rule = (f"--steps_per_epoch={config.steps_per_epoch}" if config.steps_per_epoch else
+          f"--steps_per_epoch=0: {sources[0].name}'s train slices / batch")
+  line = (f"spine-train: {steps} steps of {batch} slices per epoch ({rule}); "
+          + "; ".join(seen))
+  return steps, line
 
 
 def _training_shards(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -154,8 +243,9 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   """Trains (or resumes training) and returns a summary.
 
   Returns:
-    {"epochs_completed", "initial_epoch", "best_val_dice_mean" (None without val),
-     "history": list of per-epoch dicts}.
+    {"epochs_completed", "initial_epoch", "best_val_dice_mean" (None without val; with
+     several --data_dir folders the best val_dice_mean_datasets, the figure the model
+     is selected by), "history": list of per-epoch dicts}.
 
   Raises:
     ConfigError: contradictory settings, a bad data_dir (damaged shards included), a
@@ -165,8 +255,10 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   """
   config = with_absolute_paths(config)
   check_config(config)
-  manifest = load_data_manifest(config)
-  run_dir.check(config, manifest)
+  sources = load_datasets(config)
+  manifest = sources[0].manifest
+  record = _datasets_record(sources)
+  run_dir.check(config, manifest, record)
   # The strategy first: MultiWorkerMirroredStrategy must exist before other TF work.
   strategy = make_strategy(config.strategy)
   replicas = strategy.num_replicas_in_sync
@@ -181,20 +273,30 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
       # Only the chief writes the model_dir; other workers of its run share it.
       stack.enter_context(run_dir.lock(model_dir))
       # Again under the lock: another run may have written the folder since the check.
-      run_dir.check(config, manifest)
+      run_dir.check(config, manifest, record)
       run_dir.remove_leftovers(model_dir)
       fileio.write_json_atomic(model_dir / "config.json", dataclasses.asdict(config))
       fileio.write_json_atomic(model_dir / "dataset.json", manifest)
+      if record is not None:
+        fileio.write_json_atomic(model_dir / run_dir.DATASETS_NAME, record)
       save_dir = str(model_dir / "checkpoints")
     else:
       # Non-chief workers save their (identical) state to a scratch dir: one writer per
       # file.
       save_dir = tempfile.mkdtemp(prefix=f"ckpt-worker{task_id}-")
       stack.callback(shutil.rmtree, save_dir, ignore_errors=True)
-    return _fit(config, manifest, strategy, is_chief, save_dir)
+    return _fit(config, sources, strategy, is_chief, save_dir)
 
 
-def _fit(config: TrainConfig, manifest: dict[str, Any], strategy, is_chief: bool,
+def _datasets_record(sources: list[Source]) -> dict[str, Any] | None:
+  """What `datasets.json` holds with several folders (None for one: no such file)."""
+  if len(sources) == 1:
+    return None
+  return {"datasets": [{"name": s.name, "data_dir": s.data_dir, "manifest": s.manifest}
+                       for s in sources]}
+
+
+def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
          save_dir: str) -> dict[str, Any]:
   """The run itself (model, data, callbacks, fit); see `train_and_evaluate`."""
   import keras  # pylint: disable=g-import-not-at-top
@@ -210,13 +312,15 @@ def _fit(config: TrainConfig, manifest: dict[str, Any], strategy, is_chief: bool
   policy = "float32" if config.mixed_precision == "none" else config.mixed_precision
   keras.mixed_precision.set_global_policy(policy)
 
-  image_size = manifest["image_size"]
-  num_classes = int(manifest["num_classes"])
-  compression = manifest_lib.compression_type(manifest)
-  train_files = manifest_lib.shard_paths(config.data_dir, manifest, "train")
-  val_files = manifest_lib.shard_paths(config.data_dir, manifest, "val")
-  train_slices = int(manifest["splits"]["train"]["slices"])
-  steps_per_epoch = max(1, math.ceil(train_slices / config.global_batch_size))
+  image_size = sources[0].manifest["image_size"]
+  num_classes = int(sources[0].manifest["num_classes"])
+  shares = sampling_weights(config, sources)
+  steps_per_epoch, plan = epoch_plan(config, sources, shares)
+  print(plan, flush=True)
+  # Datasets of weight 0 are validated on only: nothing of them is read for training.
+  trained = [(s, w) for s, w in zip(sources, shares) if w > 0]
+  train_slices = sum(s.train_slices for s, _ in trained)
+  has_val = any(s.files("val") for s in sources)
 
   with strategy.scope():
     model = unet.build_unet(num_classes=num_classes, base_filters=config.base_filters,
@@ -257,17 +361,27 @@ def _fit(config: TrainConfig, manifest: dict[str, Any], strategy, is_chief: bool
     augment_lib.augment_in_train_step(model, augment, seed=config.seed)
     augment = None  # The pipeline only reads and batches.
 
+  if len(trained) == 1:
+    # One dataset: no sampling op at all, the pipeline of a single --data_dir.
+    files, compression = trained[0][0].files("train"), trained[0][0].compression
+    mix = {}
+  else:
+    files = [s.files("train") for s, _ in trained]
+    compression = [s.compression for s, _ in trained]
+    mix = {"weights": [w for _, w in trained]}
+
   def train_fn(input_context):
     # Distinct per worker and per resumed run, so no example order is replayed.
     seed = config.seed + 1000 * input_context.input_pipeline_id + 7919 * initial_epoch
     return input_pipeline.make_dataset(
-        train_files, image_size=image_size, compression=compression,
+        files, image_size=image_size, compression=compression,
         global_batch_size=config.global_batch_size, training=True,
         input_context=input_context, augment=augment, seed=seed,
         shuffle_buffer=config.shuffle_buffer,
-        # Decoded slices: float32 image + uint8 mask, 5 bytes per pixel.
+        # Decoded slices: float32 image + uint8 mask, 5 bytes per pixel; every trained
+        # dataset together must fit.
         cache=train_slices * image_size**2 * 5 <= config.cache_bytes,
-        deterministic=config.deterministic, on_batch=wait.batch_ready)
+        deterministic=config.deterministic, on_batch=wait.batch_ready, **mix)
 
   train_ds = strategy.distribute_datasets_from_function(train_fn)
   history_path = str(model_dir / "history.json")
@@ -275,10 +389,13 @@ def _fit(config: TrainConfig, manifest: dict[str, Any], strategy, is_chief: bool
   best_path = str(model_dir / "best.keras") if is_chief else None
   # First: a non-finite loss stops the run before any other callback sees the step.
   cbs = [callbacks_lib.StopOnNonFiniteLoss()]
-  if val_files:
-    val_ds = input_pipeline.make_dataset(
-        val_files, image_size=image_size, compression=compression,
+  if has_val:
+    val = {s.name: input_pipeline.make_dataset(
+        s.files("val"), image_size=image_size, compression=s.compression,
         global_batch_size=config.global_batch_size, training=False)
+           for s in sources if s.files("val")}
+    # One folder: the split itself, logged and selected exactly as before several existed.
+    val_ds = next(iter(val.values())) if len(sources) == 1 else val
     cbs.append(callbacks_lib.SplitDice(
         val_ds, num_classes=num_classes, best_path=best_path, best_value=best_var,
         image_dir=str(model_dir / "logs" / "images") if is_chief else None,
@@ -305,22 +422,24 @@ def _fit(config: TrainConfig, manifest: dict[str, Any], strategy, is_chief: bool
                           "Lower --learning_rate or check the data for extreme or "
                           "non-finite values") from None
     except (tf.errors.DataLossError, tf.errors.NotFoundError) as e:
-      raise TrainingError(_read_failure(config.data_dir, manifest, e)) from None
+      raise TrainingError(_read_failure(sources, e)) from None
   else:
     print(f"Nothing to do: {initial_epoch} of --epochs={config.epochs} already completed",
           flush=True)
   history = callbacks_lib.read_history(history_path, config.epochs) if is_chief else []
   best = float(best_var.numpy())
   return {"epochs_completed": int(epoch_var.numpy()), "initial_epoch": initial_epoch,
-          "best_val_dice_mean": best if val_files and best >= 0 else None,
+          "best_val_dice_mean": best if has_val and best >= 0 else None,
           "history": history}
 
 
-def _read_failure(data_dir: str, manifest: dict[str, Any], error) -> str:
+def _read_failure(sources: list[Source], error) -> str:
   """One line for a shard that failed to read mid-run, naming it when a hash tells."""
-  problems = _shard_problems(data_dir, manifest)
-  if problems:
-    return f"reading {data_dir} failed: {_describe(problems)}"
+  for source in sources:
+    problems = _shard_problems(source.data_dir, source.manifest)
+    if problems:
+      return f"reading {source.data_dir} failed: {_describe(problems)}"
   first = (error.message or str(error)).strip().splitlines()[0]
-  return (f"reading the shards of {data_dir} failed ({type(error).__name__}: {first}); "
+  folders = ", ".join(s.data_dir for s in sources)
+  return (f"reading the shards of {folders} failed ({type(error).__name__}: {first}); "
           "their SHA-256 match dataset.json, so check the disk or convert the data again")

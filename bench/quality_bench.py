@@ -56,7 +56,9 @@ class Recipe:
   name: str
   description: str
   extra_data: bool = False              # + spine3d_extra with --annotated_labels=2
-  convert_flags: tuple[str, ...] = ()   # for every dataset of the recipe
+  convert_flags: tuple[str, ...] = ()   # for every dataset of the recipe ({target}: the
+                                        # target spacing for the chosen image size)
+  convert_2d_flags: tuple[str, ...] = ()  # for spine2d only
   train_flags: tuple[str, ...] = ()
   evaluate_flags: tuple[str, ...] = ()
 
@@ -66,6 +68,17 @@ RECIPES = (
     # Equal weights: proportional sampling would give spine2d's 7 slices a 3% share.
     Recipe("partial", "+ partially labelled volumes (spine3d_extra, --annotated_labels=2)",
            extra_data=True, train_flags=("--dataset_weights=1,1",)),
+    # spine2d looks like ~1.1 mm/pixel at 256 px: every slice resampled to that physical
+    # scale (scaled with --image_size so the square keeps a ~280 mm field of view).
+    Recipe("scale", "+ physical scale (--target_spacing_mm, spine2d at 1.1 mm/px)",
+           extra_data=True, train_flags=("--dataset_weights=1,1",),
+           convert_flags=("--target_spacing_mm={target}",),
+           convert_2d_flags=("--spacing_2d_mm=1.1",)),
+    Recipe("intensity", "+ intensity randomization (region remap, blur, low resolution)",
+           extra_data=True, convert_flags=("--target_spacing_mm={target}",),
+           convert_2d_flags=("--spacing_2d_mm=1.1",),
+           train_flags=("--dataset_weights=1,1", "--aug_remap_prob=0.5",
+                        "--aug_blur_prob=0.2", "--aug_lowres_prob=0.2")),
 )
 
 
@@ -115,14 +128,16 @@ def main(argv):
   ivd = _folder_of(data, "spine3d", "ivd_11", work / "eval" / "ivd_11")
   vb2 = _folder_of(data, "spine3d", "vb2_05", work / "eval" / "vb2_05")
   rows = []
+  target = f"{1.1 * 256 / size:.4g}"
   for recipe in recipes:
-    tag = "-".join(recipe.convert_flags).replace("--", "").replace("=", "") or "plain"
+    convert_flags = [f.format(target=target) for f in recipe.convert_flags]
+    tag = "-".join(convert_flags).replace("--", "").replace("=", "") or "plain"
     d2 = work / f"spine2d-{size}-{tag}"
     if not (d2 / "dataset.json").exists():
       _run([BIN / "spine-convert", f"--images_dir={data / 'spine2d' / 'images'}",
             f"--masks_dir={data / 'spine2d' / 'masks'}", f"--output_dir={d2}",
             f"--image_size={size}", "--val_fraction=0.2", "--seed=0",
-            *recipe.convert_flags], log)
+            *convert_flags, *recipe.convert_2d_flags], log)
     data_dirs = [d2]
     if recipe.extra_data:
       dx = work / f"extra-{size}-{tag}"
@@ -130,7 +145,7 @@ def main(argv):
         _run([BIN / "spine-convert", f"--images_dir={data / 'spine3d_extra' / 'images'}",
               f"--masks_dir={data / 'spine3d_extra' / 'masks'}", f"--output_dir={dx}",
               f"--image_size={size}", "--annotated_labels=2", "--val_fraction=0.2",
-              "--seed=0", *recipe.convert_flags], log)
+              "--seed=0", *convert_flags], log)
       data_dirs.append(dx)
     for seed in _SEEDS.value:
       run = work / f"{recipe.name}-seed{seed}"

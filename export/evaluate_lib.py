@@ -54,12 +54,14 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def evaluate_folders(model, images_dir: str, masks_dir: str, *,
                      label_map: dict[int, int] | None = None, batch_size: int = 8,
                      progress: bool = True,
-                     spacing_2d_mm: tuple[float, float] | None = None) -> dict[str, Any]:
+                     spacing_2d_mm: tuple[float, float] | None = None,
+                     tta: bool = False) -> dict[str, Any]:
   """Scores the model on image/mask pairs of two folders.
 
   Predictions are in each input's own geometry (a model trained at a target spacing
   resamples with the NIfTI affine's spacing, or `spacing_2d_mm` for 2D files, which such
-  a model refuses without it).
+  a model refuses without it). `tta`: scale test-time augmentation
+  (`inference.TTA_SCALES`), only for a model with a target spacing.
 
   Returns:
     {"cases": [row...], "overall": summarize(rows), "failures": [message...]}; a row
@@ -67,8 +69,11 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
     volumes hd95_mm per foreground class.
 
   Raises:
-    InputError: a folder is missing or empty.
+    InputError: a folder is missing or empty, or `tta` with a model without a target
+      spacing.
   """
+  if tta:
+    inference.check_tta(model)
   pairs, orphans = readers.pair_files(images_dir, masks_dir)
   failures = [f"{path}: {reason}" for path, reason in orphans]
   rows: list[dict[str, Any]] = []
@@ -85,7 +90,7 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
           gt_masks[image_path] = gt[0]
           yield case
           continue
-        pred = inference.segment_volume(model, case.image, spacing)
+        pred = inference.segment_volume(model, case.image, spacing, tta)
         spacing = orientation.display_voxel_sizes(case.affine, case.transform)
         rows.append(_case_row(case_id, "3d", metrics.counts(pred, gt),
                               metrics.hd95_per_class(pred, gt, spacing)))
@@ -94,7 +99,7 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
                         else f"{image_path}: {type(e).__name__}: {e}")
       bar.step()
 
-  for case, pred in inference.segment_cases_2d(model, cases_2d(), batch_size):
+  for case, pred in inference.segment_cases_2d(model, cases_2d(), batch_size, tta):
     gt = gt_masks.pop(case.image_path)
     rows.append(_case_row(case.case_id, "2d", metrics.counts(pred, gt), None))
     bar.step()

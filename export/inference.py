@@ -7,6 +7,13 @@ converter computes them). A model trained at a target spacing (`spine-convert
 --target_spacing_mm`) gets each input's in-plane spacing through `segment_spacing` /
 `segment_volume_spacing` (NIfTI: from the affine, in display order; 2D files: the
 caller's `--spacing_2d_mm`, without which a 2D input is refused for such a model).
+
+Test-time augmentation (`--tta`, scale TTA; `tta_probabilities`): for such a model each
+input is segmented once per factor of `TTA_SCALES`, sending its true spacing times the
+factor (the model sees the field of view zoomed in or out); every call returns
+probabilities in the input's own geometry, their mean is taken and its argmax is the mask.
+A model without a target spacing ignores the spacing, so TTA would change nothing: it is
+refused (`check_tta`).
 """
 from __future__ import annotations
 
@@ -27,6 +34,9 @@ REQUIRED_SIGNATURES = ("serving_default", "segment_volume")
 # Written by spine-export next to the SavedModel (serving.METADATA_FILE; not imported from
 # there, so that predict and evaluate never load Keras).
 METADATA_FILE = "assets.extra/spineseg.json"
+# Scale TTA: the factors multiplying an input's true in-plane spacing, one model call
+# each; the mean of the probabilities is segmented. 1.0 is the plain prediction.
+TTA_SCALES = (0.85, 1.0, 1.15)
 
 
 # One error type for every unusable input, whichever module detects it.
@@ -110,7 +120,8 @@ def load_saved_model(path: str | os.PathLike) -> Any:
   `assets.extra/spineseg.json`, {} if absent), `spineseg_image_size` (the square side
   in pixels the model was exported for, or None if unknown), so that callers can refuse
   data prepared at another size, and `spineseg_target_spacing_mm` (mm per pixel the
-  model was trained at, or None: it fits slices by their longer side).
+  model was trained at, or None: it fits slices by their longer side), and
+  `spineseg_path` (the folder, for messages).
 
   Raises:
     InputError: the folder is missing, holds no SavedModel, cannot be loaded, lacks
@@ -130,6 +141,7 @@ def load_saved_model(path: str | os.PathLike) -> Any:
   if missing:
     raise InputError(f"{path}: SavedModel lacks signatures {missing}; found "
                      f"{sorted(loaded.signatures)} (export it with spine-export)")
+  loaded.spineseg_path = str(path)
   loaded.spineseg_metadata = _read_metadata(path)
   loaded.spineseg_image_size = _image_size(loaded, loaded.spineseg_metadata, path)
   loaded.spineseg_target_spacing_mm = _target_spacing(loaded, loaded.spineseg_metadata,
@@ -207,8 +219,57 @@ def spacing_for(model: Any, case: readers.Case) -> tuple[float, float] | None:
   return tuple(float(v) for v in case.spacing)
 
 
+def check_tta(model: Any) -> None:
+  """Returns if `model` can take scale TTA: it works at a target spacing.
+
+  Raises:
+    InputError: the model has no target spacing, so it ignores the spacing it is sent
+      and every TTA call would give the same answer.
+  """
+  if getattr(model, "spineseg_target_spacing_mm", None) is None:
+    path = getattr(model, "spineseg_path", None)
+    where = f" ({path} has none)" if path else ""
+    raise InputError("--tta needs a model exported with --target_spacing_mm "
+                     "(spine-convert --target_spacing_mm, then spine-train and "
+                     "spine-export): a model without one ignores the spacing that "
+                     f"scale TTA varies{where}")
+
+
+def tta_probabilities(model: Any, images: np.ndarray, spacing: tuple[float, float], *,
+                      volume: bool = False) -> np.ndarray:
+  """Scale TTA: mean probabilities float32 [N, H, W, C] of raw slices [N, H, W].
+
+  One call of `segment_spacing` (`volume`: `segment_volume_spacing`, the slices of one
+  volume) per factor of `TTA_SCALES`, with `spacing` (row, column mm) times the factor;
+  each returns probabilities in the input's geometry, so the mean has it too.
+
+  Raises:
+    InputError: the model has no target spacing (`check_tta`) or lacks the signature.
+  """
+  check_tta(model)
+  name = "segment_volume_spacing" if volume else "segment_spacing"
+  if name not in model.signatures:
+    raise InputError(f"{getattr(model, 'spineseg_path', 'the SavedModel')}: --tta needs "
+                     f"the {name} signature; re-export the model with spine-export")
+  x = tf.constant(np.asarray(images, dtype=np.float32)[..., None])
+  total = None
+  for factor in TTA_SCALES:
+    scaled = tf.constant([float(v) * factor for v in spacing], tf.float32)
+    p = model.signatures[name](images=x, spacing=scaled)["probabilities"].numpy()
+    total = p if total is None else total + p
+  return total / np.float32(len(TTA_SCALES))
+
+
 def _call(model: Any, plain: str, with_spacing: str, images: np.ndarray,
-          spacing: tuple[float, float] | None) -> np.ndarray:
+          spacing: tuple[float, float] | None, tta: bool = False) -> np.ndarray:
+  if tta:
+    if spacing is None:  # a caller that skipped `spacing_for`
+      check_tta(model)
+      raise InputError("--tta needs each input's spacing (NIfTI: the affine; 2D: "
+                       "--spacing_2d_mm)")
+    probs = tta_probabilities(model, images, spacing,
+                              volume=with_spacing == "segment_volume_spacing")
+    return np.argmax(probs, axis=-1).astype(np.uint8)
   x = tf.constant(np.asarray(images, dtype=np.float32)[..., None])
   # Exports before spacing inputs had no target spacing either: nothing to resample.
   if spacing is None or with_spacing not in model.signatures:
@@ -218,22 +279,26 @@ def _call(model: Any, plain: str, with_spacing: str, images: np.ndarray,
 
 
 def segment_slices(model: Any, images: np.ndarray,
-                   spacing: tuple[float, float] | None = None) -> np.ndarray:
+                   spacing: tuple[float, float] | None = None,
+                   tta: bool = False) -> np.ndarray:
   """Label masks uint8 [N, H, W] of raw slices [N, H, W] sharing one size.
 
   `spacing`: their (row, column) mm per pixel (`spacing_for`); None: `serving_default`,
-  which takes them to be at the model's target spacing.
+  which takes them to be at the model's target spacing. `tta`: scale TTA over
+  `TTA_SCALES` (needs a target-spacing model and a spacing).
   """
-  return _call(model, "serving_default", "segment_spacing", images, spacing)
+  return _call(model, "serving_default", "segment_spacing", images, spacing, tta)
 
 
 def segment_volume(model: Any, volume: np.ndarray,
-                   spacing: tuple[float, float] | None = None) -> np.ndarray:
+                   spacing: tuple[float, float] | None = None,
+                   tta: bool = False) -> np.ndarray:
   """Label mask uint8 [S, H, W] of one volume's display-order slices [S, H, W].
 
-  `spacing`: the slices' in-plane (row, column) mm (`spacing_for`), or None.
+  `spacing`: the slices' in-plane (row, column) mm (`spacing_for`), or None. `tta`: scale
+  TTA over `TTA_SCALES`, as `segment_slices`.
   """
-  return _call(model, "segment_volume", "segment_volume_spacing", volume, spacing)
+  return _call(model, "segment_volume", "segment_volume_spacing", volume, spacing, tta)
 
 
 def orientation_back(case: readers.Case, mask: np.ndarray) -> np.ndarray:
@@ -241,20 +306,21 @@ def orientation_back(case: readers.Case, mask: np.ndarray) -> np.ndarray:
   return orientation.from_display(mask, case.transform)
 
 
-def segment_cases_2d(model: Any, cases: Iterable[readers.Case],
-                     batch_size: int) -> Iterable[tuple[readers.Case, np.ndarray]]:
+def segment_cases_2d(model: Any, cases: Iterable[readers.Case], batch_size: int,
+                     tta: bool = False) -> Iterable[tuple[readers.Case, np.ndarray]]:
   """Yields (case, mask [H, W]) for 2D cases, batching slices of equal size together.
 
   Slices of one size and spacing wait in a bucket until it holds `batch_size` (a
   signature call takes one size and one spacing); leftovers are flushed at the end.
   Order of the results is therefore not the input order. Check each case with
-  `spacing_for` before: here an unknown spacing fails the whole batch.
+  `spacing_for` before: here an unknown spacing fails the whole batch. `tta`: scale TTA
+  (`segment_slices`).
   """
   buckets: dict[tuple, list[readers.Case]] = {}
 
   def flush(key):
     batch = buckets.pop(key)
-    masks = segment_slices(model, np.stack([c.image[0] for c in batch]), key[2])
+    masks = segment_slices(model, np.stack([c.image[0] for c in batch]), key[2], tta)
     yield from zip(batch, masks)
 
   for case in cases:

@@ -154,8 +154,8 @@ def prepare_output_dir(output_dir: str | os.PathLike) -> pathlib.Path:
 
 def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
             batch_size: int = 8, overlay: bool = False, overwrite: bool = False,
-            progress: bool = True, spacing_2d_mm: tuple[float, float] | None = None
-            ) -> tuple[list[pathlib.Path], list[tuple[str, str]]]:
+            progress: bool = True, spacing_2d_mm: tuple[float, float] | None = None,
+            tta: bool = False) -> tuple[list[pathlib.Path], list[tuple[str, str]]]:
   """Segments every input and writes the masks.
 
   Args:
@@ -168,16 +168,21 @@ def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike,
     progress: print a progress bar on stderr.
     spacing_2d_mm: (row, column) mm per pixel of the 2D inputs; a model trained at a
       target spacing refuses 2D inputs without it (NIfTI volumes carry theirs).
+    tta: scale test-time augmentation (`inference.TTA_SCALES`, about 3x the model time);
+      only for a model with a target spacing.
 
   Returns:
     (written, failures): the files written, and (input path, message) per failed input;
     each message starts with the file it is about.
 
   Raises:
-    InputError: `input_path` does not exist or holds no supported file.
+    InputError: `input_path` does not exist or holds no supported file, or `tta` with a
+      model without a target spacing.
     OutputError: the output folder is unusable, or an OS error while writing stopped the
       run; it carries what was written and every input not written.
   """
+  if tta:
+    inference.check_tta(model)  # before any output: refused, not silently a no-op
   files = inference.list_inputs(input_path)
   output_dir = prepare_output_dir(output_dir)
   written: list[pathlib.Path] = []
@@ -228,7 +233,7 @@ def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike,
         yield case
         continue
       try:
-        mask = inference.segment_volume(model, case.image, spacing)
+        mask = inference.segment_volume(model, case.image, spacing, tta)
         label_image = _nifti_like(inference.orientation_back(case, mask), path)
         items = [(paths["nifti"], lambda p, im=label_image: _write_nifti(p, im))]
         if "overlay" in paths:
@@ -255,7 +260,7 @@ def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike,
       sys.stderr.write("\n")
 
   try:
-    for case, mask in inference.segment_cases_2d(model, cases_2d(), batch_size):
+    for case, mask in inference.segment_cases_2d(model, cases_2d(), batch_size, tta):
       commit(case.image_path, items_2d(case, mask))
   except _WriteFailed as e:
     end_progress_line()

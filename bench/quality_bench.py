@@ -60,7 +60,8 @@ class Recipe:
                                         # target spacing for the chosen image size)
   convert_2d_flags: tuple[str, ...] = ()  # for spine2d only
   train_flags: tuple[str, ...] = ()
-  evaluate_flags: tuple[str, ...] = ()
+  evaluate_flags: tuple[str, ...] = ()   # for the volumes of other scanners
+  reuse: str = ""                         # score the model of this recipe (no training)
 
 
 RECIPES = (
@@ -79,6 +80,12 @@ RECIPES = (
            convert_2d_flags=("--spacing_2d_mm=1.1",),
            train_flags=("--dataset_weights=1,1", "--aug_remap_prob=0.5",
                         "--aug_blur_prob=0.2", "--aug_lowres_prob=0.2")),
+    # The intensity model scored again with --tta on the volumes (the val split is scored
+    # through segment_examples, without TTA).
+    Recipe("tta", "+ scale test-time augmentation (--tta, the intensity model)",
+           extra_data=True, convert_flags=("--target_spacing_mm={target}",),
+           convert_2d_flags=("--spacing_2d_mm=1.1",), evaluate_flags=("--tta",),
+           reuse="intensity"),
 )
 
 
@@ -105,6 +112,21 @@ def _folder_of(data: pathlib.Path, sub: str, case: str, out: pathlib.Path) -> pa
 
 def _score(report: pathlib.Path, key: str) -> float | str:
   return json.loads(report.read_text())["overall"]["pooled"]["dice"][key]
+
+
+def _train(recipe: Recipe, seed: str, data_dirs: list[pathlib.Path], work: pathlib.Path,
+           epochs: int, model_flags: list[str], log: pathlib.Path):
+  """spine-train + spine-export of one recipe and seed; (run folder, training minutes)."""
+  run = work / f"{recipe.name}-seed{seed}"
+  shutil.rmtree(run, ignore_errors=True)
+  start = time.monotonic()
+  _run([BIN / "spine-train", f"--data_dir={','.join(str(d) for d in data_dirs)}",
+        f"--model_dir={run / 'model'}", f"--epochs={epochs}", f"--seed={seed}",
+        "--verbose=0", *model_flags, *_TRAIN_FLAGS.value.split(), *recipe.train_flags], log)
+  minutes = (time.monotonic() - start) / 60
+  _run([BIN / "spine-export", f"--model_dir={run / 'model'}",
+        f"--export_dir={run / 'export' / '1'}"], log)
+  return run, minutes
 
 
 def main(argv):
@@ -148,26 +170,29 @@ def main(argv):
               "--seed=0", *convert_flags], log)
       data_dirs.append(dx)
     for seed in _SEEDS.value:
-      run = work / f"{recipe.name}-seed{seed}"
-      shutil.rmtree(run, ignore_errors=True)
-      start = time.monotonic()
-      _run([BIN / "spine-train", f"--data_dir={','.join(str(d) for d in data_dirs)}",
-            f"--model_dir={run / 'model'}", f"--epochs={epochs}", f"--seed={seed}",
-            "--verbose=0", *model_flags, *_TRAIN_FLAGS.value.split(), *recipe.train_flags],
-           log)
-      minutes = (time.monotonic() - start) / 60
+      if recipe.reuse:
+        source = work / f"{recipe.reuse}-seed{seed}"
+        if not (source / "export" / "1").is_dir():
+          raise app.UsageError(f"recipe {recipe.name} scores the model of {recipe.reuse}: "
+                               f"run them together (--recipes={recipe.reuse},{recipe.name})")
+        run = work / f"{recipe.name}-seed{seed}"
+        shutil.rmtree(run, ignore_errors=True)
+        (run / "export").mkdir(parents=True)
+        (run / "export" / "1").symlink_to(source / "export" / "1")
+        minutes = 0.0
+      else:
+        run, minutes = _train(recipe, seed, data_dirs, work, epochs, model_flags, log)
       export = run / "export" / "1"
-      _run([BIN / "spine-export", f"--model_dir={run / 'model'}", f"--export_dir={export}"],
-           log)
       scores = {}
-      for name, args in (("val", [f"--data_dir={d2}", "--split=val"]),
-                         ("ivd_11", [f"--images_dir={ivd / 'images'}",
-                                     f"--masks_dir={ivd / 'masks'}"]),
-                         ("vb2_05", [f"--images_dir={vb2 / 'images'}",
-                                     f"--masks_dir={vb2 / 'masks'}"])):
+      for name, args, extra in (
+          ("val", [f"--data_dir={d2}", "--split=val"], ()),
+          ("ivd_11", [f"--images_dir={ivd / 'images'}", f"--masks_dir={ivd / 'masks'}"],
+           recipe.evaluate_flags),
+          ("vb2_05", [f"--images_dir={vb2 / 'images'}", f"--masks_dir={vb2 / 'masks'}"],
+           recipe.evaluate_flags)):
         out = run / f"{name}.json"
         _run([BIN / "spine-evaluate", f"--saved_model={export}", *args,
-              f"--output_json={out}", *recipe.evaluate_flags], log)
+              f"--output_json={out}", *extra], log)
         scores[name] = out
       rows.append((recipe, seed, _score(scores["val"], "dice_disc"),
                    _score(scores["val"], "dice_vertebra"),

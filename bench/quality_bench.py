@@ -75,17 +75,23 @@ RECIPES = (
            extra_data=True, train_flags=("--dataset_weights=1,1",),
            convert_flags=("--target_spacing_mm={target}",),
            convert_2d_flags=("--spacing_2d_mm=1.1",)),
-    Recipe("intensity", "+ intensity randomization (region remap, blur, low resolution)",
+    Recipe("intensity", "scale + strong intensity randomization (region remap 0.5, blur "
+           "0.2, low resolution 0.2)",
            extra_data=True, convert_flags=("--target_spacing_mm={target}",),
            convert_2d_flags=("--spacing_2d_mm=1.1",),
            train_flags=("--dataset_weights=1,1", "--aug_remap_prob=0.5",
                         "--aug_blur_prob=0.2", "--aug_lowres_prob=0.2")),
-    # The intensity model scored again with --tta on the volumes (the val split is scored
+    Recipe("mild", "scale + mild intensity randomization (0.15, 0.1, 0.1)",
+           extra_data=True, convert_flags=("--target_spacing_mm={target}",),
+           convert_2d_flags=("--spacing_2d_mm=1.1",),
+           train_flags=("--dataset_weights=1,1", "--aug_remap_prob=0.15",
+                        "--aug_blur_prob=0.1", "--aug_lowres_prob=0.1")),
+    # The scale model scored again with --tta on the volumes (the val split is scored
     # through segment_examples, without TTA).
-    Recipe("tta", "+ scale test-time augmentation (--tta, the intensity model)",
+    Recipe("tta", "the scale model scored with --tta (no retraining)",
            extra_data=True, convert_flags=("--target_spacing_mm={target}",),
            convert_2d_flags=("--spacing_2d_mm=1.1",), evaluate_flags=("--tta",),
-           reuse="intensity"),
+           reuse="scale"),
 )
 
 

@@ -44,6 +44,10 @@ _SEEDS = flags.DEFINE_list("seeds", ["0"], help="Training seeds per recipe.")
 _QUICK = flags.DEFINE_bool("quick", False, help="Smoke sizes: 64 px, 2 epochs, tiny U-Net.")
 _EPOCHS = flags.DEFINE_integer("epochs", 300, help="Epochs per run (not --quick).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, help="Converted square side.")
+_TARGET_SPACING_MM = flags.DEFINE_float(
+    "target_spacing_mm", None, help="--target_spacing_mm of the scale recipes (default: "
+    "1.1 * 256 / image_size, spine2d's scale; a smaller value or a larger --image_size "
+    "crops less of a large field of view).")
 _WORK_DIR = flags.DEFINE_string("work_dir", None, help="Keep everything here (default: temp).")
 _TRAIN_FLAGS = flags.DEFINE_string(
     "train_flags", "", help="Extra spine-train flags for every run, space-separated, e.g. "
@@ -156,7 +160,7 @@ def main(argv):
   ivd = _folder_of(data, "spine3d", "ivd_11", work / "eval" / "ivd_11")
   vb2 = _folder_of(data, "spine3d", "vb2_05", work / "eval" / "vb2_05")
   rows = []
-  target = f"{1.1 * 256 / size:.4g}"
+  target = f"{_TARGET_SPACING_MM.value or 1.1 * 256 / size:.4g}"
   for recipe in recipes:
     convert_flags = [f.format(target=target) for f in recipe.convert_flags]
     tag = "-".join(convert_flags).replace("--", "").replace("=", "") or "plain"

@@ -615,6 +615,32 @@ class _Accumulator:
     })
 
 
+def cropped_cases(manifest: dict[str, Any]) -> tuple[list[str], int, float]:
+  """Converted cases whose slices the square crops at the target spacing.
+
+  With `--target_spacing_mm` a slice larger than `image_size` pixels at that spacing is
+  centre-cropped (`preprocess.spacing_geometry`): training never sees its edges.
+
+  Returns:
+    (ids of the cases with kept slices that were cropped, the smallest square side that
+    holds all of them, that side in mm); ([], image_size, side in mm) when none was, or
+    without a target spacing.
+  """
+  size, target = int(manifest["image_size"]), manifest.get("target_spacing_mm")
+  if not target:
+    return [], size, 0.0
+  cropped, needed = [], size
+  for case in manifest["cases"]:
+    if not case.get("slices_kept") or not case.get("spacing"):
+      continue
+    _, height, width = case["shape"]
+    rows, cols = preprocess.resampled_size(height, width, case["spacing"], target)
+    if max(rows, cols) > size:
+      cropped.append(case["id"])
+      needed = max(needed, rows, cols)
+  return cropped, needed, needed * float(target)
+
+
 def format_summary(manifest: dict[str, Any]) -> str:
   """A short human-readable summary of a conversion."""
   t = manifest["totals"]
@@ -629,4 +655,16 @@ def format_summary(manifest: dict[str, Any]) -> str:
   lines.append(f"  class pixel frequencies: {freq}")
   for f in manifest["skipped"]["files"]:
     lines.append(f"  skipped file {f['path']}: {f['reason']}")
+  cropped, needed, needed_mm = cropped_cases(manifest)
+  if cropped:
+    size, target = manifest["image_size"], manifest["target_spacing_mm"]
+    names = ", ".join(cropped[:5]) + (f" and {len(cropped) - 5} more" if len(cropped) > 5
+                                      else "")
+    side = -(-needed // 16) * 16  # spine-train's default depth 4 needs a multiple of 16
+    lines.append(
+        f"  warning: {len(cropped)} {'cases are' if len(cropped) > 1 else 'case is'} larger "
+        f"than the square ({size} px at {target:g} mm = {size * target:g} mm), "
+        "centre-cropped, their edges never "
+        f"trained on: {names}; they need {needed} px ({needed_mm:g} mm): "
+        f"--image_size={side} keeps them whole")
   return "\n".join(lines)

@@ -225,6 +225,19 @@ def test_2d_images_need_their_spacing_with_a_target_spacing(tmp_path):
   assert f["geometry"].numpy().tolist() == [40, 30, 20, 30, 6, 1]
   assert m["flags"]["spacing_2d_mm"] == [0.5, 1.0]
   assert int(np.sum(f["mask"].numpy() == 2)) == 5 * 20  # 10 x 20 px at 0.5 x 1.0 mm
+  assert writer.cropped_cases(m) == ([], 32, 32.0)
+  assert "warning" not in writer.format_summary(m)
+  # A square smaller than the resampled slice (30 px wide at 1 mm) crops it: said, with
+  # the --image_size that keeps it whole.
+  writer.convert_dataset(images, masks, tmp_path / "small", required_labels=[],
+                         image_size=16, val_fraction=0.0, num_workers=1, progress=False,
+                         target_spacing_mm=1.0, spacing_2d_mm=(0.5, 1.0))
+  m, _ = _stored(tmp_path / "small")
+  assert writer.cropped_cases(m) == (["a"], 30, 30.0)
+  warning = writer.format_summary(m).splitlines()[-1]
+  assert warning.startswith("  warning: 1 case is larger than the square (16 px at 1 mm = "
+                            "16 mm), centre-cropped, their edges never trained on: a;")
+  assert "a; they need 30 px (30 mm): --image_size=32 keeps them whole" in warning
   # The binary says it in one line and exits non-zero.
   proc = subprocess.run(
       [sys.executable, "-m", "data_prep.convert", f"--images_dir={images}",

@@ -16,6 +16,8 @@ import numpy as np
 
 from data_prep import manifest
 from data_prep import schema
+from export import inference
+from export import serving
 from trainer import unet
 
 IMAGE_SIZE = 32
@@ -70,3 +72,14 @@ def write_threshold_model_dir(path: pathlib.Path,
       image_size=image_size, normalization="divide255", per="image", compression="none",
       splits={}))
   return path
+
+
+def export_and_load(model_dir: pathlib.Path, export_dir: pathlib.Path):
+  """Exports `model_dir` to `export_dir` and loads it as the binaries do.
+
+  The loaded model's `.path` is the export folder (what spine-predict/evaluate receive).
+  """
+  export_dir = serving.export(model_dir, export_dir)
+  loaded = inference.load_saved_model(export_dir)
+  loaded.path = export_dir
+  return loaded

@@ -57,21 +57,15 @@ importlib.import_module(binary).run()
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
   root = tmp_path_factory.mktemp("export")
-  model_dir = export_testlib.write_model_dir(root / "model")
-  export_dir = serving.export(model_dir, root / "serving" / "1")
-  loaded = inference.load_saved_model(export_dir)
-  loaded.path = export_dir
-  return loaded
+  return export_testlib.export_and_load(export_testlib.write_model_dir(root / "model"),
+                                        root / "serving" / "1")
 
 
 @pytest.fixture(scope="module")
 def threshold(tmp_path_factory):
   root = tmp_path_factory.mktemp("threshold")
-  model_dir = export_testlib.write_threshold_model_dir(root / "model")
-  export_dir = serving.export(model_dir, root / "serving" / "1")
-  loaded = inference.load_saved_model(export_dir)
-  loaded.path = export_dir
-  return loaded
+  return export_testlib.export_and_load(
+      export_testlib.write_threshold_model_dir(root / "model"), root / "serving" / "1")
 
 
 def _run(args, **kwargs):

@@ -27,6 +27,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+import export_testlib
 from data_prep import manifest
 from data_prep import orientation
 from data_prep import phantom
@@ -288,10 +289,8 @@ def _erosion_model_dir(path: pathlib.Path) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def erosion(tmp_path_factory):
   root = tmp_path_factory.mktemp("erosion")
-  export_dir = serving.export(_erosion_model_dir(root / "model"), root / "serving" / "1")
-  loaded = inference.load_saved_model(export_dir)
-  loaded.path = export_dir
-  return loaded
+  return export_testlib.export_and_load(_erosion_model_dir(root / "model"),
+                                        root / "serving" / "1")
 
 
 def _square(shape, rows, cols):

@@ -29,7 +29,6 @@ from data_prep import schema
 from export import evaluate_lib
 from export import inference
 from export import predict_lib
-from export import serving
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -57,23 +56,18 @@ def _window_model_dir(path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def _load(export_dir):
-  loaded = inference.load_saved_model(export_dir)
-  loaded.path = export_dir
-  return loaded
-
-
 @pytest.fixture(scope="module")
 def window(tmp_path_factory):
   root = tmp_path_factory.mktemp("window")
-  return _load(serving.export(_window_model_dir(root / "model"), root / "serving" / "1"))
+  return export_testlib.export_and_load(_window_model_dir(root / "model"),
+                                        root / "serving" / "1")
 
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
   root = tmp_path_factory.mktemp("plain")
   model_dir = export_testlib.write_threshold_model_dir(root / "model")
-  return _load(serving.export(model_dir, root / "serving" / "1"))
+  return export_testlib.export_and_load(model_dir, root / "serving" / "1")
 
 
 def _squares(shape, seed=0) -> np.ndarray:

@@ -16,7 +16,12 @@ setuptools.setup(
         "scipy>=1.11",  # scipy.ndimage: distance transforms for the HD95 metric
         "tensorboard>=2.21,<2.22",  # to view the training logs
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3",
+                             # drives Debian's chromium + chromedriver: tests/page_check.py
+                             "selenium>=4.10",
+                             "SimpleITK>=2.2"],  # so CI runs tests/test_dicom.py
+                    # DICOM series input of spine-predict (data_prep/dicom.py)
+                    "dicom": ["SimpleITK>=2.2"]},
     # The ONE list of binaries: tools/bazel/gen_build.py reads it (with `ast`) for BUILD's
     # py_binary targets, so keep it a literal.
     entry_points={
@@ -27,6 +32,7 @@ setuptools.setup(
             "spine-predict=export.predict:run",
             "spine-evaluate=export.evaluate:run",
             "spine-phantom=data_prep.phantom:run",
+            "spine-inspect=data_prep.inspect_data:run",
         ]
     },
 )

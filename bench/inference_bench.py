@@ -8,7 +8,11 @@ it with spine-export's library, then measures on the same batches of raw 256x256
   2. slices/s of the Keras model called directly on the already preprocessed squares
      (`model(x, training=False)` eagerly, and `predict_on_batch`, a compiled function);
   3. seconds per NIfTI volume for spine-predict's library (read, reorient,
-     `segment_volume`, write the label volume), volume S x 256 x 256.
+     `segment_volume`, write the label volume), volume S x 256 x 256, and for the same
+     volume as a DICOM series of S files (when SimpleITK, the ".[dicom]" extra, is
+     installed);
+  4. the same volume with spine-predict's options: --save_probabilities, an ensemble of
+     2 models, --postprocess (seconds and the ratio to the plain prediction).
 Weights do not change the cost, so an untrained model measures the real one.
 
   .venv/bin/python bench/inference_bench.py                  # ~1-2 minutes on 2 cores
@@ -16,6 +20,7 @@ Weights do not change the cost, so an untrained model measures the real one.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -97,14 +102,40 @@ def main(argv):
   # Scanner order (I, P, R) so that the reorientation is part of the cost.
   affine = np.array([[0, 0, 1.0, 0], [0, -1.0, 0, 0], [-1.0, 0, 0, 0], [0, 0, 0, 1]])
   nib.save(nib.Nifti1Image(volume, affine), vol_dir / "v.nii.gz")
-  predict_lib.predict(loaded, vol_dir / "v.nii.gz", work / "pred", overwrite=True,
-                      progress=False)  # warm-up
-  runs = 2
-  t = time.perf_counter()
-  for _ in range(runs):
-    predict_lib.predict(loaded, vol_dir / "v.nii.gz", work / "pred", overwrite=True,
-                        progress=False)
-  volume_s = (time.perf_counter() - t) / runs
+
+  def seconds_per_volume(path, model=loaded, **options):
+    predict_lib.predict(model, path, work / "pred", overwrite=True,
+                        progress=False, **options)  # warm-up
+    runs = 2
+    t = time.perf_counter()
+    for _ in range(runs):
+      predict_lib.predict(model, path, work / "pred", overwrite=True, progress=False,
+                          **options)
+    return (time.perf_counter() - t) / runs
+
+  volume_s = seconds_per_volume(vol_dir / "v.nii.gz")
+  dicom_s = None
+  if importlib.util.find_spec("SimpleITK") is not None:  # the optional ".[dicom]" extra
+    from data_prep import dicom  # pylint: disable=g-import-not-at-top
+    # The same volume as a sagittal int16 series: slice k = voxels [:, :, k], its rows
+    # running inferior (i), its columns posterior (j), slices 1 mm apart toward right.
+    slices = np.round(volume).clip(-32768, 32767).transpose(2, 0, 1)
+    dicom.write_series(vol_dir / "series", slices,
+                       [(-float(k), 0.0, 0.0) for k in range(len(slices))],
+                       row_cosine=(0, 1, 0), column_cosine=(0, 0, -1),
+                       pixel_spacing=(1.0, 1.0), slice_thickness=1.0,
+                       series_uid="1.2.826.0.1.3680043.2.1125.99")
+    dicom_s = seconds_per_volume(vol_dir / "series")
+
+  # spine-predict options on the same NIfTI volume; the ensemble's second member is the
+  # same export loaded again (an equal-size model costs the same).
+  options_s = {
+      "--save_probabilities": seconds_per_volume(vol_dir / "v.nii.gz",
+                                                 save_probabilities=True),
+      "ensemble of 2 (--saved_model=A,B)": seconds_per_volume(
+          vol_dir / "v.nii.gz", [loaded, inference.load_saved_model(export_dir)]),
+      "--postprocess": seconds_per_volume(vol_dir / "v.nii.gz", postprocess=True),
+  }
 
   base = rates["Keras model(x) eager (preprocessed in)"]
   print(f"\nU-Net base_filters={_BASE_FILTERS.value} depth={_DEPTH.value} group norm "
@@ -115,10 +146,20 @@ def main(argv):
   print("| --- | ---: | ---: |")
   for name, r in rates.items():
     print(f"| {name} | {r:.2f} | {r / base:.2f} |")
-  print("\n| NIfTI volume via spine-predict | s/volume | s/slice |")
+  print("\n| volume via spine-predict | s/volume | s/slice |")
   print("| --- | ---: | ---: |")
-  print(f"| {_VOLUME_SLICES.value} slices of {size}x{size}, scanner order | "
+  print(f"| NIfTI, {_VOLUME_SLICES.value} slices of {size}x{size}, scanner order | "
         f"{volume_s:.2f} | {volume_s / _VOLUME_SLICES.value:.3f} |")
+  if dicom_s is None:
+    print('| DICOM series: skipped, SimpleITK not installed (pip install -e ".[dicom]") '
+          "| | |")
+  else:
+    print(f"| DICOM series of the same volume ({_VOLUME_SLICES.value} files) | "
+          f"{dicom_s:.2f} | {dicom_s / _VOLUME_SLICES.value:.3f} |")
+  print("\n| spine-predict option, same NIfTI volume | s/volume | ratio vs plain |")
+  print("| --- | ---: | ---: |")
+  for name, seconds in options_s.items():
+    print(f"| {name} | {seconds:.2f} | {seconds / volume_s:.2f} |")
   if _WORK_DIR.value is None:
     shutil.rmtree(work, ignore_errors=True)
 

@@ -45,10 +45,10 @@ class Case:
     spacing: (row mm, column mm) of every slice: from the affine for NIfTI; for 2D files,
       which carry no reliable spacing, the one the caller gives (`--spacing_2d_mm`), else
       (1.0, 1.0).
-    image_path: the source image file.
+    image_path: the source image file (a DICOM series: its folder, `dicom.read_series`).
     mask_path: the source mask file, or None.
     kind: "2d" or "3d".
-    affine: [4, 4] affine of a NIfTI volume (None for 2D).
+    affine: [4, 4] RAS affine of a volume (NIfTI, or a DICOM series) (None for 2D).
     original_shape: shape of the stored array before reorientation.
     transform: orientation transform for `orientation.from_display` (None for 2D).
     spacing_known: False for a 2D file read without a given spacing: its (1.0, 1.0) is a
@@ -196,6 +196,33 @@ def _as_int_mask(data: np.ndarray, path: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------- public API
 
+def volume_case(case_id: str, path: str, data: np.ndarray, affine: np.ndarray) -> Case:
+  """A 3D `Case` (no mask) of a volume in stored voxel order and its RAS affine.
+
+  The one way a volume becomes display order, whatever file it came from (NIfTI here,
+  a DICOM series in `dicom.read_series`).
+
+  Args:
+    case_id: the case id.
+    path: the source, for messages and `Case.image_path`.
+    data: [X, Y, Z] intensities in stored voxel order.
+    affine: [4, 4] voxel-to-world (RAS+) affine.
+
+  Raises:
+    InputError: non-numeric or NaN/Inf intensities, or a degenerate affine.
+  """
+  image = _as_float_image(data, path)
+  try:
+    display, transform = orientation.to_display(image, affine)
+  except ValueError as e:
+    raise InputError(f"{path}: {e}") from e
+  sizes = orientation.display_voxel_sizes(affine, transform)
+  return Case(case_id=case_id, image=np.ascontiguousarray(display), mask=None,
+              spacing=(sizes[1], sizes[2]), image_path=path, kind="3d",
+              affine=np.asarray(affine, dtype=np.float64), original_shape=data.shape,
+              transform=transform)
+
+
 def read_image(path: str | os.PathLike,
                spacing_2d: Optional[tuple[float, float]] = None) -> Case:
   """Reads one image (2D file or NIfTI volume) without a mask, for prediction.
@@ -214,16 +241,7 @@ def read_image(path: str | os.PathLike,
   case_id = case_id_of(path)
   if is_nifti(path):
     affine, data = _load_nifti(path, "image")
-    image = _as_float_image(data, path)
-    try:
-      display, transform = orientation.to_display(image, affine)
-    except ValueError as e:
-      raise InputError(f"{path}: {e}") from e
-    sizes = orientation.display_voxel_sizes(affine, transform)
-    return Case(case_id=case_id, image=np.ascontiguousarray(display), mask=None,
-                spacing=(sizes[1], sizes[2]), image_path=path, kind="3d",
-                affine=np.asarray(affine, dtype=np.float64), original_shape=data.shape,
-                transform=transform)
+    return volume_case(case_id, path, data, affine)
   if split_name(path)[1] not in IMAGE_2D_SUFFIXES:
     raise InputError(f"{path}: unsupported image type; expected one of "
                      f"{IMAGE_2D_SUFFIXES + NIFTI_SUFFIXES}")

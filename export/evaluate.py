@@ -12,6 +12,11 @@ Classes absent from a case's ground truth are reported as "absent". "mean" rows 
 the cases where the class is present; "pooled" rows count all voxels of all cases at once.
 --tta (folder mode, off by default; about 3x the time): scale test-time augmentation as
 spine-predict --tta, for a model with a target spacing.
+--saved_model=A,B (both modes): an ensemble, as spine-predict's. --postprocess (folder
+mode; on by default there, as in spine-predict, so the score is that of the masks
+spine-predict writes; --nopostprocess scores the raw argmax).
+
+  spine-evaluate --saved_model=a/1,b/1 --images_dir=imgs --masks_dir=masks --postprocess
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ from absl import app
 from absl import flags
 
 _SAVED_MODEL = flags.DEFINE_string(
-    "saved_model", None, help="SavedModel version folder written by spine-export.",
+    "saved_model", None, help="SavedModel version folder written by spine-export, or a "
+    "comma-separated list of them (A,B,C): an ensemble averaging their probabilities.",
     required=True)
 _IMAGES_DIR = flags.DEFINE_string("images_dir", None, help="Folder of images (mode 1).")
 _MASKS_DIR = flags.DEFINE_string(
@@ -46,6 +52,12 @@ _TTA = flags.DEFINE_bool(
     "tta", False, help="Scale test-time augmentation (--images_dir only): average the "
     "probabilities of each image sent at its spacing times 0.85, 1.0, 1.15 (about 3x "
     "slower). Needs a model exported with --target_spacing_mm.")
+_POSTPROCESS = flags.DEFINE_bool(
+    "postprocess", None, help="Score cleaned masks, as spine-predict --postprocess "
+    "(--images_dir only; on by default there, as in spine-predict; --nopostprocess "
+    "scores the raw argmax): per class, connected components smaller than 10 percent of "
+    "the class's largest become background. A converted split (--data_dir) is scored "
+    "without it, as the trainer's validation does.")
 
 
 def _fail(message: str) -> None:
@@ -84,6 +96,9 @@ def main(argv):
   if _DATA_DIR.value and _TTA.value:
     raise app.UsageError("--tta applies to --images_dir only (a converted split is "
                          "scored in its stored squares, at the model's target spacing)")
+  if _DATA_DIR.value and _POSTPROCESS.value:  # given explicitly (None: the default)
+    raise app.UsageError("--postprocess applies to --images_dir only (a converted split "
+                         "is scored in its padded squares, not the input's geometry)")
   from data_prep import readers  # pylint: disable=g-import-not-at-top
   try:
     spacing_2d = readers.parse_spacing_mm(_SPACING_2D_MM.value)
@@ -111,12 +126,12 @@ def main(argv):
   except schema.LabelError as e:
     raise app.UsageError(str(e))
   try:
-    model = inference.load_saved_model(_SAVED_MODEL.value)
+    model = inference.load_ensemble(inference.parse_model_list(_SAVED_MODEL.value))
     if folders:
       report = evaluate_lib.evaluate_folders(
           model, _IMAGES_DIR.value, _MASKS_DIR.value, label_map=label_map,
           batch_size=_BATCH_SIZE.value, spacing_2d_mm=spacing_2d,
-          tta=_TTA.value)
+          tta=_TTA.value, postprocess=_POSTPROCESS.value is not False)
     else:
       report = evaluate_lib.evaluate_split(model, _DATA_DIR.value, _SPLIT.value,
                                            batch_size=_BATCH_SIZE.value)

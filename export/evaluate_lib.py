@@ -55,13 +55,15 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
                      label_map: dict[int, int] | None = None, batch_size: int = 8,
                      progress: bool = True,
                      spacing_2d_mm: tuple[float, float] | None = None,
-                     tta: bool = False) -> dict[str, Any]:
+                     tta: bool = False, postprocess: bool = False) -> dict[str, Any]:
   """Scores the model on image/mask pairs of two folders.
 
   Predictions are in each input's own geometry (a model trained at a target spacing
   resamples with the NIfTI affine's spacing, or `spacing_2d_mm` for 2D files, which such
-  a model refuses without it). `tta`: scale test-time augmentation
-  (`inference.TTA_SCALES`), only for a model with a target spacing.
+  a model refuses without it). `model`: one model or an ensemble (a list: the mean of
+  the members' probabilities). `tta`: scale test-time augmentation
+  (`inference.TTA_SCALES`), only for models with a target spacing. `postprocess`:
+  masks cleaned as spine-predict --postprocess (`inference.labels`).
 
   Returns:
     {"cases": [row...], "overall": summarize(rows), "failures": [message...]}; a row
@@ -90,7 +92,8 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
           gt_masks[image_path] = gt[0]
           yield case
           continue
-        pred = inference.segment_volume(model, case.image, spacing, tta)
+        pred = inference.labels(
+            inference.volume_probabilities(model, case.image, spacing, tta), postprocess)
         spacing = orientation.display_voxel_sizes(case.affine, case.transform)
         rows.append(_case_row(case_id, "3d", metrics.counts(pred, gt),
                               metrics.hd95_per_class(pred, gt, spacing)))
@@ -99,7 +102,8 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
                         else f"{image_path}: {type(e).__name__}: {e}")
       bar.step()
 
-  for case, pred in inference.segment_cases_2d(model, cases_2d(), batch_size, tta):
+  for case, probs in inference.cases_2d_probabilities(model, cases_2d(), batch_size, tta):
+    pred = inference.labels(probs, postprocess)
     gt = gt_masks.pop(case.image_path)
     rows.append(_case_row(case.case_id, "2d", metrics.counts(pred, gt), None))
     bar.step()
@@ -113,29 +117,54 @@ def evaluate_split(model, data_dir: str, split: str, *,
 
   Slices are pooled per case id; padding pixels (IGNORE_LABEL after parsing) are not
   counted. No HD95: a converted split holds the kept slices only, not whole volumes.
+  `model`: one model or an ensemble (a list: the mean of the members' square
+  probabilities; every member must match the dataset's image size and target spacing).
 
   Raises:
-    FileNotFoundError, ValueError: no manifest, the split has no shards, or the model
-      was exported for another image size than the dataset's.
+    FileNotFoundError, ValueError: no manifest, the split has no shards, or a model
+      was exported for another image size or target spacing than the dataset's.
   """
   manifest = manifest_lib.load(data_dir)
   shards = manifest_lib.shard_paths(data_dir, manifest, split)
   if not shards:
     raise ValueError(f"{manifest_lib.path_of(data_dir)}: split {split!r} has no shards; "
                      f"found splits {sorted(manifest['splits'])}")
-  if "segment_examples" not in model.signatures:
-    raise ValueError("the SavedModel lacks the segment_examples signature")
   size = int(manifest["image_size"])
+  for member in inference.members(model):
+    _check_split_model(member, manifest, data_dir, size)
 
   def parse(serialized):
     f = schema.parse_example(serialized, size)
     return serialized, f["mask"][..., 0], f["case_id"]
 
+  ds = tf.data.TFRecordDataset(
+      shards, compression_type=manifest_lib.compression_type(manifest)).map(parse)
+  counts: dict[str, np.ndarray] = {}
+  slices: dict[str, int] = {}
+  for serialized, gt, case_ids in ds.batch(batch_size):
+    members = inference.members(model)
+    probs = sum(m.signatures["segment_examples"](examples=serialized)["probabilities"]
+                .numpy() for m in members)
+    pred = inference.labels(probs / np.float32(len(members)))  # as spine-predict's mean
+    for p, g, cid in zip(pred, gt.numpy(), case_ids.numpy()):
+      cid = cid.decode("utf-8")
+      counts[cid] = counts.get(cid, 0) + metrics.counts(p, g)
+      slices[cid] = slices.get(cid, 0) + 1
+  rows = [_case_row(cid, "3d" if slices[cid] > 1 else "2d", c, None)
+          for cid, c in sorted(counts.items())]
+  return {"cases": rows, "overall": summarize(rows), "failures": []}
+
+
+def _check_split_model(model, manifest: dict[str, Any], data_dir: str, size: int) -> None:
+  """Refuses a model that cannot score the converted squares of `data_dir` as stored."""
+  where = getattr(model, "spineseg_path", "the SavedModel")
+  if "segment_examples" not in model.signatures:
+    raise ValueError(f"{where}: the SavedModel lacks the segment_examples signature")
   model_size = getattr(model, "spineseg_image_size", None)
   if model_size is not None and int(model_size) != size:
     raise ValueError(f"{manifest_lib.path_of(data_dir)}: the dataset holds {size} px "
-                     f"squares, the SavedModel was exported for {model_size} px; evaluate "
-                     "it on a dataset converted with --image_size="
+                     f"squares, the SavedModel {where} was exported for {model_size} px; "
+                     "evaluate it on a dataset converted with --image_size="
                      f"{model_size}, or use --images_dir/--masks_dir")
   model_target = getattr(model, "spineseg_target_spacing_mm", None)
   data_target = manifest.get("target_spacing_mm")
@@ -144,22 +173,9 @@ def evaluate_split(model, data_dir: str, split: str, *,
     def say(t):
       return "no target spacing" if t is None else f"{t:g} mm per pixel"
     raise ValueError(f"{manifest_lib.path_of(data_dir)}: the dataset was converted at "
-                     f"{say(data_target)}, the SavedModel was trained at "
+                     f"{say(data_target)}, the SavedModel {where} was trained at "
                      f"{say(model_target)}; convert it with the model's "
                      "--target_spacing_mm, or use --images_dir/--masks_dir")
-  ds = tf.data.TFRecordDataset(
-      shards, compression_type=manifest_lib.compression_type(manifest)).map(parse)
-  counts: dict[str, np.ndarray] = {}
-  slices: dict[str, int] = {}
-  for serialized, gt, case_ids in ds.batch(batch_size):
-    pred = model.signatures["segment_examples"](examples=serialized)["mask"].numpy()
-    for p, g, cid in zip(pred, gt.numpy(), case_ids.numpy()):
-      cid = cid.decode("utf-8")
-      counts[cid] = counts.get(cid, 0) + metrics.counts(p, g)
-      slices[cid] = slices.get(cid, 0) + 1
-  rows = [_case_row(cid, "3d" if slices[cid] > 1 else "2d", c, None)
-          for cid, c in sorted(counts.items())]
-  return {"cases": rows, "overall": summarize(rows), "failures": []}
 
 
 def _fmt(v: Any) -> str:

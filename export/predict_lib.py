@@ -6,6 +6,12 @@ Outputs for an input `NAME.ext` in the output folder, always in the input's own 
   NIfTI:  NAME_mask.nii.gz (or .nii): labels with the input's shape, affine, voxel order
   overlay (optional): NAME_overlay.png, the slice (or a volume's middle sagittal slice)
           with discs and vertebrae tinted (`data_prep.overlay`).
+  probabilities (optional): NAME_probabilities.npy float32 [H, W, 3] (2D) or
+          NAME_probabilities.nii.gz float32 [X, Y, Z, 3] (a volume, the mask's voxel
+          order and affine): the mean over TTA scales and ensemble members, before
+          the optional clean-up (`postprocess`), whose argmax is the plain mask.
+  report (optional, `predict_report`): a QC page of the run in its own folder
+          (spine-predict: OUTPUT/report/), written at the end.
 
 An input's outputs appear all together or not at all: they are written to hidden
 temporaries first and renamed into place only when every one of them is complete. A bad
@@ -22,9 +28,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from data_prep import fileio
+from data_prep import html_report
 from data_prep import overlay as overlay_lib
 from data_prep import readers
 from export import inference
+from export import predict_report
 
 # One output of one input: the final path and a function writing the content to a path.
 Item = tuple[pathlib.Path, Callable[[str], None]]
@@ -108,10 +116,20 @@ def write_together(input_path: str, items: list[Item]) -> None:
     raise
 
 
-def _nifti_like(mask: np.ndarray, source: str) -> Any:
-  """A uint8 label image with the source's shape, affine and header."""
+def _nifti_like(mask: np.ndarray, case: readers.Case) -> Any:
+  """A uint8 label image with the source's shape, affine and header.
+
+  A DICOM series (no NIfTI header to copy) gets its RAS affine as the scanner
+  transform, qform and sform alike.
+  """
   import nibabel as nib  # pylint: disable=g-import-not-at-top
-  src = nib.load(source)
+  if not readers.is_nifti(case.image_path):
+    out = nib.Nifti1Image(mask.astype(np.uint8).reshape(case.original_shape), case.affine)
+    out.set_qform(case.affine, code=1)
+    out.set_sform(case.affine, code=1)
+    out.header.set_xyzt_units("mm")
+    return out
+  src = nib.load(case.image_path)
   header = src.header.copy()
   header.set_data_dtype(np.uint8)
   # Trailing singleton axes of the source (e.g. [X, Y, Z, 1]) are restored exactly.
@@ -120,10 +138,30 @@ def _nifti_like(mask: np.ndarray, source: str) -> Any:
   return out
 
 
+def _probabilities_like(probs: np.ndarray, label_image: Any) -> Any:
+  """A float32 image of probabilities [X, Y, Z, C] (the input's voxel order) with the
+  mask's affine and header (so both carry the same qform/sform as the input)."""
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  header = label_image.header.copy()
+  header.set_data_dtype(np.float32)
+  out = nib.Nifti1Image(np.asarray(probs, np.float32), label_image.affine, header)
+  out.header.set_slope_inter(1.0, 0.0)
+  return out
+
+
 def output_paths(input_path: str | os.PathLike, output_dir: str | os.PathLike,
-                 overlay: bool) -> dict[str, pathlib.Path]:
-  """The files `predict` writes for one input, keyed by kind."""
-  stem, suffix = readers.split_name(input_path)
+                 overlay: bool, probabilities: bool = False) -> dict[str, pathlib.Path]:
+  """The files `predict` writes for one input, keyed by kind.
+
+  `probabilities`: also "probabilities": `NAME_probabilities.npy` for 2D,
+  `NAME_probabilities.nii.gz` (the mask's suffix) for a volume.
+
+  A DICOM series (a folder `NAME`) is written as NIfTI: `NAME_mask.nii.gz`.
+  """
+  if os.path.isdir(input_path):
+    stem, suffix = pathlib.Path(input_path).resolve().name, ".nii.gz"
+  else:
+    stem, suffix = readers.split_name(input_path)
   out = pathlib.Path(output_dir)
   if suffix in readers.NIFTI_SUFFIXES:
     paths = {"nifti": out / f"{stem}_mask{suffix}"}
@@ -131,6 +169,9 @@ def output_paths(input_path: str | os.PathLike, output_dir: str | os.PathLike,
     paths = {"png": out / f"{stem}_mask.png", "npy": out / f"{stem}_mask.npy"}
   if overlay:
     paths["overlay"] = out / f"{stem}_overlay.png"
+  if probabilities:
+    volume = suffix in readers.NIFTI_SUFFIXES
+    paths["probabilities"] = out / f"{stem}_probabilities{suffix if volume else '.npy'}"
   return paths
 
 
@@ -155,11 +196,14 @@ def prepare_output_dir(output_dir: str | os.PathLike) -> pathlib.Path:
 def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
             batch_size: int = 8, overlay: bool = False, overwrite: bool = False,
             progress: bool = True, spacing_2d_mm: tuple[float, float] | None = None,
-            tta: bool = False) -> tuple[list[pathlib.Path], list[tuple[str, str]]]:
+            tta: bool = False, save_probabilities: bool = False, postprocess: bool = False,
+            report: predict_report.Options | None = None
+            ) -> tuple[list[pathlib.Path], list[tuple[str, str]]]:
   """Segments every input and writes the masks.
 
   Args:
-    model: a SavedModel from `inference.load_saved_model`.
+    model: a SavedModel from `inference.load_saved_model`, or an ensemble (a list from
+      `inference.load_ensemble`): the mean of the members' probabilities decides.
     input_path: a file or a folder of files.
     output_dir: folder for the outputs (created).
     batch_size: 2D slices per signature call.
@@ -170,6 +214,13 @@ def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike,
       target spacing refuses 2D inputs without it (NIfTI volumes carry theirs).
     tta: scale test-time augmentation (`inference.TTA_SCALES`, about 3x the model time);
       only for a model with a target spacing.
+    save_probabilities: also write the mean probabilities (`output_paths`), float32 with
+      a last axis of classes, before any `postprocess` (their argmax is the plain mask).
+    postprocess: clean each mask with `postprocess.remove_small_components` (a volume in
+      3D, a 2D input per slice); the overlay shows the cleaned mask.
+    report: write a QC page of the inputs written (`predict_report`) to
+      `report.folder` at the end (checked before any work: an existing report needs
+      `overwrite`); None: no page.
 
   Returns:
     (written, failures): the files written, and (input path, message) per failed input;
@@ -178,9 +229,15 @@ def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike,
   Raises:
     InputError: `input_path` does not exist or holds no supported file, or `tta` with a
       model without a target spacing.
-    OutputError: the output folder is unusable, or an OS error while writing stopped the
-      run; it carries what was written and every input not written.
+    OutputError: the output folder or the report folder is unusable, or an OS error
+      while writing stopped the run; it carries what was written and every input not
+      written.
   """
+  if report is not None:
+    try:  # before any work: a refused report must not cost a whole run
+      html_report.check_output_folder(report.folder, overwrite)
+    except FileExistsError as e:
+      raise OutputError(f"--report: {e}") from e
   if tta:
     inference.check_tta(model)  # before any output: refused, not silently a no-op
   files = inference.list_inputs(input_path)
@@ -195,12 +252,20 @@ def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike,
     finished.add(path)
     bar.step()
 
+  entries: dict[str, predict_report.Entry] = {}  # input path -> its report entry
+
+  def summarize(case, mask) -> None:
+    if report is not None:
+      entries[case.image_path] = predict_report.summarize(
+          case, mask, min_slices=report.min_slices, max_components=report.max_components)
+
   def commit(path: str, items: list[Item]) -> None:
     try:
       write_together(path, items)
     except _WriteFailed:
       raise  # stops the run
     except Exception as e:  # e.g. an array a writer refuses: this input only
+      entries.pop(path, None)
       fail(path, f"{path}: {type(e).__name__}: {e}")
       return
     written.extend(final for final, _ in items)
@@ -210,7 +275,7 @@ def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike,
   targets: dict[str, dict[str, pathlib.Path]] = {}
   claimed: dict[pathlib.Path, str] = {}
   for f in files:
-    paths = output_paths(f, output_dir, overlay)
+    paths = output_paths(f, output_dir, overlay, save_probabilities)
     clash = [claimed[p] for p in paths.values() if p in claimed]
     existing = [str(p) for p in paths.values() if p.exists()]
     if clash:
@@ -233,25 +298,38 @@ def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike,
         yield case
         continue
       try:
-        mask = inference.segment_volume(model, case.image, spacing, tta)
-        label_image = _nifti_like(inference.orientation_back(case, mask), path)
+        probs = inference.volume_probabilities(model, case.image, spacing, tta)
+        mask = inference.labels(probs, postprocess)
+        label_image = _nifti_like(inference.orientation_back(case, mask), case)
         items = [(paths["nifti"], lambda p, im=label_image: _write_nifti(p, im))]
+        if "probabilities" in paths:
+          prob_image = _probabilities_like(
+              inference.orientation_back(case, probs), label_image)
+          items.append((paths["probabilities"],
+                        lambda p, im=prob_image: _write_nifti(p, im)))
+        del probs  # 12 bytes per voxel: only the image to write (if any) keeps them
         if "overlay" in paths:
           mid = case.image.shape[0] // 2
           rgb = overlay_lib.overlay_rgb(case.image[mid], mask[mid])
           items.append((paths["overlay"], lambda p, a=rgb: _write_png(p, a)))
+        summarize(case, mask)
       except Exception as e:  # Keep going in folder mode; report at the end.
         fail(path, f"{path}: {type(e).__name__}: {e}")
         continue
       commit(path, items)  # outside the try: a write error must stop the run
 
-  def items_2d(case, mask) -> list[Item]:
+  def items_2d(case, probs) -> list[Item]:
     paths = targets[case.image_path]
+    mask = inference.labels(probs, postprocess)
     items = [(paths["png"], lambda p: _write_png(p, mask)),
              (paths["npy"], lambda p: _write_npy(p, mask))]
+    if "probabilities" in paths:
+      items.append((paths["probabilities"],
+                    lambda p: _write_npy(p, probs.astype(np.float32))))
     if "overlay" in paths:
       rgb = overlay_lib.overlay_rgb(case.image[0], mask)
       items.append((paths["overlay"], lambda p: _write_png(p, rgb)))
+    summarize(case, mask)
     return items
 
   def end_progress_line() -> None:
@@ -260,8 +338,9 @@ def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike,
       sys.stderr.write("\n")
 
   try:
-    for case, mask in inference.segment_cases_2d(model, cases_2d(), batch_size, tta):
-      commit(case.image_path, items_2d(case, mask))
+    for case, probs in inference.cases_2d_probabilities(model, cases_2d(), batch_size,
+                                                        tta):
+      commit(case.image_path, items_2d(case, probs))
   except _WriteFailed as e:
     end_progress_line()
     reason = str(e)
@@ -277,4 +356,19 @@ def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike,
     error = f"{type(e).__name__}: {e}"
     failures.extend((p, f"{p}: not written: a 2D batch failed: {error}")
                     for p in targets if p not in finished)
+  if report is not None:
+    order = {str(f): i for i, f in enumerate(files)}  # the page lists inputs in input order
+    settings = {"models": ", ".join(getattr(m, "spineseg_path", "?")
+                                    for m in inference.members(model)),
+                "input": str(input_path), "output": str(output_dir), "tta": tta,
+                "postprocess": postprocess, "min slices": report.min_slices,
+                "max pieces": report.max_components}
+    try:
+      predict_report.write(
+          report.folder, [entries[p] for p in sorted(entries, key=order.get)],
+          sorted(failures, key=lambda f: order.get(f[0], len(order))),
+          title="spine-predict report", settings=settings, overwrite=overwrite)
+    except OSError as e:  # the masks are written; say so with the reason
+      raise OutputError(f"{report.folder}: report not written: "
+                        f"{inference.os_reason(e)}", written, []) from e
   return written, failures

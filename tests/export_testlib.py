@@ -52,26 +52,42 @@ def threshold_labels(image) -> np.ndarray:
   return ((image > THRESHOLDS[0]).astype(np.uint8) + (image > THRESHOLDS[1])).astype(np.uint8)
 
 
-def write_threshold_model_dir(path: pathlib.Path,
-                              image_size: int = IMAGE_SIZE) -> pathlib.Path:
+def write_threshold_model_dir(path: pathlib.Path, image_size: int = IMAGE_SIZE, *,
+                              thresholds: tuple[float, float] = THRESHOLDS,
+                              gain: float = 1020.0,
+                              target_spacing_mm: float | None = None) -> pathlib.Path:
   """A model directory whose model computes `threshold_labels` of the raw pixels.
 
   One 1x1 convolution gives logits (0, K (v - t1), K (2v - t1 - t2)) of the normalized
-  pixel v = raw / 255 with t = THRESHOLDS / 255: class 1 beats 0 exactly when v > t1 and
-  class 2 beats 1 exactly when v > t2, so the argmax is the threshold label. K = 1020
-  keeps the logit gap of the nearest integer pixel (half a grey level) at 2.
+  pixel v = raw / 255 with t = `thresholds` / 255 (`threshold_probabilities`): class 1
+  beats 0 exactly when v > t1 and class 2 beats 1 exactly when v > t2, so the argmax is
+  the threshold label. K = `gain` = 1020 keeps the logit gap of the nearest integer pixel
+  (half a grey level) at 2; a smaller gain gives soft probabilities. `target_spacing_mm`:
+  the model works at that spacing (a 1x1 model's labels do not depend on it, but the
+  predict/evaluate checks do).
   """
   path.mkdir(parents=True, exist_ok=True)
-  t1, t2 = (t / 255.0 for t in THRESHOLDS)
-  k = 1020.0
+  t1, t2 = (t / 255.0 for t in thresholds)
+  k = gain
   model = keras.Sequential([keras.Input((None, None, 1)), keras.layers.Conv2D(3, 1)])
   model.layers[0].set_weights([np.array([0.0, k, 2 * k], np.float32).reshape(1, 1, 1, 3),
                                np.array([0.0, -k * t1, -k * (t1 + t2)], np.float32)])
   model.save(path / "best.keras")
   manifest.write_json_atomic(path / schema.MANIFEST_NAME, manifest.make(
       image_size=image_size, normalization="divide255", per="image", compression="none",
-      splits={}))
+      splits={}, extra=({} if target_spacing_mm is None
+                        else {"target_spacing_mm": target_spacing_mm})))
   return path
+
+
+def threshold_probabilities(image, thresholds: tuple[float, float] = THRESHOLDS,
+                            gain: float = 1020.0) -> np.ndarray:
+  """float64 [..., 3]: the softmax of the threshold model's logits, computed in NumPy."""
+  v = np.asarray(image, dtype=np.float64) / 255.0
+  t1, t2 = (t / 255.0 for t in thresholds)
+  logits = np.stack([np.zeros_like(v), gain * (v - t1), gain * (2 * v - t1 - t2)], -1)
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
 
 
 def export_and_load(model_dir: pathlib.Path, export_dir: pathlib.Path):

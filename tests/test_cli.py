@@ -23,7 +23,7 @@ SCRIPTS = _console_scripts()
 # on an empty list.
 ANCHORS = {"spine-convert": "verify", "spine-train": "model_dir", "spine-export": "export_dir",
            "spine-predict": "saved_model", "spine-evaluate": "saved_model",
-           "spine-phantom": "num_cases"}
+           "spine-phantom": "num_cases", "spine-inspect": "max_tiles_per_mosaic"}
 
 
 def _run(cmd: list[str]) -> str:

@@ -133,7 +133,8 @@ def test_predict_cli_tta_keeps_geometry(window, tmp_path):
   nib.save(src, inputs / "vol.nii.gz")
   proc = subprocess.run(
       [sys.executable, "-m", "export.predict", f"--saved_model={window.path}",
-       f"--input={inputs}", f"--output={out}", "--spacing_2d_mm=0.6", "--tta"],
+       f"--input={inputs}", f"--output={out}", "--spacing_2d_mm=0.6", "--tta",
+       "--nopostprocess"],
       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   mask = np.asarray(Image.open(out / "slice_mask.png"))

@@ -21,7 +21,7 @@ start=$(date +%s)
 # Each stage owns one folder; clearing them makes a rerun start from scratch instead of
 # resuming a finished training run.
 rm -rf "$OUT/raw" "$OUT/heldout" "$OUT/data" "$OUT/model" "$OUT/export" \
-  "$OUT/predictions" "$OUT/eval"
+  "$OUT/predictions" "$OUT/eval" "$OUT/inspect"
 mkdir -p "$OUT/eval"
 
 step "1/6 phantom data: $TRAIN_CASES 2D slices to train on, held-out 2D slices and 3D volumes"
@@ -32,10 +32,11 @@ $BIN/python -m data_prep.phantom --output_dir="$OUT/heldout/2d" --format=2d \
 $BIN/python -m data_prep.phantom --output_dir="$OUT/heldout/3d" --format=3d \
   --num_cases=2 --seed=2 --size=128 --num_slices=16
 
-step "2/6 spine-convert -> $OUT/data"
+step "2/6 spine-convert -> $OUT/data, spine-inspect -> $OUT/inspect"
 quiet $BIN/spine-convert --images_dir="$OUT/raw/images" --masks_dir="$OUT/raw/masks" \
   --output_dir="$OUT/data" --image_size="$IMAGE_SIZE" --val_fraction=0.2 \
   --test_fraction=0.0 --seed=0 --num_workers=2 --overwrite
+quiet $BIN/spine-inspect --data_dir="$OUT/data" --output="$OUT/inspect"
 
 step "3/6 spine-train (experiments/demo.flags) -> $OUT/model"
 quiet $BIN/spine-train --data_dir="$OUT/data" --model_dir="$OUT/model" \
@@ -48,7 +49,7 @@ step "5/6 spine-predict on held-out cases -> $OUT/predictions"
 quiet $BIN/spine-predict --saved_model="$MODEL" --input="$OUT/heldout/2d/images" \
   --output="$OUT/predictions/2d" --overlay --overwrite
 quiet $BIN/spine-predict --saved_model="$MODEL" --input="$OUT/heldout/3d/images" \
-  --output="$OUT/predictions/3d" --overlay --overwrite
+  --output="$OUT/predictions/3d" --overlay --report --overwrite
 
 step "6/6 spine-evaluate -> $OUT/eval"
 quiet $BIN/spine-evaluate --saved_model="$MODEL" --data_dir="$OUT/data" --split=val \
@@ -62,9 +63,11 @@ step "done in $(( $(date +%s) - start )) s"
 cat <<SUMMARY
   phantom data        $OUT/raw, $OUT/heldout/{2d,3d}
   converted dataset   $OUT/data (dataset.json + TFRecord shards)
+  its QC report       $OUT/inspect/index.html
   trained model       $OUT/model
   SavedModel          $MODEL
   predictions         $OUT/predictions/{2d,3d} (*_mask.*, *_overlay.png)
+  their QC report     $OUT/predictions/3d/report/index.html
   scores              $OUT/eval/{val,heldout_2d,heldout_3d}.json
 SUMMARY
 $BIN/python tools/demo_summary.py "$OUT/eval"/*.json

@@ -57,7 +57,7 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   from data_prep import manifest, preprocess, schema  # pylint: disable=g-import-not-at-top
-  from export import inference, predict_lib, serving  # pylint: disable=g-import-not-at-top
+  from export import inference, predict_lib, predict_report, serving  # pylint: disable=g-import-not-at-top
   from trainer import unet  # pylint: disable=g-import-not-at-top
 
   size, bs = _IMAGE_SIZE.value, _BATCH_SIZE.value
@@ -135,6 +135,9 @@ def main(argv):
       "ensemble of 2 (--saved_model=A,B)": seconds_per_volume(
           vol_dir / "v.nii.gz", [loaded, inference.load_saved_model(export_dir)]),
       "--postprocess": seconds_per_volume(vol_dir / "v.nii.gz", postprocess=True),
+      # overwrite=True replaces the previous timing run's report folder each time.
+      "--report (QC page)": seconds_per_volume(
+          vol_dir / "v.nii.gz", report=predict_report.Options(str(work / "report"))),
   }
 
   base = rates["Keras model(x) eager (preprocessed in)"]

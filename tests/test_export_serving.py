@@ -395,3 +395,18 @@ def test_spacing_signatures_match_the_converter_resampling(exported_at_spacing):
   assert (geo.resized_height, geo.resized_width) == (45, 70)
   out = loaded.signatures["serving_default"](images=tf.constant(images))
   _assert_matches(out["probabilities"].numpy(), out["mask"].numpy(), ref)
+
+
+def test_keras_3_tfsm_layer_serves_the_export(exported):
+  # Keras 3 users load the SavedModel as a layer (no spineseg code): the same
+  # probabilities as the Keras model on the reference preprocessing.
+  _, export_dir, model = exported
+  images = np.random.default_rng(5).random((2, 40, 28)).astype(np.float32) * 300
+  layer = keras.layers.TFSMLayer(str(export_dir), call_endpoint="serving_default")
+  out = layer(images[..., None])
+  _assert_matches(np.asarray(out["probabilities"]), np.asarray(out["mask"]),
+                  _reference(model, images))
+  inputs = keras.Input((None, None, 1))
+  wrapped = keras.Model(inputs, layer(inputs)["mask"])
+  np.testing.assert_array_equal(wrapped.predict(images[..., None], verbose=0),
+                                np.asarray(out["mask"]))

@@ -142,10 +142,10 @@ def evaluate_split(model, data_dir: str, split: str, *,
   counts: dict[str, np.ndarray] = {}
   slices: dict[str, int] = {}
   for serialized, gt, case_ids in ds.batch(batch_size):
-    members = inference.members(model)
-    probs = sum(m.signatures["segment_examples"](examples=serialized)["probabilities"]
-                .numpy() for m in members)
-    pred = inference.labels(probs / np.float32(len(members)))  # as spine-predict's mean
+    probs = inference.member_mean(
+        model, lambda m: m.signatures["segment_examples"](examples=serialized)[
+            "probabilities"].numpy())
+    pred = inference.labels(probs)  # as spine-predict's mean
     for p, g, cid in zip(pred, gt.numpy(), case_ids.numpy()):
       cid = cid.decode("utf-8")
       counts[cid] = counts.get(cid, 0) + metrics.counts(p, g)

@@ -374,17 +374,26 @@ def _probabilities(model: Any, plain: str, with_spacing: str, images: np.ndarray
     raise InputError("--tta needs each input's spacing (NIfTI: the affine; 2D: "
                      "--spacing_2d_mm)")
   x = tf.constant(np.asarray(images, dtype=np.float32)[..., None])
+
+  def one(m):
+    if tta:
+      return tta_probabilities(m, images, spacing,
+                               volume=with_spacing == "segment_volume_spacing")
+    # Exports before spacing inputs had no target spacing either: nothing to resample.
+    if spacing is None or with_spacing not in m.signatures:
+      return m.signatures[plain](images=x)["probabilities"].numpy()
+    return m.signatures[with_spacing](
+        images=x, spacing=tf.constant(spacing, tf.float32))["probabilities"].numpy()
+
+  return member_mean(model, one)
+
+
+def member_mean(model: Any, probabilities_of) -> np.ndarray:
+  """The mean of `probabilities_of(member)` over an ensemble's members (THE ensemble
+  rule of predict and evaluate); one model: its own probabilities."""
   total = None
   for m in members(model):
-    if tta:
-      p = tta_probabilities(m, images, spacing,
-                            volume=with_spacing == "segment_volume_spacing")
-    # Exports before spacing inputs had no target spacing either: nothing to resample.
-    elif spacing is None or with_spacing not in m.signatures:
-      p = m.signatures[plain](images=x)["probabilities"].numpy()
-    else:
-      p = m.signatures[with_spacing](
-          images=x, spacing=tf.constant(spacing, tf.float32))["probabilities"].numpy()
+    p = probabilities_of(m)
     total = p if total is None else total + p  # one running sum: memory of two outputs
   if isinstance(model, (list, tuple)):
     total = total / np.float32(len(model))  # .numpy() arrays may be read-only

@@ -19,9 +19,12 @@ setuptools.setup(
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3",
                              # drives Debian's chromium + chromedriver: tests/page_check.py
                              "selenium>=4.10",
-                             "SimpleITK>=2.2"],  # so CI runs tests/test_dicom.py
+                             "SimpleITK>=2.2",  # so CI runs tests/test_dicom.py
+                             "apache-beam>=2.60"],  # and tests/test_beam_convert.py
                     # DICOM series input of spine-predict (data_prep/dicom.py)
-                    "dicom": ["SimpleITK>=2.2"]},
+                    "dicom": ["SimpleITK>=2.2"],
+                    # spine-convert --runner: the converter on Beam (data_prep/beam_convert.py)
+                    "beam": ["apache-beam>=2.60"]},
     # The ONE list of binaries: tools/bazel/gen_build.py reads it (with `ast`) for BUILD's
     # py_binary targets, so keep it a literal.
     entry_points={

@@ -13,6 +13,13 @@ label volumes of the same stem, nnU-Net `case_0000.nii.gz` naming accepted); see
 
   spine-convert --verify=/tmp/vb2   # check a converted dataset against its SHA-256s
 
+  # The same conversion as an Apache Beam pipeline (pip install -e ".[beam]"); Beam's
+  # pipeline options follow `--`. Same shards and dataset.json, byte for byte.
+  spine-convert --images_dir=../shared/data/spine2d/images \
+      --masks_dir=../shared/data/spine2d/masks --output_dir=/tmp/spine2d_beam \
+      --runner=DirectRunner -- --direct_num_workers=2 \
+      --direct_running_mode=multi_processing
+
 Output errors (full disk, read-only mount, --output_dir naming a file) are reported in one
 line and leave nothing behind; a rerun after a killed conversion removes its hidden
 leftovers itself.
@@ -75,6 +82,12 @@ _NORMALIZATION = flags.DEFINE_enum(
     help="Intensity normalization, per image (2D) or per volume (NIfTI).")
 _NUM_WORKERS = flags.DEFINE_integer(
     "num_workers", None, help="Worker processes (default: all cores).")
+_RUNNER = flags.DEFINE_string(
+    "runner", None, help="Run the conversion as an Apache Beam pipeline on this runner "
+    "(DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...; needs the [beam] "
+    "extra); Beam's pipeline options follow `--`, e.g. `-- --direct_num_workers=2 "
+    "--direct_running_mode=multi_processing`. Shards and dataset.json are byte-identical "
+    "to a local run's. Default: local worker processes (--num_workers), no Beam.")
 _COMPRESSION = flags.DEFINE_enum(
     "compression", "none", list(writer.COMPRESSIONS),
     help="TFRecord compression; shard names keep the .tfrecord suffix either way.")
@@ -111,8 +124,10 @@ def _verify(data_dir: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  beam_args = argv[1:]  # what follows `--`: Beam's pipeline options
+  if beam_args and not _RUNNER.value:
+    raise app.UsageError(f"unexpected arguments: {beam_args} (Beam pipeline options after "
+                         "`--` need --runner)")
   own = [f for f in flags.FLAGS.get_flags_for_module(__name__) if f.name != "verify"]
   if _VERIFY.value is not None:
     given = [f"--{f.name}" for f in own if f.present]
@@ -149,7 +164,8 @@ def main(argv: list[str]) -> None:
         dry_run=_DRY_RUN.value, strict=_STRICT.value, case_id_regex=_CASE_ID_REGEX.value,
         target_spacing_mm=_TARGET_SPACING_MM.value,
         spacing_2d_mm=readers.parse_spacing_mm(_SPACING_2D_MM.value),
-        progress=sys.stderr.isatty())  # no bar in logs and captured output
+        progress=sys.stderr.isatty(),  # no bar in logs and captured output
+        runner=_RUNNER.value, beam_args=beam_args)
   except (readers.InputError, schema.LabelError, writer.ConversionError, ValueError,
           OSError) as e:
     _fail(str(e))

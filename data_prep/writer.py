@@ -5,7 +5,9 @@
 stay in the parent, see `_WORKER_START_S`) but their results are consumed in case-id
 order with at most two cases per worker in flight, so
 memory stays bounded by a few cases whatever the dataset size, and the shards are
-byte-identical whatever `num_workers` is.
+byte-identical whatever `num_workers` is. With `runner`, an Apache Beam pipeline does
+the per-case work and writes the staged shards instead (`beam_convert`); the rest, the
+manifest and the publish included, is this module's, so the output is the same bytes.
 
 Splits are drawn over case groups (a volume, a 2D file, or the group `case_id_regex`
 extracts): groups are ordered by SHA-256 of "seed:group", the first ones go to test, the
@@ -125,12 +127,17 @@ def group_of(case_id: str, case_id_regex: Optional[str]) -> str:
 
 
 class _ShardSet:
-  """Writes one split's examples into temporary shard files, named only at the end."""
+  """Writes one split's examples into temporary shard files, named only at the end.
+
+  `staged=True`: the files are written by someone else (the Beam pipeline,
+  `beam_convert`); `add` and `finish` then only deal examples to shards and count them,
+  by the very same rule, so both engines lay out the shards alike.
+  """
 
   def __init__(self, tmp_dir: Optional[pathlib.Path], split: str,
                num_shards: Optional[int], examples_per_shard: Optional[int],
-               compression: str):
-    self.tmp_dir, self.split = tmp_dir, split
+               compression: str, staged: bool = False):
+    self.tmp_dir, self.split, self.staged = tmp_dir, split, staged
     self.num_shards, self.per_shard = num_shards, examples_per_shard
     self.options = "GZIP" if compression == "gzip" else ""
     self.counts: list[int] = [0] * (num_shards or 0)
@@ -153,26 +160,28 @@ class _ShardSet:
       return None
     return self.tmp_dir / f"{self.split}-{index:05d}.part"
 
-  def add(self, serialized: bytes) -> None:
+  def add(self, serialized: Optional[bytes]) -> int:
+    """Deals the next example to its shard (written unless staged); returns the index."""
     if self.num_shards:  # Round robin: every shard gets a similar mix of cases.
       index = self.total % self.num_shards
     else:
       index = self.total // self.per_shard
       if index >= len(self.counts):
-        if index - 1 in self.writers:
+        if index - 1 in self.writers and not self.staged:
           with _output_errors("write the shards", self._out()):
             self.writers.pop(index - 1).close()
         self.counts.append(0)
     self.counts[index] += 1
     self.total += 1
-    if self.tmp_dir is not None:
+    if self.tmp_dir is not None and not self.staged:
       writer = self._writer(index)
       with _output_errors("write the shards", self._out()):
         writer.write(serialized)
+    return index
 
   def finish(self) -> list[tuple[pathlib.Path, str, int]]:
     """Closes the files; returns (temporary path, final name, examples) per shard."""
-    if self.tmp_dir is not None and self.num_shards:
+    if self.tmp_dir is not None and self.num_shards and not self.staged:
       for index in range(self.num_shards):  # Empty shards still exist as empty files.
         self._writer(index)
     with _output_errors("write the shards", self._out()):
@@ -325,6 +334,19 @@ def _publish(output_dir: pathlib.Path, tmp_dir: pathlib.Path,
     raise
 
 
+def _beam_engine():
+  """The Beam engine (`beam_convert`), imported only when asked for: Beam is optional."""
+  try:
+    from data_prep import beam_convert  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    if (e.name or "").split(".")[0] != "apache_beam":
+      raise
+    raise ConversionError("a Beam runner needs Apache Beam, which is not installed: "
+                          "pip install 'spineseg[beam]' (in a checkout: pip install -e "
+                          "'.[beam]')") from None
+  return beam_convert
+
+
 def _log_to_stderr(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
@@ -384,7 +406,9 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
                     target_spacing_mm: Optional[float] = None,
                     spacing_2d_mm: Optional[Sequence[float]] = None,
                     progress: bool = True,
-                    log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+                    log: Optional[Callable[[str], None]] = None,
+                    runner: Optional[str] = None,
+                    beam_args: Sequence[str] = ()) -> dict[str, Any]:
   """Converts paired image/mask folders into sharded TFRecords plus `dataset.json`.
 
   Args:
@@ -415,6 +439,10 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
       (NIfTI volumes take theirs from the affine); required for 2D with a target spacing.
     progress: draw a progress bar on stderr.
     log: receives one-line notices (leftovers of a killed run removed); default stderr.
+    runner: run the per-case work and the shard writing as an Apache Beam pipeline on
+      this runner ("DirectRunner", "DataflowRunner", ...; `beam_convert`); the shards
+      and the manifest are byte-identical to a local run's. None: local worker processes.
+    beam_args: Beam pipeline options for `runner`, e.g. ["--direct_num_workers=2"].
 
   Returns:
     The manifest (as written to `dataset.json`, plus "dry_run").
@@ -433,6 +461,17 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
   if required_labels is None:
     required_labels = annotated_labels
   required_labels = sorted(set(int(x) for x in required_labels))
+  beam_engine = None
+  if runner:  # Checked before any work: a missing Beam or a bad option fails at once.
+    if num_workers is not None:
+      raise ValueError("num_workers sizes the local worker pool; with a Beam runner give "
+                       "the runner's own option instead (e.g. --direct_num_workers=2)")
+    if dry_run:
+      raise ValueError("a dry run writes nothing and runs locally; drop the Beam runner")
+    beam_engine = _beam_engine()
+    beam_options = beam_engine.pipeline_options(runner, beam_args)
+  elif beam_args:
+    raise ValueError(f"Beam pipeline options {list(beam_args)} need a Beam runner")
   num_workers = num_workers or os.cpu_count() or 1
   _check_options(image_size, normalization, compression, val_fraction, test_fraction,
                  num_shards, examples_per_shard, num_workers, required_labels)
@@ -485,7 +524,8 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
           lock = fileio.FolderLock(out, "spine-convert")
           lock.__enter__()
         tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out))
-    shard_sets = {s: _ShardSet(tmp_dir, s, num_shards, examples_per_shard, compression)
+    shard_sets = {s: _ShardSet(tmp_dir, s, num_shards, examples_per_shard, compression,
+                               staged=beam_engine is not None)
                   for s in schema.SPLITS}
     kwargs = dict(image_size=image_size, normalization=normalization,
                   required_labels=required_labels, label_map=mapping,
@@ -494,7 +534,13 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
     tasks = [(img, msk, kwargs) for _, img, msk in pairs]
     bar = fileio.Progress(len(tasks), "convert", unit="cases", enabled=progress)
     acc = _Accumulator(split_of, groups)
-    for done, result in enumerate(_results(tasks, min(num_workers, len(tasks))), 1):
+    if beam_engine is None:
+      results = _results(tasks, min(num_workers, len(tasks)))
+    else:  # The pipeline writes the staged shards; its results come back in task order.
+      results = beam_engine.run(
+          tasks, {cid: split_of[g] for cid, g in groups.items()}, tmp_dir, beam_options,
+          shard_args=(num_shards, examples_per_shard, compression))
+    for done, result in enumerate(results, 1):
       if result.fatal:
         raise ConversionError(result.fatal)
       if result.error and strict:

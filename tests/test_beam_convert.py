@@ -1,0 +1,169 @@
+"""spine-convert on Apache Beam: the local converter's bytes, and Beam stays optional.
+
+Each dataset is converted once per engine (module fixtures: the DirectRunner's worker
+start-up is slow) into the same output path, so that even the `output_dir` recorded in
+dataset.json agrees, and every file is compared byte for byte.
+"""
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_prep import manifest, phantom, schema, writer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SIZE = 24
+# Two worker processes: examples are built, and shards written, in other processes.
+MULTI_PROCESS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+
+
+def _files(folder: pathlib.Path) -> dict[str, bytes]:
+  return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _both_engines(src: pathlib.Path, root: pathlib.Path, **kwargs):
+  """Converts `src` locally, then with Beam into the same path; both folders' files."""
+  pytest.importorskip("apache_beam")
+  out = root / "out"
+  common = dict(image_size=SIZE, progress=False, **kwargs)
+  writer.convert_dataset(str(src / "images"), str(src / "masks"), str(out),
+                         num_workers=1, **common)
+  out.rename(root / "local")
+  writer.convert_dataset(str(src / "images"), str(src / "masks"), str(out),
+                         runner="DirectRunner", beam_args=MULTI_PROCESS, **common)
+  return _files(root / "local"), _files(out), out
+
+
+def _phantom_with_bad_files(root: pathlib.Path) -> pathlib.Path:
+  """Phantom slices plus an orphan, an unreadable image and an unlabelled slice."""
+  phantom.write_2d_dataset(root, 5, seed=3)
+  first = root / "images" / "phantom-0000.png"
+  shutil.copy(first, root / "images" / "orphan.png")  # no mask
+  (root / "images" / "broken.png").write_bytes(b"not a png")
+  np.save(root / "masks" / "broken.npy", np.zeros((4, 4), np.int64))
+  shutil.copy(first, root / "images" / "blank.png")  # its slice is pruned
+  np.save(root / "masks" / "blank.npy",
+          np.zeros_like(np.load(root / "masks" / "phantom-0000.npy")))
+  return root
+
+
+@pytest.fixture(scope="module")
+def phantom_runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("beam_phantom")
+  src = _phantom_with_bad_files(root / "src")
+  # Shards of 2 examples: a new file every other example, the last one part-filled.
+  return _both_engines(src, root, examples_per_shard=2, compression="gzip")
+
+
+@pytest.fixture(scope="module")
+def spine2d_runs(tmp_path_factory):
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"real data folder {SHARED_DATA} is absent")
+  # Round robin over 3 shards: val's few slices leave a shard empty.
+  return _both_engines(SHARED_DATA / "spine2d", tmp_path_factory.mktemp("beam_spine2d"),
+                       num_shards=3, test_fraction=0.2)
+
+
+def test_phantom_shards_and_manifest_are_the_local_bytes(phantom_runs):
+  local, beam, out = phantom_runs
+  assert sorted(beam) == sorted(local) and len(local) > 3
+  for name in local:
+    assert beam[name] == local[name], name
+  # And they hold what they should, independently of the local run.
+  m = manifest.load(out)
+  skipped = {pathlib.Path(f["path"]).name: f["reason"] for f in m["skipped"]["files"]}
+  assert set(skipped) == {"orphan.png", "broken.png"}
+  assert "no mask" in skipped["orphan.png"] or "orphan" in skipped["orphan.png"]
+  assert [(s["case_id"], s["reason"].split(";")[0]) for s in m["skipped"]["slices"]] == [
+      ("blank", "missing label(s) [1, 2] (disc, vertebra)")]
+  assert m["totals"]["slices_written"] == 5
+  shards = [s for split in m["splits"].values() for s in split["shards"]]
+  assert sum(s["examples"] for s in shards) == 5 and max(s["examples"] for s in shards) == 2
+  assert writer.verify_dataset(out) == (len(shards), [])
+
+
+def test_spine2d_shards_and_manifest_are_the_local_bytes(spine2d_runs):
+  local, beam, out = spine2d_runs
+  assert sorted(beam) == sorted(local)
+  for name in local:
+    assert beam[name] == local[name], name
+  m = manifest.load(out)
+  assert m["totals"]["slices_written"] == 10 and m["totals"]["slices_skipped"] == 5
+  counts = [s["examples"] for split in schema.SPLITS
+            for s in m["splits"][split]["shards"]]
+  assert 0 in counts and len(counts) == 9  # empty shards exist in both, alike
+
+
+def _run(code: str, *args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+             PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+  return subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                        text=True, env=env, timeout=300, cwd=REPO)
+
+
+def test_a_label_error_under_beam_is_one_line_and_leaves_nothing(tmp_path):
+  pytest.importorskip("apache_beam")
+  src = tmp_path / "src"
+  phantom.write_2d_dataset(src, 3, seed=0)  # its masks outline discs (1) too
+  proc = _run("from data_prep import convert; convert.run()",
+              f"--images_dir={src}/images", f"--masks_dir={src}/masks",
+              f"--output_dir={tmp_path}/out", f"--image_size={SIZE}",
+              "--annotated_labels=0,2", "--runner=DirectRunner")
+  assert proc.returncode == 1, proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"spine-convert: error: {src}/masks/phantom-0000.npy: mask holds "
+                         "class(es) [1] (disc)"), last
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "out").exists()
+
+
+def test_the_local_converter_never_imports_beam_and_a_missing_beam_is_one_line(tmp_path):
+  src = tmp_path / "src"
+  phantom.write_2d_dataset(src, 2, seed=0)
+  code = f"""
+import sys
+from data_prep import convert, writer
+writer.convert_dataset({str(src / 'images')!r}, {str(src / 'masks')!r},
+                       {str(tmp_path / 'local')!r}, image_size={SIZE}, num_workers=1,
+                       progress=False)
+print("local:", "apache_beam" in sys.modules)
+sys.modules["apache_beam"] = None  # as if the [beam] extra were not installed
+convert.run()
+"""
+  proc = _run(code, f"--images_dir={src}/images", f"--masks_dir={src}/masks",
+              f"--output_dir={tmp_path}/beam", "--runner=DirectRunner")
+  assert proc.stdout.strip() == "local: False", proc.stderr
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "spine-convert: error: a Beam runner needs Apache Beam, which is not installed: "
+      "pip install 'spineseg[beam]' (in a checkout: pip install -e '.[beam]')")
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "beam").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(runner="DirectRunner", beam_args=["--direct_num_worker=2"]),
+     "unknown Beam pipeline option(s) for --runner=DirectRunner: --direct_num_worker"),
+    (dict(runner="DirectRunner", beam_args=["--runner=FlinkRunner"]),
+     "give the Beam runner as --runner=NAME before `--`"),
+    (dict(runner="DirectRunner", beam_args=["2"]),
+     "Beam pipeline options are --name=value, found ['2']"),
+    (dict(runner="NoSuchRunner"), "--runner=NoSuchRunner: Unexpected pipeline runner"),
+    (dict(runner="DirectRunner", num_workers=2), "num_workers sizes the local worker pool"),
+    (dict(runner="DirectRunner", dry_run=True), "a dry run writes nothing"),
+    (dict(beam_args=["--direct_num_workers=2"]), "need a Beam runner"),
+])
+def test_contradictory_or_unknown_beam_options_are_refused_before_any_work(
+    tmp_path, kwargs, message):
+  if kwargs.get("runner"):
+    pytest.importorskip("apache_beam")
+  with pytest.raises(ValueError) as e:
+    writer.convert_dataset(str(tmp_path / "none"), str(tmp_path / "none"),
+                           str(tmp_path / "out"), progress=False, **kwargs)
+  assert message in str(e.value)
+  assert not (tmp_path / "out").exists()

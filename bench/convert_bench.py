@@ -4,6 +4,9 @@ Generates phantom 2D slices (data_prep.phantom), then
   1. converts N slices with 1 worker and with all cores, letting the library choose
      ("auto": small jobs stay in the parent) and forcing the worker pool ("pool"); wall
      clock includes the start-up of the "spawn" workers, each of which imports TensorFlow;
+     and the same conversions as an Apache Beam pipeline ("beam": spine-convert
+     --runner=DirectRunner -- --direct_num_workers=2 --direct_running_mode=multi_processing),
+     whose shards must be the local ones byte for byte;
   2. converts N/4 and N slices and reports the peak RSS of the parent and of the largest
      worker process (memory must not grow with the dataset);
   3. splits one case's work into read+normalize+fit versus building+serializing the
@@ -11,7 +14,7 @@ Generates phantom 2D slices (data_prep.phantom), then
   4. compares raw float32 bytes with 16-bit PNG for a stored image: bytes per slice and
      decode rate in tf.data (backs the encoding comment in data_prep/schema.py).
 
-  .venv/bin/python bench/convert_bench.py            # ~1-2 minutes on 2 cores
+  .venv/bin/python bench/convert_bench.py            # ~2-3 minutes on 2 cores
   .venv/bin/python bench/convert_bench.py --num_slices=480 --image_size=128
 """
 from __future__ import annotations
@@ -40,9 +43,14 @@ from data_prep import writer
 src, out, workers, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 if sys.argv[5] == "pool":  # start the worker pool whatever the job size
   writer._WORKER_START_S = 0.0
+engine = {"num_workers": workers}
+if sys.argv[5] == "beam":  # the DirectRunner's worker processes instead of ours
+  engine = {"runner": "DirectRunner", "beam_args": [
+      f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing",
+      "--prism_location=/nonexistent/prism"]}  # not Prism: see README, Scaling out
 t = time.perf_counter()
 m = writer.convert_dataset(src + "/images", src + "/masks", out, required_labels=[],
-                           num_workers=workers, image_size=size, progress=False)
+                           image_size=size, progress=False, **engine)
 elapsed = time.perf_counter() - t
 print(json.dumps({"seconds": elapsed, "slices": m["totals"]["slices_written"],
                   "parent_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -59,6 +67,10 @@ def _convert(src: pathlib.Path, out: pathlib.Path, workers: int, size: int,
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   result["shard_mb"] = sum(p.stat().st_size for p in out.glob("*.tfrecord")) / 2 ** 20
   return result
+
+
+def _shards(out: pathlib.Path) -> dict[str, bytes]:
+  return {p.name: p.read_bytes() for p in sorted(out.glob("*.tfrecord"))}
 
 
 def _split_costs(src: pathlib.Path, size: int, n: int = 20) -> tuple[float, float]:
@@ -132,10 +144,12 @@ def main(argv: list[str]) -> None:
   small, large = work / "small", work / "large"
   phantom.write_2d_dataset(small, max(n // 4, 1), seed=0, overwrite=True)
   phantom.write_2d_dataset(large, n, seed=0, overwrite=True)
-  # mode "auto": the library decides whether the pool pays off; "pool": always start it.
+  # mode "auto": the library decides whether the pool pays off; "pool": always start it;
+  # "beam": Beam's DirectRunner with 2 worker processes.
   runs = [("large", large, 1, "auto"), ("large", large, cores, "auto"),
-          ("large", large, cores, "pool"), ("small", small, 1, "auto"),
-          ("small", small, cores, "pool")]
+          ("large", large, cores, "pool"), ("large", large, 2, "beam"),
+          ("small", small, 1, "auto"), ("small", small, cores, "pool"),
+          ("small", small, 2, "beam")]
   print(f"spine-convert on phantom slices (192..320 px) -> {size} px, {cores} cores")
   print(f"{'dataset':>8} {'slices':>6} {'workers':>7} {'mode':>5} {'seconds':>8} "
         f"{'slices/s':>9} {'parent MB':>9} {'worker MB':>9} {'shards MB':>9}")
@@ -145,10 +159,16 @@ def main(argv: list[str]) -> None:
     results[(name, workers, mode)] = r
     print(f"{name:>8} {r['slices']:>6} {workers:>7} {mode:>5} {r['seconds']:>8.1f} "
           f"{r['slices'] / r['seconds']:>9.1f} {r['parent_mb']:>9.0f} "
-          f"{r['worker_mb'] if mode == 'pool' else '-':>9} {r['shard_mb']:>9.1f}")
+          f"{r['worker_mb'] if mode in ('pool', 'beam') else '-':>9} {r['shard_mb']:>9.1f}")
   one, many = results[("large", 1, "auto")], results[("large", cores, "pool")]
   print(f"speed-up of a {cores}-worker pool over 1 worker: "
         f"{one['seconds'] / many['seconds']:.2f}x (pool start-up included)")
+  beam = results[("large", 2, "beam")]
+  same = all(_shards(work / f"out_{name}_2_beam") == _shards(work / f"out_{name}_1_auto")
+             for name in ("large", "small"))
+  print(f"Beam DirectRunner (2 workers) over the local converter (1 worker): "
+        f"{one['seconds'] / beam['seconds']:.2f}x; shards byte-identical: "
+        f"{'yes' if same else 'NO'}")
   prep_ms, build_ms = _split_costs(large, size)
   print(f"\nper slice: read+normalize+fit {prep_ms:.1f} ms, make_example+serialize "
         f"{build_ms:.1f} ms ({100 * build_ms / (prep_ms + build_ms):.0f}% of the work, "

@@ -188,8 +188,9 @@ def run(tasks: list, split_of_case: dict[str, str], tmp_dir: pathlib.Path,
   try:
     pipeline.run().wait_until_finish()
   except Exception as e:  # pylint: disable=broad-except  # workers' errors come as text
-    raise writer.ConversionError(f"{out}: the Beam pipeline failed: {_last_line(e)}"
-                                 ) from None
+    line = _last_line(e)  # Our own ConversionErrors already name the output folder.
+    raise writer.ConversionError(line if line.startswith(out) else
+                                 f"{out}: the Beam pipeline failed: {line}") from None
   with open(cases_path, encoding="utf-8") as f:
     for fields in json.load(f):
       yield slices.CaseResult(**fields)

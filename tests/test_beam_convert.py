@@ -18,8 +18,14 @@ from data_prep import manifest, phantom, schema, writer
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SIZE = 24
+# Beam's DirectRunner first tries its Go runner, Prism, downloading the binary from
+# GitHub at first use; a prism_location that does not exist sends it at once, online or
+# not, to its Python runner, the one with a multi-process mode (what an offline machine
+# gets anyway).
+NO_PRISM = ["--prism_location=/nonexistent/prism"]
 # Two worker processes: examples are built, and shards written, in other processes.
-MULTI_PROCESS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+MULTI_PROCESS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing",
+                 *NO_PRISM]
 
 
 def _files(folder: pathlib.Path) -> dict[str, bytes]:
@@ -106,14 +112,23 @@ def _run(code: str, *args: str) -> subprocess.CompletedProcess:
                         text=True, env=env, timeout=300, cwd=REPO)
 
 
-def test_a_label_error_under_beam_is_one_line_and_leaves_nothing(tmp_path):
+def test_local_runs_never_import_beam_and_a_label_error_under_beam_is_one_line(tmp_path):
   pytest.importorskip("apache_beam")
   src = tmp_path / "src"
   phantom.write_2d_dataset(src, 3, seed=0)  # its masks outline discs (1) too
-  proc = _run("from data_prep import convert; convert.run()",
-              f"--images_dir={src}/images", f"--masks_dir={src}/masks",
+  code = f"""
+import sys
+from data_prep import convert, writer
+writer.convert_dataset({str(src / 'images')!r}, {str(src / 'masks')!r},
+                       {str(tmp_path / 'local')!r}, image_size={SIZE}, num_workers=1,
+                       progress=False)
+print("beam imported by a local run:", "apache_beam" in sys.modules)
+convert.run()
+"""
+  proc = _run(code, f"--images_dir={src}/images", f"--masks_dir={src}/masks",
               f"--output_dir={tmp_path}/out", f"--image_size={SIZE}",
-              "--annotated_labels=0,2", "--runner=DirectRunner")
+              "--annotated_labels=0,2", "--runner=DirectRunner", "--", *NO_PRISM)
+  assert proc.stdout.strip() == "beam imported by a local run: False", proc.stderr
   assert proc.returncode == 1, proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith(f"spine-convert: error: {src}/masks/phantom-0000.npy: mask holds "
@@ -122,28 +137,20 @@ def test_a_label_error_under_beam_is_one_line_and_leaves_nothing(tmp_path):
   assert not (tmp_path / "out").exists()
 
 
-def test_the_local_converter_never_imports_beam_and_a_missing_beam_is_one_line(tmp_path):
+def test_without_beam_a_runner_is_one_error_naming_the_extra(tmp_path, monkeypatch):
+  import data_prep  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, "apache_beam", None)  # as if it were not installed
+  monkeypatch.delitem(sys.modules, "data_prep.beam_convert", raising=False)
+  monkeypatch.delattr(data_prep, "beam_convert", raising=False)
   src = tmp_path / "src"
-  phantom.write_2d_dataset(src, 2, seed=0)
-  code = f"""
-import sys
-from data_prep import convert, writer
-writer.convert_dataset({str(src / 'images')!r}, {str(src / 'masks')!r},
-                       {str(tmp_path / 'local')!r}, image_size={SIZE}, num_workers=1,
-                       progress=False)
-print("local:", "apache_beam" in sys.modules)
-sys.modules["apache_beam"] = None  # as if the [beam] extra were not installed
-convert.run()
-"""
-  proc = _run(code, f"--images_dir={src}/images", f"--masks_dir={src}/masks",
-              f"--output_dir={tmp_path}/beam", "--runner=DirectRunner")
-  assert proc.stdout.strip() == "local: False", proc.stderr
-  assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines()[-1] == (
-      "spine-convert: error: a Beam runner needs Apache Beam, which is not installed: "
-      "pip install 'spineseg[beam]' (in a checkout: pip install -e '.[beam]')")
-  assert "Traceback" not in proc.stderr
-  assert not (tmp_path / "beam").exists()
+  phantom.write_2d_dataset(src, 1, seed=0)
+  with pytest.raises(writer.ConversionError) as e:
+    writer.convert_dataset(str(src / "images"), str(src / "masks"), str(tmp_path / "out"),
+                           progress=False, runner="DirectRunner")
+  assert str(e.value) == (
+      "a Beam runner needs Apache Beam, which is not installed: pip install "
+      "'spineseg[beam]' (in a checkout: pip install -e '.[beam]')")
+  assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -167,3 +174,24 @@ def test_contradictory_or_unknown_beam_options_are_refused_before_any_work(
                            str(tmp_path / "out"), progress=False, **kwargs)
   assert message in str(e.value)
   assert not (tmp_path / "out").exists()
+
+
+def test_a_failure_inside_the_pipeline_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+  pytest.importorskip("apache_beam")
+  from data_prep import beam_convert  # pylint: disable=g-import-not-at-top
+  src = tmp_path / "src"
+  phantom.write_2d_dataset(src, 2, seed=0)
+
+  def full_disk(keyed, output_dir):
+    with writer._output_errors("write the shards", output_dir):
+      raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(beam_convert, "_write_shard", full_disk)
+  out = tmp_path / "out"
+  with pytest.raises(writer.ConversionError) as e:  # in-process DirectRunner
+    writer.convert_dataset(str(src / "images"), str(src / "masks"), str(out),
+                           image_size=SIZE, progress=False, runner="DirectRunner",
+                           beam_args=NO_PRISM)
+  assert str(e.value) == (f"{out}: cannot write the shards: No space left on device (the "
+                          "disk is full) [while running 'WriteShards']")
+  assert not out.exists()

@@ -19,9 +19,13 @@ setuptools.setup(
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3",
                              # drives Debian's chromium + chromedriver: tests/page_check.py
                              "selenium>=4.10",
-                             "SimpleITK>=2.2"],  # so CI runs tests/test_dicom.py
+                             "SimpleITK>=2.2",  # so CI runs tests/test_dicom.py
+                             # so CI runs tests/test_export_onnx.py
+                             "tf2onnx>=1.17", "onnxruntime>=1.17"],
                     # DICOM series input of spine-predict (data_prep/dicom.py)
-                    "dicom": ["SimpleITK>=2.2"]},
+                    "dicom": ["SimpleITK>=2.2"],
+                    # spine-export --onnx (export/portable.py); onnxruntime runs model.onnx
+                    "onnx": ["tf2onnx>=1.17", "onnxruntime>=1.17"]},
     # The ONE list of binaries: tools/bazel/gen_build.py reads it (with `ast`) for BUILD's
     # py_binary targets, so keep it a literal.
     entry_points={

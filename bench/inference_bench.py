@@ -12,7 +12,10 @@ it with spine-export's library, then measures on the same batches of raw 256x256
      volume as a DICOM series of S files (when SimpleITK, the ".[dicom]" extra, is
      installed);
   4. the same volume with spine-predict's options: --save_probabilities, an ensemble of
-     2 models, --postprocess (seconds and the ratio to the plain prediction).
+     2 models, --postprocess (seconds and the ratio to the plain prediction);
+  5. slices/s of the same export as model.onnx in ONNX Runtime (export/portable.py; when
+     the ".[onnx]" extra is installed). No LiteRT row: ai-edge-litert cannot run this
+     graph (README "Serving beyond TensorFlow").
 Weights do not change the cost, so an untrained model measures the real one.
 
   .venv/bin/python bench/inference_bench.py                  # ~1-2 minutes on 2 cores
@@ -89,12 +92,23 @@ def main(argv):
     squares.append(tf.constant(np.stack(fitted)[..., None]))
   raw_t = [tf.constant(b[..., None]) for b in raw]
   serve = loaded.signatures["serving_default"]
+  saved_name = "SavedModel serving_default (raw pixels in)"
   rates = {
-      "SavedModel serving_default (raw pixels in)": _rate(lambda b: serve(images=b), raw_t),
+      saved_name: _rate(lambda b: serve(images=b), raw_t),
       "Keras model(x) eager (preprocessed in)": _rate(
           lambda b: model(b, training=False), squares),
       "Keras predict_on_batch (preprocessed in)": _rate(model.predict_on_batch, squares),
   }
+  onnx_skipped = None
+  if all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnxruntime")):  # ".[onnx]"
+    import onnxruntime  # pylint: disable=g-import-not-at-top
+    from export import portable  # pylint: disable=g-import-not-at-top
+    session = onnxruntime.InferenceSession(str(portable.to_onnx(export_dir)),
+                                           providers=["CPUExecutionProvider"])
+    rates["ONNX Runtime model.onnx (raw pixels in)"] = _rate(
+        lambda b: session.run(None, {"images": b}), [b[..., None] for b in raw])
+  else:
+    onnx_skipped = 'ONNX Runtime: skipped, not installed (pip install -e ".[onnx]")'
 
   volume = rng.gamma(2.0, 100.0, (size, size, _VOLUME_SLICES.value)).astype(np.float32)
   vol_dir = work / "volumes"
@@ -145,10 +159,12 @@ def main(argv):
         f"({model.count_params():,} parameters), untrained; image {size}x{size}, "
         f"batch {bs}, {_NUM_BATCHES.value} timed batches; {os.cpu_count()} CPU cores, "
         f"TF {tf.__version__}; export took {export_s:.1f} s\n")
-  print("| method | slices/s | ratio vs Keras eager |")
-  print("| --- | ---: | ---: |")
+  print("| method | slices/s | ratio vs Keras eager | ratio vs SavedModel |")
+  print("| --- | ---: | ---: | ---: |")
   for name, r in rates.items():
-    print(f"| {name} | {r:.2f} | {r / base:.2f} |")
+    print(f"| {name} | {r:.2f} | {r / base:.2f} | {r / rates[saved_name]:.2f} |")
+  if onnx_skipped:
+    print(f"| {onnx_skipped} | | | |")
   print("\n| volume via spine-predict | s/volume | s/slice |")
   print("| --- | ---: | ---: |")
   print(f"| NIfTI, {_VOLUME_SLICES.value} slices of {size}x{size}, scanner order | "

@@ -1,9 +1,12 @@
 """Exports a trained model directory as a self-contained SavedModel for serving.
 
   spine-export --model_dir=runs/seed --export_dir=models/spineseg/1
+  spine-export --model_dir=runs/seed --export_dir=models/spineseg/1 --onnx  # + model.onnx
 
 `--export_dir` is a numbered version folder (TF Serving's layout: base path / version).
 The SavedModel needs only TensorFlow to load; see `export/serving.py` for its signatures.
+`--onnx` also writes `model.onnx` (its `serving_default`, for ONNX Runtime) into the
+version folder; see `export/portable.py`.
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ _EXPORT_DIR = flags.DEFINE_string(
     "integer, as TF Serving expects).", required=True)
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, help="Replace an existing non-empty --export_dir.")
+_ONNX = flags.DEFINE_bool(
+    "onnx", False, help="Also write model.onnx (the serving_default signature, converted "
+    'by tf2onnx) into --export_dir; needs pip install -e ".[onnx]".')
 
 
 def main(argv):
@@ -35,10 +41,17 @@ def main(argv):
         f"(e.g. {_EXPORT_DIR.value}/1), found {version!r}")
   logging.set_verbosity(logging.WARNING)  # SavedModel writing logs every step at INFO
   # Imported here so that --help and flag errors do not pay for loading TensorFlow.
-  from export import serving  # pylint: disable=g-import-not-at-top
+  from export import portable  # pylint: disable=g-import-not-at-top
+  onnx = None
   try:
+    if _ONNX.value:
+      portable.require_onnx()  # before the export: a missing extra costs nothing
+    from export import serving  # pylint: disable=g-import-not-at-top
     out = serving.export(_MODEL_DIR.value, _EXPORT_DIR.value, overwrite=_OVERWRITE.value)
-  except (OSError, ValueError) as e:  # ours name the path; raw OS errors get it added
+    if _ONNX.value:
+      onnx = portable.to_onnx(out, overwrite=_OVERWRITE.value)
+  # Ours name the path; raw OS errors get it added.
+  except (OSError, ValueError, portable.MissingExtraError) as e:
     if isinstance(e, OSError) and e.strerror:
       message = f"{e.filename or _EXPORT_DIR.value}: {e.strerror}"
     else:
@@ -47,6 +60,8 @@ def main(argv):
     sys.exit(1)
   print(f"spine-export: wrote SavedModel to {out} (signatures: "
         f"{', '.join(serving.SIGNATURES)})")
+  if onnx is not None:
+    print(f"spine-export: wrote {onnx} (serving_default: images -> probabilities, mask)")
 
 
 def run():

@@ -56,6 +56,7 @@ from data_prep import fileio
 from data_prep import manifest as manifest_lib
 from data_prep import preprocess
 from data_prep import schema
+from export import stable_norm
 
 # Slices per model call inside `segment_volume`: bounds memory for long volumes.
 VOLUME_CHUNK = 16
@@ -93,7 +94,8 @@ class SegmentationModule(tf.Module):
                        f"{preprocess.NORMALIZATIONS}")
     if int(image_size) < 1:
       raise ValueError(f"image_size must be positive, found {image_size}")
-    self.model = model
+    # Exact group statistics on big canvases, in TF and in converted graphs alike.
+    self.model = stable_norm.with_stable_statistics(model)
     self._size = int(image_size)
     self._method = norm_method
     self._classes = int(num_classes)

@@ -10,7 +10,12 @@ Measures, on the same synthetic 256x256 slices:
     --augment_on=device), and cached with host-side augmentation (--augment_on=host),
   * training steps/s of a small U-Net fed from one batch held in memory (the ceiling:
     no input or augmentation work at all) versus fed by the pipeline with the
-    augmentation in the train step (device) or in tf.data (host).
+    augmentation in the train step (device) or in tf.data (host),
+  * the share of step time spent waiting for input (`trainer.callbacks.InputWait`, as
+    spine-train logs it) with host augmentation in this process's tf.data versus on a
+    tf.data service (`--data_service`): a dispatcher and 2 workers started in this same
+    process (`trainer.data_service_lib.start`), so on one machine they share its cores
+    and the rows show the service's overhead; its gain needs workers on other machines.
 Goals (issue 3): the pipeline >= 10x the Python loader; pipeline-fed training
 >= 0.95 of the ceiling. On a CPU-only machine "device" is that same CPU, so the device
 rows there include the augmentation's compute in every step.
@@ -33,6 +38,8 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from data_prep import schema  # pylint: disable=g-import-not-at-top
 from trainer import augment as augment_lib
+from trainer import callbacks
+from trainer import data_service_lib
 from trainer import input_pipeline
 from trainer import losses
 from trainer import unet
@@ -128,6 +135,19 @@ def train_rates(feeds: dict, steps: int, rounds: int) -> dict:
   return best
 
 
+def input_wait(make_feed, steps: int) -> float:
+  """Share of step time waiting for input in the second of two `steps`-step epochs (the
+  first traces and fills buffers); make_feed(on_batch) builds the dataset. One fit: a
+  second one would open a new iterator while the callback still holds the first one's
+  prefetched batches."""
+  wait = callbacks.InputWait()
+  model = unet.build_unet(base_filters=_FILTERS.value, depth=4)
+  model.compile(optimizer="adam", loss=losses.make_loss("dice_ce", num_classes=3))
+  history = model.fit(make_feed(wait.batch_ready), steps_per_epoch=steps, epochs=2,
+                      verbose=0, callbacks=[wait])
+  return history.history["input_wait_fraction"][1]
+
+
 def main(argv):
   del argv
   size, batch, config = _SIZE.value, _BATCH.value, augment_lib.AugmentConfig()
@@ -150,6 +170,16 @@ def main(argv):
                          "device": (feed(None), config), "host": (feed(config),)},
                         _STEPS.value, _ROUNDS.value)
     ceiling, device_fed, host_fed = rates["ceiling"], rates["device"], rates["host"]
+    service = data_service_lib.start(workers=2)
+    try:
+      common = dict(image_size=size, compression="", global_batch_size=batch,
+                    training=True, augment=config, seed=0)
+      local_wait = input_wait(lambda mark: input_pipeline.make_dataset(
+          files, cache=True, on_batch=mark, **common), _STEPS.value)
+      service_wait = input_wait(lambda mark: input_pipeline.make_dataset(
+          files, data_service=service.address, on_batch=mark, **common), _STEPS.value)
+    finally:
+      service.stop()
   print(f"\npipeline_bench: {_SLICES.value} slices {size}x{size}, batch {batch}, "
         f"{os.cpu_count()} CPU cores, TF {tf.__version__}, load average "
         f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}")
@@ -170,7 +200,17 @@ def main(argv):
        "steps/s", ceiling),
       ("U-Net training, pipeline with host augmentation", host_fed, "steps/s", ceiling),
   ]
+  rows += [
+      ("U-Net training, host augmentation: step time waiting for input", local_wait,
+       "share", local_wait),
+      ("U-Net training, host augmentation on a tf.data service (--data_service; "
+       "dispatcher + 2 workers in this process): step time waiting for input",
+       service_wait, "share", local_wait),
+  ]
   for name, rate, unit, base in rows:
+    if unit == "share":
+      print(f"| {name} | {100 * rate:.1f}% | {f'{rate / base:.2f}' if base else '-'} |")
+      continue
     print(f"| {name} | {rate:.{0 if unit == 'slices/s' else 2}f} {unit} | "
           f"{rate / base:.2f} |")
 

@@ -12,6 +12,7 @@ import math
 import pathlib
 
 from trainer import augment as augment_lib
+from trainer import data_service_lib
 from trainer import losses
 from trainer import unet
 
@@ -90,6 +91,11 @@ class TrainConfig:
   strategy: str = _setting(
       "auto", "auto: multi_worker if TF_CONFIG is set, mirrored if >1 GPU, else "
       "one_device.", STRATEGIES)
+  data_service: str = _setting(
+      "", "grpc://HOST:PORT of a tf.data service dispatcher (`python -m "
+      "trainer.data_service`): its workers read, parse and (--augment_on=host) augment "
+      "the training slices, reading the shards at the same paths; each pass gives every "
+      "slice once. Empty: this machine's CPUs do it.")
   seed: int = _setting(0, "Seed of weights, shuffling and augmentation.")
   deterministic: bool = _setting(
       False, "Bit-identical reruns of the same command on the same machine: deterministic "
@@ -254,6 +260,15 @@ def check_config(config: TrainConfig) -> None:
     raise ConfigError(f"--data_dir lists {twice[0]} more than once; expected each folder "
                       "once (--dataset_weights weighs a folder more)")
   dataset_weights(config)
+  if config.data_service:
+    try:
+      data_service_lib.check_address(config.data_service)
+    except ValueError as e:
+      raise ConfigError(f"--data_service={config.data_service}: {e}") from None
+    if config.deterministic:
+      raise ConfigError("--deterministic with --data_service: the service hands the "
+                        "shards to whichever worker asks first, so the order of slices "
+                        "cannot repeat; drop one of the two")
   positive = ("epochs", "global_batch_size", "base_filters", "depth", "shuffle_buffer",
               "checkpoints_kept", "learning_rate", "dice_smooth", "aug_gamma_min")
   for name in positive:

@@ -9,6 +9,9 @@ several datasets (`weights`), each one runs that chain up to the parse, and a se
 `tf.data.Dataset.sample_from_datasets` draws every slice from dataset i with probability
 weights[i] / sum(weights) before batching, so one batch mixes the datasets.
 Evaluation: shards in manifest order, no augmentation, every example exactly once.
+With `data_service`, training runs that chain up to the augmentation on tf.data service
+workers (`trainer.data_service`); only the cast, the batch timing and the prefetch stay in
+this process.
 """
 from __future__ import annotations
 
@@ -29,7 +32,10 @@ def make_dataset(files: Sequence[str] | Sequence[Sequence[str]], *,
                  cache: bool = False,
                  on_batch: Callable[[], None] | None = None,
                  deterministic: bool = False,
-                 weights: Sequence[float] | None = None) -> tf.data.Dataset:
+                 weights: Sequence[float] | None = None,
+                 passes: int | None = None,
+                 data_service: str = "",
+                 job_name: str = "") -> tf.data.Dataset:
   """Builds the dataset of (image float32 [B, S, S, 1], mask int32 [B, S, S, 1]).
 
   Args:
@@ -60,12 +66,24 @@ def make_dataset(files: Sequence[str] | Sequence[Sequence[str]], *,
     weights: training only: sampling weights (>= 0, not all 0), one per dataset of
       `files`. Each dataset is read, shuffled (`shuffle_buffer` records each, seed + i)
       and cached on its own; a dataset of weight 0 is not read at all.
+    passes: training only: passes over each dataset's shards before the stream ends
+      (None: endless, what spine-train reads).
+    data_service: training only: "grpc://HOST:PORT" of a tf.data service dispatcher
+      whose workers read, parse, batch and augment (their CPUs, not this process's);
+      they open `files` at the same paths. Each pass hands every shard to one worker,
+      so every slice comes once per pass over all workers and all consumers. Needs a
+      seed (every consumer must build the same dataset); not with `cache` (the workers
+      read each pass) or `deterministic` (shards go to whichever worker asks first);
+      `input_context` only sets the batch size (the shared job splits the data).
+    job_name: with `data_service`: consumers (trainer processes) passing the same name
+      share one job, each slice going to one of them; "": a job of this dataset's own.
 
   Returns:
     A tf.data.Dataset.
 
   Raises:
-    ValueError: when there is no file, a file is missing, or `weights` does not fit.
+    ValueError: when there is no file, a file is missing, `weights` does not fit, or
+      `data_service` comes with evaluation, `cache`, `deterministic` or no seed.
   """
   if weights is None:
     sources = [(list(files), compression)]
@@ -81,6 +99,9 @@ def make_dataset(files: Sequence[str] | Sequence[Sequence[str]], *,
     if any(not w >= 0 for w in weights) or not any(weights):
       raise ValueError(f"weights {list(weights)}: expected values >= 0, not all 0")
     sources = [(list(f), c) for f, c in zip(files, compressions)]
+  if data_service and (not training or cache or deterministic or seed is None):
+    raise ValueError("data_service: training only, with a seed, without cache or "
+                     "deterministic")
   for shard_files, _ in sources:
     if not shard_files:
       raise ValueError("no shard files to read")
@@ -105,10 +126,13 @@ def make_dataset(files: Sequence[str] | Sequence[Sequence[str]], *,
     return ds.prefetch(tf.data.AUTOTUNE)
 
   def slices(shard_files, compression_type, dataset_seed):
+    if data_service:
+      return _service_slices(shard_files, compression_type, parse=parse, seed=dataset_seed,
+                             shuffle_buffer=shuffle_buffer, passes=passes)
     return _training_slices(shard_files, compression_type, parse=parse,
                             input_context=input_context, seed=dataset_seed,
                             shuffle_buffer=shuffle_buffer, cache=cache,
-                            deterministic=deterministic)
+                            deterministic=deterministic, passes=passes)
 
   if weights is None:
     ds = slices(*sources[0], seed)
@@ -128,13 +152,27 @@ def make_dataset(files: Sequence[str] | Sequence[Sequence[str]], *,
   # Batch before augmenting: vectorized ops over B slices cost far less than B small ones.
   ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=deterministic)
-  if augment is not None:
+  if data_service:
+    ds = ds.map(lambda images, masks, keys: _keyed_augment(images, masks, keys, seed,
+                                                            augment),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    # Everything above runs on the service workers. DYNAMIC (= "distributed_epoch"):
+    # the dispatcher hands each element of the splittable source (`_service_slices`: one
+    # shard of one pass) to one worker, and a job gives each batch to one consumer, so a
+    # pass reads every slice once whatever the number of workers and trainer processes.
+    # OFF ("parallel_epochs") would give every slice once per worker; the static
+    # policies need a fixed worker list and a worker beside each trainer.
+    ds = ds.apply(tf.data.experimental.service.distribute(
+        processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+        service=data_service, job_name=job_name or None))
+  elif augment is not None:
     seeds = tf.data.Dataset.random(seed=seed).batch(2)
     ds = tf.data.Dataset.zip((ds, seeds)).map(
         lambda pair, s: augment_lib.augment_batch(pair[0], pair[1], s, augment),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   ds = ds.map(to_model)
   if on_batch is not None:
+    # After the service's `distribute`: a py_function cannot run on its workers.
     def mark(image, mask):
       tick = tf.py_function(lambda: (on_batch(), 0)[1], [], tf.int32)
       with tf.control_dependencies([tick]):
@@ -145,8 +183,9 @@ def make_dataset(files: Sequence[str] | Sequence[Sequence[str]], *,
 
 def _training_slices(files: list[str], compression: str, *, parse, input_context,
                      seed: int | None, shuffle_buffer: int, cache: bool,
-                     deterministic: bool) -> tf.data.Dataset:
-  """One dataset's endless, shuffled stream of parsed (image, mask) training slices."""
+                     deterministic: bool, passes: int | None) -> tf.data.Dataset:
+  """One dataset's shuffled stream of parsed (image, mask) training slices (endless unless
+  `passes`)."""
   ds = tf.data.Dataset.from_tensor_slices(list(files))
   num_pipelines = input_context.num_input_pipelines if input_context else 1
   pipeline_id = input_context.input_pipeline_id if input_context else 0
@@ -156,7 +195,7 @@ def _training_slices(files: list[str], compression: str, *, parse, input_context
     ds = ds.shard(num_pipelines, pipeline_id)
   if not cache:
     # Reshuffle the file order every pass so shard boundaries do not recur in each epoch.
-    ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat(passes)
   ds = ds.interleave(
       lambda f: tf.data.TFRecordDataset(f, compression_type=compression),
       cycle_length=min(len(files), 8), block_length=1,
@@ -168,7 +207,57 @@ def _training_slices(files: list[str], compression: str, *, parse, input_context
     ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=deterministic).cache()
     # The decoded slices are in memory already: the buffer holds references, not copies.
-    return ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    return ds.shuffle(shuffle_buffer, seed=seed,
+                      reshuffle_each_iteration=True).repeat(passes)
   # Shuffle the small serialized records, not the decoded float slices.
   ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+
+
+# Counter values of an endless service stream: more than any run reads (range() ends).
+_ENDLESS = 2**62
+
+
+def _service_slices(files: list[str], compression: str, *, parse, seed: int,
+                    shuffle_buffer: int, passes: int | None) -> tf.data.Dataset:
+  """One dataset's stream of (image, mask, key) as tf.data service workers make it.
+
+  The splittable source is a counter, one value per shard per pass, not the file list:
+  the dispatcher hands each value to one worker. On TF 2.21 a shuffled or repeated
+  file list is not split that way (with two workers, a shuffled list was read twice
+  per pass, a list repeated 3 times 5 times); the counter picks the shard of a fixed
+  random order per pass instead. `key` [2] int64 (counter value, record index in the
+  shard) tells every slice of the run apart and seeds the augmentation
+  (`_keyed_augment`).
+  """
+  names = tf.constant(list(files))
+  count = len(files)
+
+  def shard(i):
+    # Each pass its own order of the shards, the same on every worker: stateless.
+    order = tf.stack([tf.constant(seed, tf.int64), i // count])
+    return names[tf.random.experimental.index_shuffle(i % count, order, count - 1)], i
+
+  def records(name, i):
+    ds = tf.data.TFRecordDataset(name, compression_type=compression).enumerate()
+    return ds.map(lambda r, record: (record, tf.stack([i, r])))
+
+  ds = tf.data.Dataset.range(count * passes if passes else _ENDLESS).map(shard)
+  ds = ds.interleave(records, cycle_length=min(count, 8), block_length=1,
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  # Shuffle the small serialized records, not the decoded float slices.
+  ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  return ds.map(lambda record, key: (*parse(record), key),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+
+
+def _keyed_augment(images, masks, keys, seed: int,
+                   augment: augment_lib.AugmentConfig | None):
+  """A service batch augmented with a seed from its first slice's key (None: keys
+  dropped). Every worker runs the same graph, so a seeded random stream would give the
+  k-th batch of each worker the same draws; the keys differ for every slice of a run."""
+  if augment is None:
+    return images, masks
+  first = tf.stack([tf.constant(seed, tf.int64), keys[0, 0]])
+  batch_seed = tf.random.experimental.stateless_fold_in(first, keys[0, 1])
+  return augment_lib.augment_batch(images, masks, batch_seed, augment)

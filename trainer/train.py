@@ -33,6 +33,7 @@ from typing import Any
 from data_prep import fileio
 from data_prep import manifest as manifest_lib
 from trainer import augment as augment_lib
+from trainer import data_service_lib
 from trainer import run_dir
 from trainer import callbacks as callbacks_lib
 from trainer import input_pipeline
@@ -255,6 +256,11 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   """
   config = with_absolute_paths(config)
   check_config(config)
+  if config.data_service:
+    try:
+      data_service_lib.check_reachable(config.data_service)
+    except ValueError as e:
+      raise ConfigError(f"--data_service={config.data_service}: {e}") from None
   sources = load_datasets(config)
   manifest = sources[0].manifest
   record = _datasets_record(sources)
@@ -370,9 +376,19 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
     compression = [s.compression for s, _ in trained]
     mix = {"weights": [w for _, w in trained]}
 
+  service = {}
+  if config.data_service:
+    # One job shared by every trainer process of the run (each batch goes to one of
+    # them), so each must build the same dataset: no per-worker seed below. Named per
+    # run and resume (tf.data: no two training jobs on one name); a rerun from the same
+    # epoch may join what is left of its job, the same dataset and so the same stream.
+    service = {"data_service": config.data_service,
+               "job_name": f"spine-train {model_dir} from epoch {initial_epoch}"}
+
   def train_fn(input_context):
     # Distinct per worker and per resumed run, so no example order is replayed.
-    seed = config.seed + 1000 * input_context.input_pipeline_id + 7919 * initial_epoch
+    worker = 0 if service else input_context.input_pipeline_id
+    seed = config.seed + 1000 * worker + 7919 * initial_epoch
     return input_pipeline.make_dataset(
         files, image_size=image_size, compression=compression,
         global_batch_size=config.global_batch_size, training=True,
@@ -380,8 +396,9 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
         shuffle_buffer=config.shuffle_buffer,
         # Decoded slices: float32 image + uint8 mask, 5 bytes per pixel; every trained
         # dataset together must fit.
-        cache=train_slices * image_size**2 * 5 <= config.cache_bytes,
-        deterministic=config.deterministic, on_batch=wait.batch_ready, **mix)
+        # (The service's workers read every pass instead.)
+        cache=not service and train_slices * image_size**2 * 5 <= config.cache_bytes,
+        deterministic=config.deterministic, on_batch=wait.batch_ready, **mix, **service)
 
   train_ds = strategy.distribute_datasets_from_function(train_fn)
   history_path = str(model_dir / "history.json")

@@ -193,8 +193,15 @@ class RemotePath:
     with self.open("rb") as f:
       return f.read()
 
-  def read_text(self, encoding: str | None = "utf-8") -> str:
-    return self.read_bytes().decode(encoding or "utf-8")
+  def read_text(self, encoding: str | None = "utf-8", errors: str = "strict") -> str:
+    return self.read_bytes().decode(encoding or "utf-8", errors)
+
+  def write_bytes(self, data: bytes) -> None:
+    with self.open("wb") as f:
+      f.write(data)
+
+  def write_text(self, text: str, encoding: str | None = "utf-8") -> None:
+    self.write_bytes(text.encode(encoding or "utf-8"))
 
 
 def open_file(p: str | os.PathLike, mode: str = "r"):
@@ -212,6 +219,8 @@ def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
   """
   if is_remote(src) or is_remote(dst):
     with _os_errors(os.fspath(dst)):
+      if _gfile().isdir(os.fspath(dst)) and not _gfile().listdir(os.fspath(dst)):
+        _gfile().rmtree(os.fspath(dst))  # as os.replace, which replaces an empty folder
       _gfile().rename(os.fspath(src), os.fspath(dst), overwrite=True)
   else:
     os.replace(src, dst)
@@ -275,50 +284,46 @@ def temporary_path(p: str | os.PathLike) -> "pathlib.Path | RemotePath":
   return p.with_name(f"{TMP_PREFIX}{os.getpid()}-{p.name}")
 
 
+def write_file(p: str | os.PathLike, write: Callable[[str], None]) -> None:
+  """Calls `write(local_path)` to make the file `p`, readable by others (0644).
+
+  A local `p` is written in place; for a URL, `write` gets a local temporary file (PIL,
+  numpy, nibabel and Keras write only local files), copied to `p` after.
+  """
+  if not is_remote(p):
+    write(os.fspath(p))
+    os.chmod(p, FILE_MODE)
+    return
+  import tempfile  # pylint: disable=g-import-not-at-top
+  folder = tempfile.mkdtemp(prefix=TMP_PREFIX)
+  try:
+    local = os.path.join(folder, path(p).name)
+    write(local)
+    with _os_errors(os.fspath(p)):
+      _gfile().copy(local, os.fspath(p), overwrite=True)
+  finally:
+    remove_tree(folder)
+
+
 def atomic_write(p: str | os.PathLike,
                  write: Callable[[str], None]) -> "pathlib.Path | RemotePath":
   """Calls `write(tmp_path)`, then renames the temporary file to `p`.
 
-  For a URL, `write` gets a local temporary file (PIL, numpy, nibabel and Keras write
-  only local files), which is copied to the hidden name next to `p` and renamed.
-
   Args:
-    p: the final file.
-    write: writes the whole content to the (local) path it receives.
+    p: the final file, local or a URL (`write` gets a local path either way: see
+      `write_file`).
+    write: writes the whole content to the path it receives.
 
   Returns:
     `p` as `path(p)`.
 
   Raises:
-    Whatever `write` or the file system raises; the temporary files are removed first.
+    Whatever `write` or the file system raises; the temporary file is removed first.
   """
   target = path(p)
   tmp = temporary_path(target)
-  if is_remote(target):
-    _atomic_write_remote(target, tmp, write)
-    return target
   try:
-    write(str(tmp))
-    os.chmod(tmp, FILE_MODE)
-    os.replace(tmp, target)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise
-  return target
-
-
-def _atomic_write_remote(target: "RemotePath", tmp: "RemotePath",
-                         write: Callable[[str], None]) -> None:
-  import tempfile  # pylint: disable=g-import-not-at-top
-  folder = tempfile.mkdtemp(prefix=TMP_PREFIX)
-  try:
-    local = os.path.join(folder, target.name)
-    write(local)
-    with _os_errors(str(target)):
-      _gfile().copy(local, str(tmp), overwrite=True)
+    write_file(tmp, write)
     rename(tmp, target)
   except BaseException:
     try:
@@ -326,8 +331,7 @@ def _atomic_write_remote(target: "RemotePath", tmp: "RemotePath",
     except OSError:
       pass
     raise
-  finally:
-    remove_tree(folder)
+  return target
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> pathlib.Path:

@@ -190,14 +190,14 @@ class RemotePath:
       return _gfile().GFile(self._url, mode)
 
   def read_bytes(self) -> bytes:
-    with self.open("rb") as f:
+    with _os_errors(self._url), self.open("rb") as f:
       return f.read()
 
   def read_text(self, encoding: str | None = "utf-8", errors: str = "strict") -> str:
     return self.read_bytes().decode(encoding or "utf-8", errors)
 
   def write_bytes(self, data: bytes) -> None:
-    with self.open("wb") as f:
+    with _os_errors(self._url), self.open("wb") as f:
       f.write(data)
 
   def write_text(self, text: str, encoding: str | None = "utf-8") -> None:
@@ -212,18 +212,37 @@ def open_file(p: str | os.PathLike, mode: str = "r"):
 
 
 def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-  """Renames `src` to `dst`, replacing a file there: os.replace, or gfile.rename.
+  """Renames `src` to `dst`, replacing a file (or an empty folder) there.
 
-  Atomic on a local file system (and HDFS); object stores such as `gs://` or `s3://`
-  copy then delete, so a reader may briefly see both names, though never a partial object.
+  Local paths: os.replace, atomic. URLs: gfile.rename per file, atomic where the file
+  system renames atomically (HDFS); object stores such as `gs://` or `s3://` copy then
+  delete, so a reader may briefly see both names, though never a partial object. A URL
+  folder moves file by file (not every gfile file system renames folders: `ram://` does
+  not), its deepest files first, so its own top-level files (a SavedModel's
+  saved_model.pb) arrive last; a reader may see it incomplete until then.
   """
-  if is_remote(src) or is_remote(dst):
-    with _os_errors(os.fspath(dst)):
-      if _gfile().isdir(os.fspath(dst)) and not _gfile().listdir(os.fspath(dst)):
-        _gfile().rmtree(os.fspath(dst))  # as os.replace, which replaces an empty folder
-      _gfile().rename(os.fspath(src), os.fspath(dst), overwrite=True)
-  else:
+  if not (is_remote(src) or is_remote(dst)):
     os.replace(src, dst)
+    return
+  src, dst = os.fspath(src), os.fspath(dst)
+  gfile = _gfile()
+  with _os_errors(dst):
+    if gfile.isdir(dst) and not gfile.listdir(dst):
+      gfile.rmtree(dst)  # as os.replace, which replaces an empty folder
+    if not gfile.isdir(src):
+      gfile.rename(src, dst, overwrite=True)
+      return
+    moves = []
+    for folder, _, files in gfile.walk(src):
+      rel = folder[len(src):].strip("/")
+      gfile.makedirs(f"{dst}/{rel}" if rel else dst)
+      moves += [(rel.count("/") + bool(rel), f"{rel}/{name}" if rel else name)
+                for name in files]
+    for _, rel in sorted(moves, key=lambda m: (-m[0], m[1])):
+      # `ram://` lists by name prefix: folder `a` also "holds" `.x` when `a.x` exists.
+      if gfile.exists(f"{src}/{rel}"):
+        gfile.rename(f"{src}/{rel}", f"{dst}/{rel}", overwrite=True)
+  remove_tree(src)
 
 
 def remove_tree(p: str | os.PathLike) -> None:

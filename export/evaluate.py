@@ -71,8 +71,8 @@ def _unwritable(path: pathlib.Path) -> str | None:
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
     probe = fileio.temporary_path(path)
-    with fileio.open_file(probe, "w"):
-      pass
+    with fileio.open_file(probe, "w") as f:
+      f.write("")  # gfile creates a file at its first write
     probe.unlink()
   except OSError as e:
     return f"cannot write {path}: {e.strerror or e}"

@@ -296,7 +296,6 @@ def local_copy(p: str | os.PathLike) -> Iterator[str]:
     remove_tree(folder)
 
 
-
 def temporary_path(p: str | os.PathLike) -> "pathlib.Path | RemotePath":
   """The hidden temporary name `atomic_write` uses for `p` (same folder and suffix)."""
   p = path(p)

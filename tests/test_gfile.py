@@ -210,3 +210,12 @@ def test_remote_lock_refuses_a_live_holder_and_takes_over_a_dead_one(ram):
   with pytest.raises(fileio.FolderBusy, match="delete ram://"):
     with fileio.FolderLock(ram, "test", lock_file=".lock"):
       pass
+
+
+def test_a_remote_dicom_series_is_refused_in_one_line(ram):
+  from data_prep import dicom  # pylint: disable=g-import-not-at-top
+  fileio.path(f"{ram}/series").mkdir(parents=True)
+  (fileio.path(f"{ram}/series") / "IM0001.dcm").write_bytes(b"\0" * 128 + b"DICM")
+  assert dicom.holds_series(f"{ram}/series")  # found, so it is not silently skipped
+  with pytest.raises(readers.InputError, match="local folders only"):
+    inference.read_input(f"{ram}/series")

@@ -105,7 +105,7 @@ def _layout(summaries: list, split_of_case: dict[str, str], tmp_dir: str,
      {(split, shard index): (staged path, TFRecord options)} for every shard, empty
      ones included, as `writer._ShardSet.finish` lists them).
   """
-  shard_sets = {s: writer._ShardSet(pathlib.Path(tmp_dir), s, *shard_args, staged=True)
+  shard_sets = {s: writer._ShardSet(fileio.path(tmp_dir), s, *shard_args, staged=True)
                 for s in schema.SPLITS}
   layout = {}
   for index, result in _in_case_order(summaries):
@@ -191,6 +191,6 @@ def run(tasks: list, split_of_case: dict[str, str], tmp_dir: pathlib.Path,
     line = _last_line(e)  # Our own ConversionErrors already name the output folder.
     raise writer.ConversionError(line if line.startswith(out) else
                                  f"{out}: the Beam pipeline failed: {line}") from None
-  with open(cases_path, encoding="utf-8") as f:
+  with fileio.open_file(cases_path) as f:
     for fields in json.load(f):
       yield slices.CaseResult(**fields)

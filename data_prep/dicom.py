@@ -67,13 +67,13 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
   Scanners often write names without a suffix (`IM0001`) or UIDs (`1.2.840...5.17`)
   whose last dot is no suffix, hence the look at the content.
   """
-  path = pathlib.Path(path)
+  path = fileio.path(path)
   if not path.is_file() or path.name.startswith("."):
     return False
   if readers.split_name(path)[1] == DICOM_SUFFIX:
     return True
   try:
-    with open(path, "rb") as f:
+    with fileio.open_file(path, "rb") as f:
       head = f.read(_PREAMBLE_SIZE + len(_MAGIC))
   except OSError:
     return False  # unreadable: not claimed as DICOM; the folder may hold other inputs
@@ -82,7 +82,7 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
 
 def holds_series(folder: str | os.PathLike) -> bool:
   """Whether a folder directly holds DICOM files (see `is_dicom_file`)."""
-  folder = pathlib.Path(folder)
+  folder = fileio.path(folder)
   return folder.is_dir() and any(is_dicom_file(p) for p in folder.iterdir())
 
 
@@ -172,6 +172,10 @@ def read_series(folder: str | os.PathLike) -> readers.Case:
       names the folder.
   """
   folder = str(folder)
+  if fileio.is_remote(folder):  # SimpleITK (GDCM) opens local files only
+    raise readers.InputError(f"{folder}: DICOM series are read from local folders only; "
+                             "copy the series to a local folder (e.g. gsutil cp -r) and "
+                             "pass that")
   sitk = _import_sitk(folder)
   # GDCM warns on stderr about every file it cannot parse; the errors below say it once.
   warnings_were_on = sitk.ProcessObject.GetGlobalWarningDisplay()

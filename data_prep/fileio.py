@@ -8,53 +8,348 @@ the old file (or none), never a truncated one; `TMP_PREFIX` names the leftovers 
 `kill -9`, which `remove_stale_temporaries` clears on the next run.
 
 `Progress` is THE progress bar: one line on stderr with count, rate and ETA.
+
+Paths may be local or any URL `tf.io.gfile` opens (`gs://`, `hdfs://`, `s3://` with the
+plugin, `ram://`): `path` is THE constructor (a `pathlib.Path` for a local path, a
+`RemotePath` with the same methods for a URL: `pathlib.Path("gs://b/x")` would silently
+become the local `gs:/b/x`), and `open_file`, `rename`, `remove_tree`, `make_temp_dir`,
+`local_copy` do the rest. Local paths keep their plain-Python fast paths; TensorFlow is
+imported only when a URL is touched.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable
+import uuid
+from typing import Any, Callable, Iterator
 
 TMP_PREFIX = ".tmp-spineseg-"
 FILE_MODE = 0o644
 DIR_MODE = 0o755
 
 
-def temporary_path(path: str | os.PathLike) -> pathlib.Path:
-  """The hidden temporary name `atomic_write` uses for `path` (same folder and suffix)."""
-  path = pathlib.Path(path)
-  return path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+def is_remote(path: str | os.PathLike) -> bool:
+  """True for a URL (`scheme://...`) that goes through tf.io.gfile; False for local."""
+  return isinstance(path, RemotePath) or "://" in os.fspath(path)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> pathlib.Path:
-  """Calls `write(tmp_path)`, then renames the temporary file to `path`.
+def path(p: str | os.PathLike) -> "pathlib.Path | RemotePath":
+  """THE path constructor: `pathlib.Path` for a local path, `RemotePath` for a URL."""
+  if isinstance(p, RemotePath):
+    return p
+  text = os.fspath(p)
+  return RemotePath(text) if "://" in text else pathlib.Path(text)
+
+
+def _gfile():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.gfile
+
+
+@contextlib.contextmanager
+def _os_errors(url: str) -> Iterator[None]:
+  """tf.errors as the OSErrors callers already handle (NotFoundError: FileNotFoundError)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except tf.errors.NotFoundError as e:
+    raise FileNotFoundError(2, e.message, url) from None
+  except tf.errors.AlreadyExistsError as e:
+    raise FileExistsError(17, e.message, url) from None
+  except tf.errors.PermissionDeniedError as e:
+    raise PermissionError(13, e.message, url) from None
+  except tf.errors.OpError as e:
+    raise OSError(5, e.message, url) from None
+
+
+class _Stat:
+  def __init__(self, size: int):
+    self.st_size = size
+
+
+class RemotePath:
+  """A `scheme://...` path with the `pathlib.Path` methods spineseg uses, on tf.io.gfile.
+
+  There are no symlinks and no relative URLs: `is_symlink` is False, `resolve`,
+  `expanduser` and `absolute` return the path itself. Errors are OSErrors (as
+  `_os_errors`), so callers handle both kinds of path alike.
+  """
+
+  def __init__(self, url: str):
+    scheme, _, rest = url.partition("://")
+    rest = "/".join(part for part in rest.split("/") if part)
+    self._scheme, self._rest = scheme, rest
+    self._url = f"{scheme}://{rest}"
+
+  def __fspath__(self) -> str:
+    return self._url
+
+  def __str__(self) -> str:
+    return self._url
+
+  def __repr__(self) -> str:
+    return f"RemotePath({self._url!r})"
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, RemotePath) and other._url == self._url
+
+  def __hash__(self) -> int:
+    return hash(self._url)
+
+  def __lt__(self, other) -> bool:
+    return str(self) < str(other)
+
+  def __truediv__(self, other: str | os.PathLike) -> "RemotePath":
+    return RemotePath(f"{self._url}/{os.fspath(other)}")
+
+  @property
+  def name(self) -> str:
+    return self._rest.rpartition("/")[2]
+
+  @property
+  def parent(self) -> "RemotePath":
+    head = self._rest.rpartition("/")[0]
+    return RemotePath(f"{self._scheme}://{head}") if head else self
+
+  @property
+  def suffix(self) -> str:
+    return pathlib.PurePosixPath(self.name).suffix
+
+  @property
+  def stem(self) -> str:
+    return pathlib.PurePosixPath(self.name).stem
+
+  def with_name(self, name: str) -> "RemotePath":
+    return self.parent / name
+
+  def relative_to(self, other: "RemotePath") -> pathlib.PurePosixPath:
+    prefix = str(other) + "/"
+    if not self._url.startswith(prefix):
+      raise ValueError(f"{self} is not in {other}")
+    return pathlib.PurePosixPath(self._url[len(prefix):])
+
+  def resolve(self) -> "RemotePath":
+    return self
+
+  expanduser = absolute = resolve
+
+  def exists(self) -> bool:
+    return _gfile().exists(self._url)
+
+  def is_dir(self) -> bool:
+    return _gfile().isdir(self._url)
+
+  def is_file(self) -> bool:
+    return self.exists() and not self.is_dir()
+
+  def is_symlink(self) -> bool:
+    return False
+
+  def iterdir(self) -> list["RemotePath"]:
+    with _os_errors(self._url):
+      return [self / name.rstrip("/") for name in _gfile().listdir(self._url)]
+
+  def glob(self, pattern: str) -> list["RemotePath"]:
+    with _os_errors(self._url):
+      return [RemotePath(p) for p in _gfile().glob(f"{self._url}/{pattern}")]
+
+  def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+    if self.exists():
+      if exist_ok and self.is_dir():
+        return
+      raise FileExistsError(17, "File exists", self._url)
+    if not parents and not self.parent.is_dir() and self.parent != self:
+      raise FileNotFoundError(2, "No such file or directory", str(self.parent))
+    with _os_errors(self._url):
+      _gfile().makedirs(self._url)
+
+  def rmdir(self) -> None:
+    if self.iterdir():
+      raise OSError(39, "Directory not empty", self._url)
+    with _os_errors(self._url):
+      _gfile().rmtree(self._url)
+
+  def unlink(self, missing_ok: bool = False) -> None:
+    try:
+      with _os_errors(self._url):
+        _gfile().remove(self._url)
+    except FileNotFoundError:
+      if not missing_ok:
+        raise
+
+  def stat(self) -> _Stat:
+    with _os_errors(self._url):
+      return _Stat(_gfile().stat(self._url).length)
+
+  def open(self, mode: str = "r", encoding: str | None = None):  # pylint: disable=unused-argument
+    with _os_errors(self._url):
+      return _gfile().GFile(self._url, mode)
+
+  def read_bytes(self) -> bytes:
+    with _os_errors(self._url), self.open("rb") as f:
+      return f.read()
+
+  def read_text(self, encoding: str | None = "utf-8", errors: str = "strict") -> str:
+    return self.read_bytes().decode(encoding or "utf-8", errors)
+
+  def write_bytes(self, data: bytes) -> None:
+    with _os_errors(self._url), self.open("wb") as f:
+      f.write(data)
+
+  def write_text(self, text: str, encoding: str | None = "utf-8") -> None:
+    self.write_bytes(text.encode(encoding or "utf-8"))
+
+
+def open_file(p: str | os.PathLike, mode: str = "r"):
+  """`open` for local paths (UTF-8 text), `tf.io.gfile.GFile` for URLs."""
+  if is_remote(p):
+    return RemotePath(os.fspath(p)).open(mode)
+  return open(p, mode, encoding=None if "b" in mode else "utf-8")  # pylint: disable=consider-using-with
+
+
+def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+  """Renames `src` to `dst`, replacing a file (or an empty folder) there.
+
+  Local paths: os.replace, atomic. URLs: gfile.rename per file, atomic where the file
+  system renames atomically (HDFS); object stores such as `gs://` or `s3://` copy then
+  delete, so a reader may briefly see both names, though never a partial object. A URL
+  folder moves file by file (not every gfile file system renames folders: `ram://` does
+  not), its deepest files first, so its own top-level files (a SavedModel's
+  saved_model.pb) arrive last; a reader may see it incomplete until then.
+  """
+  if not (is_remote(src) or is_remote(dst)):
+    os.replace(src, dst)
+    return
+  src, dst = os.fspath(src), os.fspath(dst)
+  gfile = _gfile()
+  with _os_errors(dst):
+    if gfile.isdir(dst) and not gfile.listdir(dst):
+      gfile.rmtree(dst)  # as os.replace, which replaces an empty folder
+    if not gfile.isdir(src):
+      gfile.rename(src, dst, overwrite=True)
+      return
+    moves = []
+    for folder, _, files in gfile.walk(src):
+      rel = folder[len(src):].strip("/")
+      gfile.makedirs(f"{dst}/{rel}" if rel else dst)
+      moves += [(rel.count("/") + bool(rel), f"{rel}/{name}" if rel else name)
+                for name in files]
+    for _, rel in sorted(moves, key=lambda m: (-m[0], m[1])):
+      # `ram://` lists by name prefix: folder `a` also "holds" `.x` when `a.x` exists.
+      if gfile.exists(f"{src}/{rel}"):
+        gfile.rename(f"{src}/{rel}", f"{dst}/{rel}", overwrite=True)
+  remove_tree(src)
+
+
+def remove_tree(p: str | os.PathLike) -> None:
+  """Deletes a folder and everything in it; a missing folder or a failure is ignored."""
+  if is_remote(p):
+    try:
+      with _os_errors(os.fspath(p)):
+        _gfile().rmtree(os.fspath(p))
+    except OSError:
+      pass
+  else:
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> "pathlib.Path | RemotePath":
+  """A new folder named `prefix...` in `parent` (tempfile.mkdtemp locally)."""
+  if is_remote(parent):
+    folder = path(parent) / f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True)
+    return folder
+  import tempfile  # pylint: disable=g-import-not-at-top
+  return pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+def source(p: str | os.PathLike):
+  """What `PIL.Image.open` and `np.load` read: the path itself when local, else the
+  URL's bytes as an `io.BytesIO`."""
+  if not is_remote(p):
+    return p
+  import io  # pylint: disable=g-import-not-at-top
+  return io.BytesIO(RemotePath(os.fspath(p)).read_bytes())
+
+
+@contextlib.contextmanager
+def local_copy(p: str | os.PathLike) -> Iterator[str]:
+  """A local path holding the file `p`, for libraries that read only local files
+  (nibabel's .nii.gz, Keras' .keras archives): `p` itself, or a temporary copy under
+  the system's temp folder, same name, removed after."""
+  if not is_remote(p):
+    yield os.fspath(p)
+    return
+  import tempfile  # pylint: disable=g-import-not-at-top
+  folder = tempfile.mkdtemp(prefix=TMP_PREFIX)
+  try:
+    local = os.path.join(folder, path(p).name)
+    with _os_errors(os.fspath(p)):
+      _gfile().copy(os.fspath(p), local, overwrite=True)
+    yield local
+  finally:
+    remove_tree(folder)
+
+
+def temporary_path(p: str | os.PathLike) -> "pathlib.Path | RemotePath":
+  """The hidden temporary name `atomic_write` uses for `p` (same folder and suffix)."""
+  p = path(p)
+  return p.with_name(f"{TMP_PREFIX}{os.getpid()}-{p.name}")
+
+
+def write_file(p: str | os.PathLike, write: Callable[[str], None]) -> None:
+  """Calls `write(local_path)` to make the file `p`, readable by others (0644).
+
+  A local `p` is written in place; for a URL, `write` gets a local temporary file (PIL,
+  numpy, nibabel and Keras write only local files), copied to `p` after.
+  """
+  if not is_remote(p):
+    write(os.fspath(p))
+    os.chmod(p, FILE_MODE)
+    return
+  import tempfile  # pylint: disable=g-import-not-at-top
+  folder = tempfile.mkdtemp(prefix=TMP_PREFIX)
+  try:
+    local = os.path.join(folder, path(p).name)
+    write(local)
+    with _os_errors(os.fspath(p)):
+      _gfile().copy(local, os.fspath(p), overwrite=True)
+  finally:
+    remove_tree(folder)
+
+
+def atomic_write(p: str | os.PathLike,
+                 write: Callable[[str], None]) -> "pathlib.Path | RemotePath":
+  """Calls `write(tmp_path)`, then renames the temporary file to `p`.
 
   Args:
-    path: the final file.
+    p: the final file, local or a URL (`write` gets a local path either way: see
+      `write_file`).
     write: writes the whole content to the path it receives.
 
   Returns:
-    `path` as a pathlib.Path.
+    `p` as `path(p)`.
 
   Raises:
     Whatever `write` or the file system raises; the temporary file is removed first.
   """
-  path = pathlib.Path(path)
-  tmp = temporary_path(path)
+  target = path(p)
+  tmp = temporary_path(target)
   try:
-    write(str(tmp))
-    os.chmod(tmp, FILE_MODE)
-    os.replace(tmp, path)
+    write_file(tmp, write)
+    rename(tmp, target)
   except BaseException:
     try:
-      os.unlink(tmp)
+      tmp.unlink(missing_ok=True)
     except OSError:
       pass
     raise
-  return path
+  return target
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> pathlib.Path:
@@ -82,15 +377,14 @@ def remove_stale_temporaries(folder: str | os.PathLike,
   Returns:
     The paths removed (callers may name them).
   """
-  import shutil  # pylint: disable=g-import-not-at-top
-  folder = pathlib.Path(folder)
+  folder = path(folder)
   removed = []
   if not folder.is_dir():
     return removed
   for pattern in (TMP_PREFIX + "*",) + tuple(patterns):
     for p in sorted(folder.glob(pattern)):
       if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
+        remove_tree(p)
       else:
         p.unlink(missing_ok=True)
       removed.append(p)
@@ -98,7 +392,11 @@ def remove_stale_temporaries(folder: str | os.PathLike,
 
 
 def make_readable(root: str | os.PathLike) -> None:
-  """chmod a tree to 0755 folders / 0644 files (mkdtemp and mkstemp create 0700/0600)."""
+  """chmod a tree to 0755 folders / 0644 files (mkdtemp and mkstemp create 0700/0600).
+
+  A URL is left alone: who may read an object store is the store's setting."""
+  if is_remote(root):
+    return
   root = pathlib.Path(root)
   os.chmod(root, DIR_MODE)
   for dirpath, dirnames, filenames in os.walk(root):
@@ -156,16 +454,56 @@ class FolderLock:
   kernel drops it when the holder exits in any way, `kill -9` included: a dead run never
   leaves a folder locked. (flock is advisory and, on some network file systems, local to
   one machine.) Use as a context manager.
+
+  A URL folder (no flock there) gets a best-effort marker file instead, in both modes
+  (`lock_file`, or `REMOTE_LOCK_NAME`): present means busy, and its holder is named.
+  It is checked, then written, then read back, so two runs starting in the same second
+  on two machines can both pass; and a killed run leaves it behind. A marker of a dead
+  process on this same host is taken over; any other is refused with its file named,
+  to be deleted by hand once that run is known to be over.
   """
 
+  REMOTE_LOCK_NAME = ".spineseg-lock"
+
   def __init__(self, folder: str | os.PathLike, what: str, lock_file: str | None = None):
-    self.folder, self.what = pathlib.Path(folder), what
-    self.path = self.folder / lock_file if lock_file else self.folder
+    self.folder, self.what = path(folder), what
+    if is_remote(self.folder):
+      self.path = self.folder / (lock_file or self.REMOTE_LOCK_NAME)
+    else:
+      self.path = self.folder / lock_file if lock_file else self.folder
     self._fd: int | None = None
+    self._marker: str | None = None
+
+  def _enter_remote(self) -> "FolderLock":
+    import socket  # pylint: disable=g-import-not-at-top
+    host = socket.gethostname()
+    if self.path.exists():
+      holder = self.path.read_text().split()
+      alive = True
+      if len(holder) >= 2 and holder[1] == host and holder[0].isdigit():
+        try:
+          os.kill(int(holder[0]), 0)
+        except ProcessLookupError:
+          alive = False
+        except PermissionError:
+          pass
+      if alive:
+        who = f" (pid {holder[0]} on {' '.join(holder[1:2])})" if len(holder) >= 2 else ""
+        raise FolderBusy(f"{self.folder} is in use by another {self.what}{who}; wait for it "
+                         f"to end, or delete {self.path} if it is known to be over")
+    marker = f"{os.getpid()} {host} {uuid.uuid4().hex}\n"
+    write_text_atomic(self.path, marker)
+    if self.path.read_text() != marker:
+      raise FolderBusy(f"{self.folder} is in use by another {self.what} (it wrote "
+                       f"{self.path} at the same time); wait for it to end")
+    self._marker = marker
+    return self
 
   def __enter__(self) -> "FolderLock":
     import fcntl  # pylint: disable=g-import-not-at-top
     import socket  # pylint: disable=g-import-not-at-top
+    if is_remote(self.folder):
+      return self._enter_remote()
     is_file = self.path != self.folder
     fd = (os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE) if is_file
           else os.open(self.path, os.O_RDONLY))
@@ -184,6 +522,12 @@ class FolderLock:
     return self
 
   def __exit__(self, *exc) -> None:
+    if self._marker is not None:
+      self._marker = None
+      try:
+        self.path.unlink(missing_ok=True)
+      except OSError:
+        pass  # Best effort, like the lock itself; the next run names the file.
     if self._fd is not None:
       os.close(self._fd)  # Closing the descriptor releases the flock.
       self._fd = None

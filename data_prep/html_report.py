@@ -22,7 +22,6 @@ import math
 import os
 import pathlib
 import re
-import shutil
 from typing import Callable, Mapping, Sequence
 
 from data_prep import fileio
@@ -258,7 +257,7 @@ def _remove_dead_builds(output: pathlib.Path) -> None:
   for p in output.parent.glob(f"{fileio.TMP_PREFIX}*-{output.name}"):
     m = pattern.match(p.name)
     if m and not _pid_alive(int(m.group(1))):
-      shutil.rmtree(p, ignore_errors=True)
+      fileio.remove_tree(p)
 
 
 def check_output_folder(output: str | os.PathLike, overwrite: bool) -> bool:
@@ -271,7 +270,7 @@ def check_output_folder(output: str | os.PathLike, overwrite: bool) -> bool:
     FileExistsError: `output` is a file, a non-empty folder without `overwrite`, or a
       non-empty folder that does not hold a report (refused even with `overwrite`).
   """
-  out = pathlib.Path(output)
+  out = fileio.path(output)
   if out.exists() and not out.is_dir():
     raise FileExistsError(f"{out}: is an existing file; expected a report folder (or a "
                           "path that does not exist yet)")
@@ -307,7 +306,9 @@ def write_report_folder(output: str | os.PathLike,
     ValueError: no index.html, or a file name outside the folder.
     OSError: the file system refuses (the sibling build is removed first).
   """
-  out = pathlib.Path(os.path.abspath(output))  # "." or "x/" have no usable name
+  # "." or "x/" have no usable name; a URL is absolute already.
+  out = (fileio.path(output) if fileio.is_remote(output)
+         else pathlib.Path(os.path.abspath(output)))
   if INDEX not in files:
     raise ValueError(f"{out}: a report needs {INDEX}; got {sorted(files)}")
   for name in files:
@@ -325,21 +326,21 @@ def write_report_folder(output: str | os.PathLike,
       path = tmp / name
       path.parent.mkdir(parents=True, exist_ok=True)
       if callable(content):
-        content(str(path))
+        fileio.write_file(path, content)
       elif isinstance(content, bytes):
         path.write_bytes(content)
       else:
         path.write_text(content, encoding="utf-8")
     fileio.make_readable(tmp)
     if replace:
-      os.rename(out, old)
+      fileio.rename(out, old)
     try:
-      os.replace(tmp, out)  # also replaces an empty folder
+      fileio.rename(tmp, out)  # also replaces an empty folder
     except OSError:
       if replace:
-        os.rename(old, out)  # put the old report back
+        fileio.rename(old, out)  # put the old report back
       raise
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+    fileio.remove_tree(tmp)
+    fileio.remove_tree(old)
   return out

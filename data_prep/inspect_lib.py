@@ -119,7 +119,7 @@ def inspect(data_dir: str | os.PathLike, *, all_slices: bool = False,
   bar = fileio.Progress(total, "inspect", unit="slices", enabled=progress)
   for split in schema.SPLITS:
     for path in manifest_lib.shard_paths(data_dir, manifest, split):
-      if not os.path.isfile(path):
+      if not fileio.path(path).is_file():
         raise InspectError(f"{path}: {split} shard listed in {schema.MANIFEST_NAME} is "
                            "missing; convert the data again")
       ds = tf.data.TFRecordDataset(path, compression_type=compression).map(
@@ -291,7 +291,7 @@ def build_page(insp: Inspection, *, max_tiles_per_mosaic: int = DEFAULT_MAX_TILE
   m = insp.manifest
   kinds = {c["id"]: c.get("kind", "") for c in m.get("cases", [])}
   page = html_report.Page(f"spine-inspect: {insp.data_dir}")
-  page.paragraph(f"{os.path.abspath(insp.data_dir)}/{schema.MANIFEST_NAME}: format "
+  page.paragraph(f"{fileio.path(insp.data_dir).absolute()}/{schema.MANIFEST_NAME}: format "
                  f"{m['format_version']}, {m.get('input_kind', '?')} input, "
                  f"{m['image_size']} px squares, target spacing "
                  f"{m.get('target_spacing_mm') or 'none (fit by the longer side)'}, "

@@ -34,8 +34,8 @@ _REQUIRED = ("format_version", "image_size", "num_classes", "normalization", "co
              "splits")
 
 
-def path_of(data_dir: str | os.PathLike) -> pathlib.Path:
-  return pathlib.Path(data_dir) / schema.MANIFEST_NAME
+def path_of(data_dir: str | os.PathLike) -> "pathlib.Path | fileio.RemotePath":
+  return fileio.path(data_dir) / schema.MANIFEST_NAME
 
 
 def load(data_dir: str | os.PathLike) -> dict[str, Any]:
@@ -134,7 +134,7 @@ def shard_paths(data_dir: str | os.PathLike, manifest: dict[str, Any],
                 split: str) -> list[str]:
   """Paths of the shards of `split` listed in the manifest (empty if the split has none)."""
   shards = manifest["splits"].get(split, {}).get("shards", [])
-  return [str(pathlib.Path(data_dir) / s["file"]) for s in shards]
+  return [str(fileio.path(data_dir) / s["file"]) for s in shards]
 
 
 def compression_type(manifest: dict[str, Any]) -> str:
@@ -173,7 +173,7 @@ def verify_shards(data_dir: str | os.PathLike, manifest: dict[str, Any],
              for s in manifest["splits"].get(split, {}).get("shards", [])]
   bar = fileio.Progress(len(entries), "verify", unit="shards", enabled=progress)
   for split, entry in entries:
-    path = pathlib.Path(data_dir) / entry["file"]
+    path = fileio.path(data_dir) / entry["file"]
     expected = entry.get("sha256")
     if not expected:
       problems.append(f"{path}: no sha256 recorded in {schema.MANIFEST_NAME}")
@@ -182,7 +182,7 @@ def verify_shards(data_dir: str | os.PathLike, manifest: dict[str, Any],
     else:
       h = hashlib.sha256()
       try:
-        with open(path, "rb") as f:
+        with fileio.open_file(path, "rb") as f:
           for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
       except OSError as e:
@@ -201,6 +201,6 @@ def shard_bytes(data_dir: str | os.PathLike, manifest: dict[str, Any]) -> int:
   total = 0
   for split in schema.SPLITS:
     for s in manifest["splits"].get(split, {}).get("shards", []):
-      p = pathlib.Path(data_dir) / s["file"]
+      p = fileio.path(data_dir) / s["file"]
       total += p.stat().st_size if p.is_file() else 0
   return total

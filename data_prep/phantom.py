@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 import sys
 
 import numpy as np
@@ -317,7 +316,7 @@ def _prepare_output(out_dir: pathlib.Path, overwrite: bool) -> None:
     if not overwrite:
       raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite)")
     for sub in ("images", "masks"):
-      shutil.rmtree(out_dir / sub, ignore_errors=True)
+      fileio.remove_tree(out_dir / sub)
   (out_dir / "images").mkdir(parents=True, exist_ok=True)
   (out_dir / "masks").mkdir(parents=True, exist_ok=True)
 
@@ -361,7 +360,7 @@ def write_2d_dataset(out_dir: str | os.PathLike, num_cases: int, seed: int = 0, 
     raise ValueError(f"need num_cases >= 1 and 16 <= min_size <= max_size with a multiple "
                      f"of 16 between them, got "
                      f"{num_cases}, {min_size}, {max_size}")
-  out = pathlib.Path(out_dir)
+  out = fileio.path(out_dir)
   _prepare_output(out, overwrite)
   dtype = np.uint8 if bit_depth == 8 else np.uint16
   ids = []
@@ -407,7 +406,7 @@ def write_3d_dataset(out_dir: str | os.PathLike, num_cases: int, seed: int = 0, 
   if num_cases < 1 or size < 16 or num_slices < 1:
     raise ValueError(f"need num_cases >= 1, size >= 16, num_slices >= 1, got "
                      f"{num_cases}, {size}, {num_slices}")
-  out = pathlib.Path(out_dir)
+  out = fileio.path(out_dir)
   _prepare_output(out, overwrite)
   ids = []
   for i in range(num_cases):

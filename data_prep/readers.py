@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 
+from data_prep import fileio
 from data_prep import orientation
 
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -123,7 +124,7 @@ def case_id_of(path: str | os.PathLike) -> str:
 def _read_pil(path: str, modes: tuple[str, ...], what: str) -> np.ndarray:
   from PIL import Image  # Imported here so NIfTI-only users never pay for it.
   try:
-    with Image.open(path) as img:
+    with Image.open(fileio.source(path)) as img:
       frames = getattr(img, "n_frames", 1)
       if frames != 1:
         raise InputError(f"{path}: expected a single 2D {what}, found {frames} frames")
@@ -140,7 +141,7 @@ def _read_pil(path: str, modes: tuple[str, ...], what: str) -> np.ndarray:
 def _read_mask_2d(path: str) -> np.ndarray:
   if split_name(path)[1] == ".npy":
     try:
-      mask = np.load(path, allow_pickle=False)
+      mask = np.load(fileio.source(path), allow_pickle=False)
     except Exception as e:
       raise InputError(f"{path}: unreadable .npy mask: {type(e).__name__}: {e}") from e
   else:
@@ -155,8 +156,9 @@ def _read_mask_2d(path: str) -> np.ndarray:
 def _load_nifti(path: str, what: str):
   import nibabel as nib  # Imported here so 2D-only workers start faster.
   try:
-    img = nib.load(path)
-    data = np.asanyarray(img.dataobj)
+    with fileio.local_copy(path) as local:  # nibabel reads local files only
+      img = nib.load(local)
+      data = np.asanyarray(img.dataobj)
   except Exception as e:  # nibabel raises many types for truncated or corrupt files.
     raise InputError(f"{path}: unreadable NIfTI {what}: {type(e).__name__}: {e}") from e
   # Trailing singleton axes (e.g. [X, Y, Z, 1]) carry no data; anything else is 4D.
@@ -291,7 +293,7 @@ def read_case(image_path: str | os.PathLike, mask_path: str | os.PathLike,
 
 
 def _list_files(folder: str, what: str) -> list[pathlib.Path]:
-  path = pathlib.Path(folder)
+  path = fileio.path(folder)
   if not path.is_dir():
     raise InputError(f"{folder}: {what} directory does not exist")
   files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))

@@ -40,9 +40,7 @@ import multiprocessing
 import os
 import pathlib
 import re
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -195,7 +193,7 @@ class _ShardSet:
 
 def _sha256(path: pathlib.Path) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with fileio.open_file(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
@@ -294,7 +292,8 @@ def _prepare_output(output_dir: pathlib.Path, overwrite: bool,
     if removed:
       log(f"{output_dir}: removed leftovers of an interrupted conversion: "
           f"{', '.join(p.name for p in removed)}")
-    entries = sorted(p.name for p in output_dir.iterdir())
+    entries = sorted(p.name for p in output_dir.iterdir()
+                     if p.name != fileio.FolderLock.REMOTE_LOCK_NAME)
     if entries and not overwrite:
       shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more"
                                         if len(entries) > 3 else "")
@@ -322,9 +321,9 @@ def _publish(output_dir: pathlib.Path, tmp_dir: pathlib.Path,
   placed = []
   try:
     for tmp, name in staged:
-      os.replace(tmp, output_dir / name)
+      fileio.rename(tmp, output_dir / name)
       placed.append(output_dir / name)
-    os.replace(staged_manifest, final)
+    fileio.rename(staged_manifest, final)
   except BaseException:
     for p in placed:
       try:
@@ -507,7 +506,7 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
   groups = {cid: group_of(cid, case_id_regex) for cid, _, _ in pairs}
   split_of = assign_splits(list(groups.values()), val_fraction, test_fraction, seed)
 
-  out = pathlib.Path(output_dir)
+  out = fileio.path(output_dir)
   tmp_dir = None
   created = [] if dry_run else _missing_dirs(out)
   finished = False
@@ -523,7 +522,7 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
         if isinstance(lock, contextlib.nullcontext):
           lock = fileio.FolderLock(out, "spine-convert")
           lock.__enter__()
-        tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out))
+        tmp_dir = fileio.make_temp_dir(out, _TMP_PREFIX)
     shard_sets = {s: _ShardSet(tmp_dir, s, num_shards, examples_per_shard, compression,
                                staged=beam_engine is not None)
                   for s in schema.SPLITS}
@@ -582,7 +581,7 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
     return dict(manifest, dry_run=dry_run)
   finally:
     if tmp_dir is not None:
-      shutil.rmtree(tmp_dir, ignore_errors=True)
+      fileio.remove_tree(tmp_dir)
     lock.__exit__(None, None, None)
     if not finished:  # Leave no trace: remove the (empty) folders this run created.
       for folder in created:

@@ -20,7 +20,6 @@ spine-predict writes; --nopostprocess scores the raw argmax).
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import sys
 
@@ -72,9 +71,9 @@ def _unwritable(path: pathlib.Path) -> str | None:
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
     probe = fileio.temporary_path(path)
-    with open(probe, "w", encoding="utf-8"):
-      pass
-    os.unlink(probe)
+    with fileio.open_file(probe, "w") as f:
+      f.write("")  # gfile creates a file at its first write
+    probe.unlink()
   except OSError as e:
     return f"cannot write {path}: {e.strerror or e}"
   return None
@@ -106,7 +105,8 @@ def main(argv):
     _fail(str(e))
   if _BATCH_SIZE.value < 1:
     raise app.UsageError(f"--batch_size must be >= 1, found {_BATCH_SIZE.value}")
-  out_json = pathlib.Path(_OUTPUT_JSON.value) if _OUTPUT_JSON.value else None
+  from data_prep import fileio  # pylint: disable=g-import-not-at-top
+  out_json = fileio.path(_OUTPUT_JSON.value) if _OUTPUT_JSON.value else None
   if out_json and out_json.is_dir():  # --overwrite would not help: say what is wrong
     _fail(f"--output_json={out_json}: expected a file, found a folder")
   if out_json and out_json.exists() and not _OVERWRITE.value:

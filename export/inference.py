@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from data_prep import dicom
+from data_prep import fileio
 from data_prep import orientation
 from data_prep import readers
 from export import postprocess as postprocess_lib
@@ -138,7 +139,7 @@ def load_saved_model(path: str | os.PathLike) -> Any:
     InputError: the folder is missing, holds no SavedModel, cannot be loaded, lacks
       the spineseg signatures, or its metadata is corrupt.
   """
-  path = pathlib.Path(path)
+  path = fileio.path(path)
   if not path.is_dir():
     raise InputError(f"{path}: SavedModel directory does not exist")
   if not ((path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file()):
@@ -226,7 +227,7 @@ def list_inputs(path: str | os.PathLike) -> list[pathlib.Path]:
   Raises:
     InputError: the path does not exist, or a folder holds no supported input.
   """
-  path = pathlib.Path(path)
+  path = fileio.path(path)
   if path.is_file():
     return [path]
   if not path.is_dir():
@@ -246,7 +247,7 @@ def list_inputs(path: str | os.PathLike) -> list[pathlib.Path]:
 
 def _read_npy_image(path: str, spacing_2d: tuple[float, float] | None) -> readers.Case:
   try:
-    data = np.load(path, allow_pickle=False)
+    data = np.load(fileio.source(path), allow_pickle=False)
   except Exception as e:  # NumPy raises several types for a corrupt file.
     raise InputError(f"{path}: unreadable .npy image: {type(e).__name__}: {e}") from e
   if data.ndim == 3 and data.shape[-1] == 1:
@@ -276,7 +277,7 @@ def read_input(path: str | os.PathLike,
       series folder (`dicom.read_series`).
   """
   path = str(path)
-  if os.path.isdir(path):
+  if fileio.path(path).is_dir():
     return dicom.read_series(path)
   if readers.split_name(path)[1] not in INPUT_SUFFIXES and dicom.is_dicom_file(path):
     raise InputError(f"{path}: expected the folder of a DICOM series, found one of its "

@@ -47,12 +47,13 @@ def require_onnx() -> None:
         'pip install -e ".[onnx]"') from e
 
 
-def onnx_path(export_dir: str | os.PathLike) -> pathlib.Path:
-  """Where `to_onnx` writes the ONNX model of `export_dir`."""
-  return pathlib.Path(export_dir) / ONNX_FILE
+def onnx_path(export_dir: str | os.PathLike) -> "pathlib.Path | fileio.RemotePath":
+  """Where `to_onnx` writes the ONNX model of `export_dir` (a local path or a URL)."""
+  return fileio.path(export_dir) / ONNX_FILE
 
 
-def to_onnx(export_dir: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
+def to_onnx(export_dir: str | os.PathLike, *,
+            overwrite: bool = False) -> "pathlib.Path | fileio.RemotePath":
   """Converts the SavedModel in `export_dir` to `<export_dir>/model.onnx`.
 
   The file is written atomically (a failed conversion leaves no partial model).
@@ -71,7 +72,7 @@ def to_onnx(export_dir: str | os.PathLike, *, overwrite: bool = False) -> pathli
     ValueError: the SavedModel has no `serving_default` signature.
   """
   require_onnx()
-  export_dir = pathlib.Path(export_dir)
+  export_dir = fileio.path(export_dir)
   out = onnx_path(export_dir)
   if out.exists() and not overwrite:
     raise FileExistsError(f"{out}: exists; pass --overwrite to replace it")

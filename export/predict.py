@@ -39,7 +39,6 @@ than 10% of that class's largest are set to background (3D for a volume, per sli
 """
 from __future__ import annotations
 
-import pathlib
 import sys
 
 from absl import app
@@ -93,7 +92,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _BATCH_SIZE.value < 1:
     raise app.UsageError(f"--batch_size must be >= 1, found {_BATCH_SIZE.value}")
-  from data_prep import readers  # pylint: disable=g-import-not-at-top
+  from data_prep import fileio, readers  # pylint: disable=g-import-not-at-top
   try:
     spacing_2d = readers.parse_spacing_mm(_SPACING_2D_MM.value)
   except ValueError as e:  # one line, as every other fault
@@ -104,7 +103,7 @@ def main(argv):
   report = None
   if _REPORT.value:
     report = predict_report.Options(
-        str(pathlib.Path(_OUTPUT.value) / "report"), min_slices=_REPORT_MIN_SLICES.value,
+        str(fileio.path(_OUTPUT.value) / "report"), min_slices=_REPORT_MIN_SLICES.value,
         max_components=_REPORT_MAX_COMPONENTS.value)
   try:
     model = inference.load_ensemble(inference.parse_model_list(_SAVED_MODEL.value))
@@ -129,7 +128,7 @@ def main(argv):
     sys.exit(1)
   print(f"spine-predict: wrote {len(written)} files to {_OUTPUT.value}")
   if report is not None:
-    print(f"spine-predict: QC report: {pathlib.Path(report.folder) / 'index.html'}")
+    print(f"spine-predict: QC report: {fileio.path(report.folder) / 'index.html'}")
   inference.exit_if_failures("spine-predict", [message for _, message in failures])
 
 def run():

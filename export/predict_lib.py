@@ -99,16 +99,15 @@ def write_together(input_path: str, items: list[Item]) -> None:
       current = final
       tmp = fileio.temporary_path(final)
       temps.append(tmp)
-      write(str(tmp))
-      os.chmod(tmp, fileio.FILE_MODE)
+      fileio.write_file(tmp, write)
     for (final, _), tmp in zip(items, temps):
       current = final
-      os.replace(tmp, final)
+      fileio.rename(tmp, final)
       renamed.append(final)
   except BaseException as e:
     for p in temps + renamed:
       try:
-        os.unlink(p)
+        p.unlink()
       except OSError:
         pass  # never renamed / never created; the original error is what matters
     if isinstance(e, OSError):
@@ -129,7 +128,8 @@ def _nifti_like(mask: np.ndarray, case: readers.Case) -> Any:
     out.set_sform(case.affine, code=1)
     out.header.set_xyzt_units("mm")
     return out
-  src = nib.load(case.image_path)
+  with fileio.local_copy(case.image_path) as local:  # nibabel reads local files only
+    src = nib.load(local)
   header = src.header.copy()
   header.set_data_dtype(np.uint8)
   # Trailing singleton axes of the source (e.g. [X, Y, Z, 1]) are restored exactly.
@@ -158,11 +158,11 @@ def output_paths(input_path: str | os.PathLike, output_dir: str | os.PathLike,
 
   A DICOM series (a folder `NAME`) is written as NIfTI: `NAME_mask.nii.gz`.
   """
-  if os.path.isdir(input_path):
-    stem, suffix = pathlib.Path(input_path).resolve().name, ".nii.gz"
+  if fileio.path(input_path).is_dir():
+    stem, suffix = fileio.path(input_path).resolve().name, ".nii.gz"
   else:
     stem, suffix = readers.split_name(input_path)
-  out = pathlib.Path(output_dir)
+  out = fileio.path(output_dir)
   if suffix in readers.NIFTI_SUFFIXES:
     paths = {"nifti": out / f"{stem}_mask{suffix}"}
   else:
@@ -181,7 +181,7 @@ def prepare_output_dir(output_dir: str | os.PathLike) -> pathlib.Path:
   Raises:
     OutputError: the path is an existing file, or the folder cannot be created.
   """
-  out = pathlib.Path(output_dir)
+  out = fileio.path(output_dir)
   if out.exists() and not out.is_dir():
     raise OutputError(f"{out}: expected an output folder, found an existing file")
   try:

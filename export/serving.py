@@ -43,8 +43,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 import zipfile
 import zlib
@@ -304,7 +302,7 @@ def _check_keras_archive(model_path: pathlib.Path) -> None:
   """
   hint = "; retrain or restore it"
   try:
-    with zipfile.ZipFile(model_path) as archive:
+    with zipfile.ZipFile(fileio.source(model_path)) as archive:
       bad = archive.testzip()  # reads every member: catches a cut inside the weights
   except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
     reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
@@ -323,7 +321,7 @@ def load_model_dir(model_dir: str | os.PathLike) -> tuple[keras.Model, dict[str,
     ValueError: the manifest is invalid, or the model file is truncated, corrupt or not
       loadable.
   """
-  model_dir = pathlib.Path(model_dir)
+  model_dir = fileio.path(model_dir)
   if not model_dir.is_dir():
     raise FileNotFoundError(f"{model_dir}: no such model directory")
   model_path = model_dir / MODEL_FILE
@@ -336,7 +334,8 @@ def load_model_dir(model_dir: str | os.PathLike) -> tuple[keras.Model, dict[str,
   manifest = manifest_lib.load(model_dir)
   _check_keras_archive(model_path)
   try:
-    model = keras.models.load_model(model_path, compile=False)
+    with fileio.local_copy(model_path) as local:  # Keras opens local .keras files only
+      model = keras.models.load_model(local, compile=False)
   except Exception as e:  # Keras raises many types (unknown layer, bad config, ...).
     first_line = (str(e).strip().splitlines() or [""])[0]
     raise ValueError(f"{model_path}: cannot load the Keras model: {type(e).__name__}: "
@@ -349,16 +348,16 @@ def _replace_dir(tmp: pathlib.Path, export_dir: pathlib.Path) -> None:
   old = None
   if export_dir.exists() or export_dir.is_symlink():
     old = export_dir.with_name(f".{export_dir.name}.old-{os.getpid()}")
-    os.replace(export_dir, old)
+    fileio.rename(export_dir, old)
   try:
-    os.replace(tmp, export_dir)
+    fileio.rename(tmp, export_dir)
   except BaseException:
     if old is not None:
-      os.replace(old, export_dir)
+      fileio.rename(old, export_dir)
     raise
   if old is not None:
     if old.is_dir() and not old.is_symlink():
-      shutil.rmtree(old, ignore_errors=True)
+      fileio.remove_tree(old)
     else:
       old.unlink(missing_ok=True)
 
@@ -385,7 +384,7 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
     ExportError: the SavedModel cannot be written (read-only or full disk, a file in the
       way, ...), naming `export_dir` and the reason.
   """
-  export_dir = pathlib.Path(export_dir)
+  export_dir = fileio.path(export_dir)
   if export_dir.exists() and (not export_dir.is_dir() or any(export_dir.iterdir())):
     if not overwrite:
       raise FileExistsError(f"{export_dir}: exists and is not empty; pass --overwrite "
@@ -399,10 +398,9 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
   tmp = None
   try:
     export_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-",
-                                        dir=export_dir.parent))
+    tmp = fileio.make_temp_dir(export_dir.parent, f".{export_dir.name}.tmp-")
     tf.saved_model.save(module, str(tmp), signatures=module.signatures())
-    metadata = {"model_dir": str(pathlib.Path(model_dir).resolve()),
+    metadata = {"model_dir": str(fileio.path(model_dir).resolve()),
                 "image_size": int(manifest["image_size"]), "normalization": norm,
                 "target_spacing_mm": manifest.get("target_spacing_mm"),
                 "num_classes": int(manifest["num_classes"]),
@@ -415,7 +413,7 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
     _replace_dir(tmp, export_dir)
   except (OSError, tf.errors.OpError) as e:
     if tmp is not None:
-      shutil.rmtree(tmp, ignore_errors=True)
+      fileio.remove_tree(tmp)
     # TF's file system layer raises OpErrors (e.g. ResourceExhausted) instead of OSError.
     if isinstance(e, OSError):
       reason = e.strerror or str(e)
@@ -424,6 +422,6 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
     raise ExportError(f"{export_dir}: cannot write the SavedModel: {reason}") from e
   except BaseException:
     if tmp is not None:
-      shutil.rmtree(tmp, ignore_errors=True)
+      fileio.remove_tree(tmp)
     raise
   return export_dir

@@ -261,9 +261,9 @@ def test_export_write_errors_name_the_folder_and_leave_nothing(exported, tmp_pat
   model_dir, _, _ = exported
   target = tmp_path / "models" / "1"
   if failure == "read_only":
-    def mkdtemp(*args, **kwargs):
-      raise OSError(errno.EROFS, os.strerror(errno.EROFS), kwargs.get("dir"))
-    monkeypatch.setattr(serving.tempfile, "mkdtemp", mkdtemp)
+    def make_temp_dir(parent, prefix):  # pylint: disable=unused-argument
+      raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(parent))
+    monkeypatch.setattr(serving.fileio, "make_temp_dir", make_temp_dir)
     reason = "Read-only file system"
   else:
     real_save = tf.saved_model.save

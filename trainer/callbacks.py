@@ -6,7 +6,6 @@ import collections
 import json
 import math
 import os
-import pathlib
 import sys
 import threading
 import time
@@ -349,10 +348,10 @@ class HistoryFile(keras.callbacks.Callback):
 
 def read_history(path: str, completed_epochs: int) -> list[dict[str, Any]]:
   """Entries of an earlier run's history.json for the epochs a checkpoint holds."""
-  if not os.path.exists(path):
+  if not fileio.path(path).exists():
     return []
   try:
-    entries = json.loads(pathlib.Path(path).read_text())
+    entries = json.loads(fileio.path(path).read_text())
   except (OSError, json.JSONDecodeError) as e:
     print(f"warning: {path}: unreadable ({e}); starting a new history", file=sys.stderr)
     return []

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 
+from data_prep import fileio
 from trainer import augment as augment_lib
 from trainer import data_service_lib
 from trainer import losses
@@ -173,7 +173,7 @@ def split_list(text: str) -> list[str]:
 
 def resolve_data_dirs(text: str) -> str:
   """Every folder of a --data_dir list absolute and resolved (empty entries left as "")."""
-  return ",".join(str(pathlib.Path(p).expanduser().resolve()) if p else ""
+  return ",".join(str(fileio.path(p).expanduser().resolve()) if p else ""
                   for p in split_list(text))
 
 
@@ -187,7 +187,7 @@ def with_absolute_paths(config: TrainConfig) -> TrainConfig:
   (`d64/` == `./d64`)."""
   return dataclasses.replace(
       config, data_dir=resolve_data_dirs(config.data_dir),
-      model_dir=str(pathlib.Path(config.model_dir).expanduser().resolve()))
+      model_dir=str(fileio.path(config.model_dir).expanduser().resolve()))
 
 
 def dataset_weights(config: TrainConfig) -> list[float] | None:

@@ -15,7 +15,6 @@ this process.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Sequence
 
 import tensorflow as tf
@@ -105,7 +104,7 @@ def make_dataset(files: Sequence[str] | Sequence[Sequence[str]], *,
   for shard_files, _ in sources:
     if not shard_files:
       raise ValueError("no shard files to read")
-    missing = [f for f in shard_files if not os.path.exists(f)]
+    missing = [f for f in shard_files if not tf.io.gfile.exists(f)]
     if missing:
       raise ValueError(f"shard files listed in the manifest are missing: {missing[:3]}")
   batch_size = global_batch_size

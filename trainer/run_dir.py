@@ -50,7 +50,7 @@ def check(config: TrainConfig, manifest: dict[str, Any],
   Raises:
     ConfigError: naming the differing settings or the folder whose data changed.
   """
-  model_dir = pathlib.Path(config.model_dir)
+  model_dir = fileio.path(config.model_dir)
   old_config = model_dir / "config.json"
   if old_config.is_file():
     # Settings added after a model_dir was written count as their defaults.
@@ -61,7 +61,7 @@ def check(config: TrainConfig, manifest: dict[str, Any],
     if isinstance(old.get("data_dir"), str):
       old["data_dir"] = resolve_data_dirs(old["data_dir"])
     if isinstance(old.get("model_dir"), str):
-      old["model_dir"] = str(pathlib.Path(old["model_dir"]).expanduser().resolve())
+      old["model_dir"] = str(fileio.path(old["model_dir"]).expanduser().resolve())
     new = dataclasses.asdict(config)
     differ = sorted(k for k in set(old) | set(new)
                     if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))

@@ -99,7 +99,7 @@ def load_data_manifest(data_dir: str, config: TrainConfig) -> dict[str, Any]:
     raise ConfigError(f"{manifest_lib.path_of(data_dir)}: the dataset has no train "
                       "shards; convert with a train split")
   missing = [f for f in (train_files + manifest_lib.shard_paths(data_dir, manifest, "val"))
-             if not os.path.exists(f)]
+             if not fileio.path(f).exists()]
   if missing:
     raise ConfigError(f"{data_dir}: shards listed in dataset.json are missing: "
                       f"{missing[:3]}")
@@ -272,7 +272,7 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
     raise ConfigError(f"--global_batch_size={config.global_batch_size} is not divisible by "
                       f"the {replicas} replicas of --strategy={config.strategy}")
   is_chief, task_id = _task(strategy)
-  model_dir = pathlib.Path(config.model_dir)
+  model_dir = fileio.path(config.model_dir)
   run_dir.prepare(model_dir)
   with contextlib.ExitStack() as stack:
     if is_chief:
@@ -307,7 +307,7 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
   """The run itself (model, data, callbacks, fit); see `train_and_evaluate`."""
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  model_dir = pathlib.Path(config.model_dir)
+  model_dir = fileio.path(config.model_dir)
   replicas = strategy.num_replicas_in_sync
   # Process-wide, like the seeds and the precision policy below. The seeds already fix
   # the weights, shuffling and augmentation; op determinism also fixes the reduction

@@ -12,9 +12,10 @@ command blocks until Ctrl-C. TensorFlow's own tf.data service does the work
 (`tf.data.experimental.service`); this module only starts its servers. Bad flags end it
 with one line `data_service: error: ...` and exit status 1.
 """
+import signal
 import socket
 import sys
-import time
+import threading
 
 from absl import flags
 
@@ -48,11 +49,17 @@ def main(argv):
       _fail(f"--dispatcher={_DISPATCHER.value}: {e}")
   if _DISPATCHER.value and _WORK_DIR.value:
     _fail("--work_dir is the dispatcher's journal; workers (--dispatcher) have none")
+  # Ctrl-C or SIGTERM (a container's stop) from here on only asks for a clean stop: a
+  # KeyboardInterrupt raised between two statements could escape the loop below.
+  stop = threading.Event()
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, lambda *_: stop.set())
   try:
     # Workers beside a dispatcher on the same machine must not race it for its port.
     port = _PORT.value if _PORT.present or not _DISPATCHER.value else 0
     servers = data_service_lib.start(port=port, dispatcher=_DISPATCHER.value,
-                    workers=_WORKERS.value, host=_HOST.value, work_dir=_WORK_DIR.value)
+                                     workers=_WORKERS.value, host=_HOST.value,
+                                     work_dir=_WORK_DIR.value)
   except ValueError as e:
     _fail(str(e))
   if servers.dispatcher is not None:
@@ -62,12 +69,10 @@ def main(argv):
   else:
     print(f"data_service: {len(servers.workers)} worker(s) for {servers.address}; "
           "Ctrl-C stops", flush=True)
-  try:
-    while True:  # join() would block in C++, out of reach of Ctrl-C.
-      time.sleep(1)
-  except KeyboardInterrupt:
-    servers.stop()
-    print("data_service: stopped", flush=True)
+  while not stop.wait(1):  # join() would block in C++, out of reach of the signal.
+    pass
+  servers.stop()
+  print("data_service: stopped", flush=True)
 
 
 def _fail(message: str) -> None:

@@ -379,8 +379,9 @@ def tf_fit_images(images: tf.Tensor, geometry: dict[str, tf.Tensor], size: int,
 
   `pad_values` is [N, 1, 1, 1] (per-image pad value). The canvas is size x size, or
   geometry's "canvas_height" x "canvas_width" when present (then not a static shape).
-  Negative pads crop, as in `fit_image`. `reshape`: give the square its static shape
-  (channels included) with a Reshape instead of EnsureShape, which LiteRT lacks.
+  Negative pads crop, as in `fit_image`. `reshape`: give the canvas its static shape
+  (channels included: LiteRT's convolutions need them) with a Reshape instead of
+  EnsureShape, which LiteRT lacks.
   """
   rh, rw = geometry["resized_height"], geometry["resized_width"]
   top, left = geometry["pad_top"], geometry["pad_left"]
@@ -398,10 +399,10 @@ def tf_fit_images(images: tf.Tensor, geometry: dict[str, tf.Tensor], size: int,
   # Pad with zeros, then add the pad value outside the image: one fused op, any dtype.
   padded = tf.pad(resized - pad_values, [[0, 0], [top, bottom], [left, right], [0, 0]])
   out = padded + pad_values
+  if reshape and images.shape[-1] is not None:
+    return tf.reshape(out, [-1, ch, cw, images.shape[-1]])
   if "canvas_height" in geometry:
     return out
-  if reshape and images.shape[-1] is not None:
-    return tf.reshape(out, [-1, size, size, images.shape[-1]])
   return tf.ensure_shape(out, [None, size, size, None])
 
 

@@ -56,8 +56,8 @@ class Float32GroupNormalization(StableGroupNormalization):
 
   Each mean is taken one axis at a time (channels of the group, then columns, then
   rows): every float32 sum has at most max(H, W) terms instead of H x W x channels, and
-  equal-size means of means are the overall mean. Measured on 384-512 px canvases: the
-  normalized values stay within ~1e-5 of the float64 layer.
+  equal-size means of means are the overall mean. Measured on a 384 x 384 x 4 input
+  (tests/test_export_litert.py): within 1.3e-6 of float64, Keras' own layer 2.2e-4.
   """
 
   def _moments(self, grouped: tf.Tensor, axes: list[int]) -> tuple[tf.Tensor, tf.Tensor]:

@@ -31,7 +31,7 @@ interpreter = pytest.importorskip("ai_edge_litert.interpreter")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 SIZE = 512
-PROB_TOL = 1e-4  # the issue's bound; measured <= 7e-6
+PROB_TOL = 1e-4  # the issue's bound; measured <= 7e-6 (spine2d: 4.7e-6)
 MASK_AGREEMENT = 0.999
 
 
@@ -120,8 +120,8 @@ def test_integer_percentile_ranks_equal_numpy():
 
 
 def test_float32_group_norm_is_close_to_float64():
-  # A big flat group with an offset, as in test_export_onnx's float64 test. Keras' own
-  # single float32 reduction is off by ~1e-3 here; the staged sums stay within 2e-5.
+  # A big flat group with an offset, as in test_export_onnx's float64 test. Measured
+  # against float64: Keras' own single float32 reduction 2.2e-4, the staged sums 1.3e-6.
   rng = np.random.default_rng(0)
   x = (rng.normal(0.3, 0.2, (1, 384, 384, 4)) + rng.random((1, 384, 384, 1))).astype(
       np.float32)
@@ -137,7 +137,7 @@ def test_float32_group_norm_is_close_to_float64():
   var = g.var(axis=(1, 2, 4), keepdims=True)
   gamma, beta = (w.astype(np.float64).reshape(2, 2) for w in layer.get_weights())
   want = ((g - mean) / np.sqrt(var + layer.epsilon) * gamma + beta).reshape(x.shape)
-  np.testing.assert_allclose(staged(x).numpy(), want, rtol=0, atol=2e-5)
+  np.testing.assert_allclose(staged(x).numpy(), want, rtol=0, atol=1e-5)
 
 
 def test_existing_tflite_is_refused(exported):

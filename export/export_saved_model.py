@@ -2,7 +2,7 @@
 
   spine-export --model_dir=runs/seed --export_dir=models/spineseg/1
   spine-export --model_dir=runs/seed --export_dir=models/spineseg/1 --onnx  # + model.onnx
-  spine-export --model_dir=runs/seed --export_dir=models/spineseg/1 --litert  # + model.tflite
+  spine-export --model_dir=runs/seed --export_dir=models/spineseg/1 --litert  # + .tflite
 
 `--export_dir` is a numbered version folder (TF Serving's layout: base path / version).
 The SavedModel needs only TensorFlow to load; see `export/serving.py` for its signatures.

@@ -137,15 +137,16 @@ def litert_path(export_dir: str | os.PathLike) -> pathlib.Path:
 
 def to_litert(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
               overwrite: bool = False) -> pathlib.Path:
-  """Writes `<export_dir>/model.tflite`: `serving_default` of `model_dir`'s model, for LiteRT.
+  """Writes `<export_dir>/model.tflite`: `serving_default` of `model_dir`, for LiteRT.
 
   LiteRT's builtin kernels have no float64 arithmetic and the Python interpreters link
   no Flex (TF Select) delegate, so the SavedModel's graph cannot be converted as it is.
   This one is rebuilt from `model_dir` with `SegmentationModule(..., float64=False)`:
   the same preprocessing and weights, integer geometry and percentile ranks (equal to
   the float64 ones), float32 group statistics summed in stages (probabilities within
-  ~1e-5 of the SavedModel, README). Builtin ops only; inputs and outputs as the ONNX
-  model (any H and W: resize the input tensor, or call the signature runner).
+  5e-5 of the SavedModel for a trained spine2d model, README). Builtin ops only; inputs
+  and outputs as the ONNX model (any H and W: resize the input tensor, or call the
+  signature runner).
 
   Args:
     model_dir: the trained model directory `export_dir` was exported from.
@@ -158,7 +159,8 @@ def to_litert(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
   Raises:
     MissingExtraError: ai-edge-litert is not installed.
     FileExistsError: model.tflite exists and `overwrite` is False.
-    FileNotFoundError, ValueError: see `serving.load_model_dir`.
+    FileNotFoundError, ValueError: see `serving.load_model_dir`; ValueError also when
+      the converter refuses the graph (its first line).
   """
   require_litert()
   out = litert_path(export_dir)
@@ -193,7 +195,12 @@ def to_litert(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
         SIGNATURE: holder.serve.get_concrete_function()})
     converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[SIGNATURE])
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    data = converter.convert()
+    try:
+      data = converter.convert()
+    except Exception as e:  # ConverterError and MLIR failures: one line, not a dump
+      first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise ValueError(f"{model_dir}: LiteRT cannot convert this model: "
+                       f"{first_line}") from e
 
   def write(tmp: str) -> None:
     with open(tmp, "wb") as f:

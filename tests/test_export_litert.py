@@ -105,8 +105,9 @@ def test_integer_fit_geometry_equals_float64_fit():
   for h, w in pairs:
     want = preprocess.fit_geometry(h, w, size)  # the float64 NumPy original
     got = {k: int(v) for k, v in fit(tf.constant(h), tf.constant(w)).items()}
-    assert got == {"resized_height": want.resized_height, "resized_width": want.resized_width,
-                   "pad_top": want.pad_top, "pad_left": want.pad_left}, (h, w)
+    assert got == {"resized_height": want.resized_height,
+                   "resized_width": want.resized_width, "pad_top": want.pad_top,
+                   "pad_left": want.pad_left}, (h, w)
 
 
 def test_integer_percentile_ranks_equal_numpy():

@@ -22,13 +22,16 @@ setuptools.setup(
                              "SimpleITK>=2.2",  # so CI runs tests/test_dicom.py
                              "apache-beam>=2.60",  # and tests/test_beam_convert.py
                              # and tests/test_export_onnx.py
-                             "tf2onnx>=1.17", "onnxruntime>=1.17"],
+                             "tf2onnx>=1.17", "onnxruntime>=1.17",
+                             "ai-edge-litert>=2.0"],  # and tests/test_export_litert.py
                     # DICOM series input of spine-predict (data_prep/dicom.py)
                     "dicom": ["SimpleITK>=2.2"],
                     # spine-convert --runner: the converter on Beam (data_prep/beam_convert.py)
                     "beam": ["apache-beam>=2.60"],
                     # spine-export --onnx (export/portable.py); onnxruntime runs model.onnx
-                    "onnx": ["tf2onnx>=1.17", "onnxruntime>=1.17"]},
+                    "onnx": ["tf2onnx>=1.17", "onnxruntime>=1.17"],
+                    # spine-export --litert (export/portable.py); its interpreter runs it
+                    "litert": ["ai-edge-litert>=2.0"]},
     # The ONE list of binaries: tools/bazel/gen_build.py reads it (with `ast`) for BUILD's
     # py_binary targets, so keep it a literal.
     entry_points={

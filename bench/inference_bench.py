@@ -14,8 +14,8 @@ it with spine-export's library, then measures on the same batches of raw 256x256
   4. the same volume with spine-predict's options: --save_probabilities, an ensemble of
      2 models, --postprocess (seconds and the ratio to the plain prediction);
   5. slices/s of the same export as model.onnx in ONNX Runtime (export/portable.py; when
-     the ".[onnx]" extra is installed). No LiteRT row: ai-edge-litert cannot run this
-     graph (README "Serving beyond TensorFlow").
+     the ".[onnx]" extra is installed), and as model.tflite in LiteRT's interpreter (its
+     float32 twin, `portable.to_litert`; when the ".[litert]" extra is installed).
 Weights do not change the cost, so an untrained model measures the real one.
 
   .venv/bin/python bench/inference_bench.py                  # ~1-2 minutes on 2 cores
@@ -109,6 +109,17 @@ def main(argv):
         lambda b: session.run(None, {"images": b}), [b[..., None] for b in raw])
   else:
     onnx_skipped = 'ONNX Runtime: skipped, not installed (pip install -e ".[onnx]")'
+  litert_skipped = None
+  if importlib.util.find_spec("ai_edge_litert") is not None:  # ".[litert]"
+    from ai_edge_litert import interpreter  # pylint: disable=g-import-not-at-top
+    from export import portable  # pylint: disable=g-import-not-at-top
+    runner = interpreter.Interpreter(
+        model_path=str(portable.to_litert(model_dir, export_dir))).get_signature_runner(
+            portable.SIGNATURE)
+    rates["LiteRT model.tflite (raw pixels in)"] = _rate(
+        lambda b: runner(images=b), [b[..., None] for b in raw])
+  else:
+    litert_skipped = 'LiteRT: skipped, not installed (pip install -e ".[litert]")'
 
   volume = rng.gamma(2.0, 100.0, (size, size, _VOLUME_SLICES.value)).astype(np.float32)
   vol_dir = work / "volumes"
@@ -165,6 +176,8 @@ def main(argv):
     print(f"| {name} | {r:.2f} | {r / base:.2f} | {r / rates[saved_name]:.2f} |")
   if onnx_skipped:
     print(f"| {onnx_skipped} | | | |")
+  if litert_skipped:
+    print(f"| {litert_skipped} | | | |")
   print("\n| volume via spine-predict | s/volume | s/slice |")
   print("| --- | ---: | ---: |")
   print(f"| NIfTI, {_VOLUME_SLICES.value} slices of {size}x{size}, scanner order | "

@@ -31,6 +31,9 @@ away anatomy as background.
 """
 from __future__ import annotations
 
+import fractions
+import math
+
 import numpy as np
 import tensorflow as tf
 
@@ -39,6 +42,9 @@ from data_prep import schema
 NORMALIZATIONS = ("percentile", "zscore", "divide255")
 PERCENTILES = (0.5, 99.5)
 _EPS = 1e-6
+# Longer sides up to which the integer fit (`tf_fit_geometry(..., float64=False)`) is
+# proven equal to the float64 one; beyond, an exact tie may round one pixel apart.
+FIT_EXACT_LIMIT = 16384
 
 
 # ----------------------------------------------------------------------------- NumPy
@@ -76,6 +82,33 @@ def fit_geometry(height: int, width: int, size: int) -> schema.Geometry:
   rh = min(size, max(1, int(round(height * scale))))
   rw = min(size, max(1, int(round(width * scale))))
   return schema.Geometry(height, width, rh, rw, (size - rh) // 2, (size - rw) // 2)
+
+
+def fit_rounding_exceptions(size: int, limit: int = FIT_EXACT_LIMIT) -> np.ndarray:
+  """Where `fit_geometry`'s float64 rounding differs from exact rational rounding.
+
+  `round(side * (size / longer))` in float64 and round-half-even of the exact fraction
+  side * size / longer agree except at some exact ties (the fraction is k + 1/2 and the
+  two float64 roundings move it off the tie). Only ties can differ, and a tie needs
+  2 * side * size to be a multiple of `longer`: at most 2 * size sides per longer side.
+
+  Returns:
+    int32 [K, 3]: (side, longer side, float64 result minus exact result) for every
+    differing pair with side <= longer side <= `limit`.
+  """
+  rows = []
+  for longer in range(1, limit + 1):
+    step = longer // math.gcd(2 * size, longer)  # sides with 2 * side * size % longer == 0
+    side = np.arange(step, longer + 1, step, dtype=np.int64)
+    twice = 2 * side * size // longer
+    side = side[twice % 2 == 1]  # exact ties k + 1/2
+    if side.size:
+      q = side * size // longer
+      exact = q + (q % 2)  # half to even
+      float64 = np.round(side * (size / longer)).astype(np.int64)
+      for s, d in zip(side[float64 != exact], (float64 - exact)[float64 != exact]):
+        rows.append((s, longer, d))
+  return np.asarray(rows, dtype=np.int32).reshape(-1, 3)
 
 
 def float32_spacing(spacing) -> tuple[float, float]:
@@ -207,7 +240,8 @@ def pad_value(method: str, offset: float, scale: float) -> float:
 
 # ------------------------------------------------------------------------ TensorFlow
 
-def tf_normalization_params(x: tf.Tensor, method: str, per_image: bool = True):
+def tf_normalization_params(x: tf.Tensor, method: str, per_image: bool = True, *,
+                            float64: bool = True):
   """TF twin of `normalization_params`.
 
   Args:
@@ -215,6 +249,9 @@ def tf_normalization_params(x: tf.Tensor, method: str, per_image: bool = True):
     method: one of NORMALIZATIONS (a Python string: it selects the graph).
     per_image: statistics per image (2D slices) when True, else over the whole batch
       (the slices of one volume).
+    float64: False builds no float64 op (LiteRT has no float64 kernels): the percentile
+      ranks are taken in integer arithmetic (same ranks; the interpolation weight within
+      a float32 rounding).
 
   Returns:
     (offset, scale): float32 tensors of shape [N, 1, 1, 1], broadcastable against x.
@@ -224,14 +261,20 @@ def tf_normalization_params(x: tf.Tensor, method: str, per_image: bool = True):
   flat = tf.reshape(x, [n, -1]) if per_image else tf.reshape(x, [1, -1])
   if method == "percentile":
     values = tf.sort(flat, axis=-1)
-    count = tf.cast(tf.shape(values)[-1], tf.float64)
+    count = tf.cast(tf.shape(values)[-1], tf.float64 if float64 else tf.float32)
 
     def pick(q):
       # NumPy's default "linear" percentile: interpolate between the two nearest ranks.
-      rank = q / 100.0 * (count - 1.0)
-      lo = tf.floor(rank)
-      frac = tf.cast(rank - lo, tf.float32)
-      lo_i = tf.cast(lo, tf.int32)
+      if float64:
+        rank = q / 100.0 * (count - 1.0)
+        lo = tf.floor(rank)
+        frac = tf.cast(rank - lo, tf.float32)
+        lo_i = tf.cast(lo, tf.int32)
+      else:  # rank = (count - 1) * num / den exactly; int32 up to 2**31 / den pixels
+        ratio = fractions.Fraction(str(q)) / 100
+        num = (tf.shape(values)[-1] - 1) * ratio.numerator
+        lo_i = num // ratio.denominator
+        frac = tf.cast(num % ratio.denominator, tf.float32) / float(ratio.denominator)
       hi_i = tf.minimum(lo_i + 1, tf.cast(count, tf.int32) - 1)
       v_lo = tf.gather(values, lo_i, axis=-1)
       v_hi = tf.gather(values, hi_i, axis=-1)
@@ -264,8 +307,29 @@ def tf_apply_normalization(x: tf.Tensor, method: str, offset: tf.Tensor,
   return y
 
 
-def tf_fit_geometry(height: tf.Tensor, width: tf.Tensor, size: int) -> dict[str, tf.Tensor]:
-  """TF twin of `fit_geometry` for scalar int32 height and width."""
+def tf_fit_geometry(height: tf.Tensor, width: tf.Tensor, size: int, *,
+                    float64: bool = True) -> dict[str, tf.Tensor]:
+  """TF twin of `fit_geometry` for scalar int32 height and width.
+
+  float64=False builds it in int32 (for LiteRT, which has no float64 kernels): exact
+  rational rounding plus the table of `fit_rounding_exceptions`, so equal to `fit_geometry`
+  for longer sides up to FIT_EXACT_LIMIT and sides up to 2**31 / size.
+  """
+  if not float64:
+    height, width = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
+    longer = tf.maximum(height, width)
+    table = tf.constant(fit_rounding_exceptions(size), tf.int32)
+
+    def fitted(side):
+      q, r = side * size // longer, side * size % longer
+      up = (2 * r > longer) | ((2 * r == longer) & (q % 2 == 1))
+      hit = (table[:, 0] == side) & (table[:, 1] == longer)
+      fix = tf.reduce_sum(tf.where(hit, table[:, 2], tf.zeros_like(table[:, 2])))
+      return tf.clip_by_value(q + tf.cast(up, tf.int32) + fix, 1, size)
+
+    rh, rw = fitted(height), fitted(width)
+    return {"resized_height": rh, "resized_width": rw,
+            "pad_top": (size - rh) // 2, "pad_left": (size - rw) // 2}
   h = tf.cast(height, tf.float64)
   w = tf.cast(width, tf.float64)
   scale = size / tf.maximum(h, w)
@@ -310,12 +374,14 @@ def tf_spacing_geometry(height: tf.Tensor, width: tf.Tensor, spacing: tf.Tensor 
 
 
 def tf_fit_images(images: tf.Tensor, geometry: dict[str, tf.Tensor], size: int,
-                  pad_values: tf.Tensor) -> tf.Tensor:
+                  pad_values: tf.Tensor, *, reshape: bool = False) -> tf.Tensor:
   """TF twin of `fit_image` for a batch [N, H, W, 1] sharing one geometry.
 
   `pad_values` is [N, 1, 1, 1] (per-image pad value). The canvas is size x size, or
   geometry's "canvas_height" x "canvas_width" when present (then not a static shape).
-  Negative pads crop, as in `fit_image`.
+  Negative pads crop, as in `fit_image`. `reshape`: give the canvas its static shape
+  (channels included: LiteRT's convolutions need them) with a Reshape instead of
+  EnsureShape, which LiteRT lacks.
   """
   rh, rw = geometry["resized_height"], geometry["resized_width"]
   top, left = geometry["pad_top"], geometry["pad_left"]
@@ -333,6 +399,8 @@ def tf_fit_images(images: tf.Tensor, geometry: dict[str, tf.Tensor], size: int,
   # Pad with zeros, then add the pad value outside the image: one fused op, any dtype.
   padded = tf.pad(resized - pad_values, [[0, 0], [top, bottom], [left, right], [0, 0]])
   out = padded + pad_values
+  if reshape and images.shape[-1] is not None:
+    return tf.reshape(out, [-1, ch, cw, images.shape[-1]])
   if "canvas_height" in geometry:
     return out
   return tf.ensure_shape(out, [None, size, size, None])

@@ -2,11 +2,13 @@
 
   spine-export --model_dir=runs/seed --export_dir=models/spineseg/1
   spine-export --model_dir=runs/seed --export_dir=models/spineseg/1 --onnx  # + model.onnx
+  spine-export --model_dir=runs/seed --export_dir=models/spineseg/1 --litert  # + .tflite
 
 `--export_dir` is a numbered version folder (TF Serving's layout: base path / version).
 The SavedModel needs only TensorFlow to load; see `export/serving.py` for its signatures.
 `--onnx` also writes `model.onnx` (its `serving_default`, for ONNX Runtime) into the
-version folder; see `export/portable.py`.
+version folder; see `export/portable.py`. `--litert` also writes `model.tflite` (the same
+signature rebuilt without float64 ops, for LiteRT), there too.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ _OVERWRITE = flags.DEFINE_bool(
 _ONNX = flags.DEFINE_bool(
     "onnx", False, help="Also write model.onnx (the serving_default signature, converted "
     'by tf2onnx) into --export_dir; needs pip install -e ".[onnx]".')
+_LITERT = flags.DEFINE_bool(
+    "litert", False, help="Also write model.tflite (the serving_default signature for "
+    "LiteRT, builtin ops only) into --export_dir; needs pip install -e \".[litert]\".")
 
 
 def main(argv):
@@ -42,14 +47,18 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # SavedModel writing logs every step at INFO
   # Imported here so that --help and flag errors do not pay for loading TensorFlow.
   from export import portable  # pylint: disable=g-import-not-at-top
-  onnx = None
+  onnx = litert = None
   try:
     if _ONNX.value:
       portable.require_onnx()  # before the export: a missing extra costs nothing
+    if _LITERT.value:
+      portable.require_litert()
     from export import serving  # pylint: disable=g-import-not-at-top
     out = serving.export(_MODEL_DIR.value, _EXPORT_DIR.value, overwrite=_OVERWRITE.value)
     if _ONNX.value:
       onnx = portable.to_onnx(out, overwrite=_OVERWRITE.value)
+    if _LITERT.value:
+      litert = portable.to_litert(_MODEL_DIR.value, out, overwrite=_OVERWRITE.value)
   # Ours name the path; raw OS errors get it added.
   except (OSError, ValueError, portable.MissingExtraError) as e:
     if isinstance(e, OSError) and e.strerror:
@@ -62,6 +71,8 @@ def main(argv):
         f"{', '.join(serving.SIGNATURES)})")
   if onnx is not None:
     print(f"spine-export: wrote {onnx} (serving_default: images -> probabilities, mask)")
+  if litert is not None:
+    print(f"spine-export: wrote {litert} (serving_default: images -> probabilities, mask)")
 
 
 def run():

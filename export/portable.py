@@ -1,4 +1,4 @@
-"""The exported model for runtimes other than TensorFlow: ONNX (tf2onnx).
+"""The exported model for runtimes other than TensorFlow: ONNX (tf2onnx) and LiteRT.
 
 `to_onnx` converts the SavedModel's `serving_default` signature (raw float32 slices in,
 preprocessing in the graph) into `model.onnx` beside it, in the export folder:
@@ -10,13 +10,16 @@ preprocessing in the graph) into `model.onnx` beside it, in the export folder:
 the same contract as the SavedModel's signature (see export/serving.py); statistics are
 per image. The converter is an optional extra: `pip install -e ".[onnx]"`.
 
-LiteRT is not offered: see README "Serving beyond TensorFlow" for the measured reason.
+`to_litert` writes `model.tflite` with the same contract (LiteRT signature
+`serving_default`), rebuilt from the model directory without float64 ops; see its
+docstring and README "Serving beyond TensorFlow". Extra: `pip install -e ".[litert]"`.
 """
 from __future__ import annotations
 
 import logging
 import os
 import pathlib
+import tempfile
 
 from data_prep import fileio
 
@@ -103,6 +106,102 @@ def to_onnx(export_dir: str | os.PathLike, *,
     for dim, name in zip(value.type.tensor_type.shape.dim, ("N", "H", "W")):
       dim.dim_param = name  # tf2onnx names them unk__NNN
   data = proto.SerializeToString()
+
+  def write(tmp: str) -> None:
+    with open(tmp, "wb") as f:
+      f.write(data)
+
+  return fileio.atomic_write(out, write)
+
+
+LITERT_FILE = "model.tflite"
+
+
+def require_litert() -> None:
+  """Checks that ai-edge-litert (the ".[litert]" extra) can be imported.
+
+  Raises:
+    MissingExtraError: it cannot; one line naming the extra.
+  """
+  try:
+    import ai_edge_litert.interpreter  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise MissingExtraError(
+        f"LiteRT export needs ai-edge-litert, which is not installed ({e}); "
+        'pip install -e ".[litert]"') from e
+
+
+def litert_path(export_dir: str | os.PathLike) -> pathlib.Path:
+  """Where `to_litert` writes the LiteRT model of `export_dir`."""
+  return pathlib.Path(export_dir) / LITERT_FILE
+
+
+def to_litert(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
+              overwrite: bool = False) -> pathlib.Path:
+  """Writes `<export_dir>/model.tflite`: `serving_default` of `model_dir`, for LiteRT.
+
+  LiteRT's builtin kernels have no float64 arithmetic and the Python interpreters link
+  no Flex (TF Select) delegate, so the SavedModel's graph cannot be converted as it is.
+  This one is rebuilt from `model_dir` with `SegmentationModule(..., float64=False)`:
+  the same preprocessing and weights, integer geometry and percentile ranks (equal to
+  the float64 ones), float32 group statistics summed in stages (probabilities within
+  5e-5 of the SavedModel for a trained spine2d model, README). Builtin ops only; inputs
+  and outputs as the ONNX model (any H and W: resize the input tensor, or call the
+  signature runner).
+
+  Args:
+    model_dir: the trained model directory `export_dir` was exported from.
+    export_dir: a spine-export version folder.
+    overwrite: replace an existing model.tflite.
+
+  Returns:
+    The path of model.tflite.
+
+  Raises:
+    MissingExtraError: ai-edge-litert is not installed.
+    FileExistsError: model.tflite exists and `overwrite` is False.
+    FileNotFoundError, ValueError: see `serving.load_model_dir`; ValueError also when
+      the converter refuses the graph (its first line).
+  """
+  require_litert()
+  out = litert_path(export_dir)
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"{out}: exists; pass --overwrite to replace it")
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from tensorflow.python.framework import convert_to_constants
+  from export import serving
+  # pylint: enable=g-import-not-at-top
+  model, manifest = serving.load_model_dir(model_dir)
+  module = serving.SegmentationModule(
+      model, image_size=int(manifest["image_size"]),
+      norm_method=manifest["normalization"]["method"],
+      num_classes=int(manifest["num_classes"]),
+      target_spacing_mm=manifest.get("target_spacing_mm"), float64=False)
+  # Weights frozen into constants first: left as resource variables, the converter keeps
+  # VAR_HANDLE/READ_VARIABLE ops that LiteRT's interpreter leaves uninitialized (NaN
+  # probabilities, measured). tf2onnx freezes with the same TF function.
+  serve = module.serve_float32.get_concrete_function()
+  frozen = convert_to_constants.convert_variables_to_constants_v2(serve)
+  holder = tf.Module()
+  # The frozen function returns a flat list; give back the names of the outputs.
+  holder.serve = tf.function(
+      lambda images: tf.nest.pack_sequence_as(serve.structured_outputs,
+                                              tf.nest.flatten(frozen(images))),
+      input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name="images")])
+  # Through a SavedModel of that one signature: the .tflite then has a signature runner
+  # with the names images -> probabilities, mask (from_concrete_functions loses them).
+  with tempfile.TemporaryDirectory(prefix=".litert-") as tmp:
+    tf.saved_model.save(holder, tmp, signatures={
+        SIGNATURE: holder.serve.get_concrete_function()})
+    converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[SIGNATURE])
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    try:
+      data = converter.convert()
+    except Exception as e:  # ConverterError and MLIR failures: one line, not a dump
+      first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise ValueError(f"{model_dir}: LiteRT cannot convert this model: "
+                       f"{first_line}") from e
 
   def write(tmp: str) -> None:
     with open(tmp, "wb") as f:

@@ -77,11 +77,14 @@ class SegmentationModule(tf.Module):
   """Keras segmentation model plus its preprocessing, with serving signatures."""
 
   def __init__(self, model: keras.Model, *, image_size: int, norm_method: str,
-               num_classes: int = 3, target_spacing_mm: float | None = None):
+               num_classes: int = 3, target_spacing_mm: float | None = None,
+               float64: bool = True):
     """Wraps `model` (float logits [N,S,S,num_classes] from [N,S,S,1]).
 
     `target_spacing_mm`: mm per pixel the model was trained at (dataset.json), or None
-    (slices fitted by their longer side).
+    (slices fitted by their longer side). `float64=False` builds graphs without float64
+    ops, for LiteRT (export/portable.py): float32 group statistics summed in stages,
+    integer geometry and percentile ranks; only `serve_float32` is meant for it.
 
     Raises:
       ValueError: for an unknown normalization method, a bad image size or spacing.
@@ -93,7 +96,8 @@ class SegmentationModule(tf.Module):
     if int(image_size) < 1:
       raise ValueError(f"image_size must be positive, found {image_size}")
     # Exact group statistics on big canvases, in TF and in converted graphs alike.
-    self.model = stable_norm.with_stable_statistics(model)
+    self.model = stable_norm.with_stable_statistics(model, float64=float64)
+    self._float64 = bool(float64)
     self._size = int(image_size)
     self._method = norm_method
     self._classes = int(num_classes)
@@ -132,13 +136,15 @@ class SegmentationModule(tf.Module):
     used only by such a model; None means the pixels are already at its target spacing.
     """
     x = tf.cast(images, tf.float32)
-    offset, scale = preprocess.tf_normalization_params(x, self._method, per_image)
+    offset, scale = preprocess.tf_normalization_params(x, self._method, per_image,
+                                                       float64=self._float64)
     normalized = preprocess.tf_apply_normalization(x, self._method, offset, scale)
     # Padding holds the normalized value of a raw 0 (air), as in the converter.
     pad = preprocess.tf_apply_normalization(tf.zeros_like(offset), self._method, offset,
                                             scale)
     if self._target is None:
-      geometry = preprocess.tf_fit_geometry(tf.shape(x)[1], tf.shape(x)[2], self._size)
+      geometry = preprocess.tf_fit_geometry(tf.shape(x)[1], tf.shape(x)[2], self._size,
+                                            float64=self._float64)
     else:
       if spacing is not None:
         spacing = tf.convert_to_tensor(spacing, tf.float32)
@@ -147,7 +153,8 @@ class SegmentationModule(tf.Module):
             spacing, message="spacing must hold two positive mm values (row, column)")
       geometry = preprocess.tf_spacing_geometry(tf.shape(x)[1], tf.shape(x)[2], spacing,
                                                 self._target, self._size, grow=True)
-    return preprocess.tf_fit_images(normalized, geometry, self._size, pad), geometry
+    return preprocess.tf_fit_images(normalized, geometry, self._size, pad,
+                                    reshape=not self._float64), geometry
 
   def _segment(self, images: tf.Tensor, per_image: bool = True,
                chunked: bool = False, spacing: tf.Tensor | None = None

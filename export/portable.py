@@ -131,13 +131,13 @@ def require_litert() -> None:
         'pip install -e ".[litert]"') from e
 
 
-def litert_path(export_dir: str | os.PathLike) -> pathlib.Path:
-  """Where `to_litert` writes the LiteRT model of `export_dir`."""
-  return pathlib.Path(export_dir) / LITERT_FILE
+def litert_path(export_dir: str | os.PathLike) -> "pathlib.Path | fileio.RemotePath":
+  """Where `to_litert` writes the LiteRT model of `export_dir` (a local path or a URL)."""
+  return fileio.path(export_dir) / LITERT_FILE
 
 
 def to_litert(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
-              overwrite: bool = False) -> pathlib.Path:
+              overwrite: bool = False) -> "pathlib.Path | fileio.RemotePath":
   """Writes `<export_dir>/model.tflite`: `serving_default` of `model_dir`, for LiteRT.
 
   LiteRT's builtin kernels have no float64 arithmetic and the Python interpreters link

@@ -60,7 +60,7 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   from data_prep import manifest, preprocess, schema  # pylint: disable=g-import-not-at-top
-  from export import inference, predict_lib, predict_report, serving  # pylint: disable=g-import-not-at-top
+  from export import inference, predict_lib, predict_report, serving, stable_norm  # pylint: disable=g-import-not-at-top
   from trainer import unet  # pylint: disable=g-import-not-at-top
 
   size, bs = _IMAGE_SIZE.value, _BATCH_SIZE.value
@@ -98,6 +98,9 @@ def main(argv):
       "Keras model(x) eager (preprocessed in)": _rate(
           lambda b: model(b, training=False), squares),
       "Keras predict_on_batch (preprocessed in)": _rate(model.predict_on_batch, squares),
+      # What the export's float64 group statistics cost against Keras' float32 ones.
+      "Keras predict_on_batch, float64 group statistics": _rate(
+          stable_norm.with_stable_statistics(model).predict_on_batch, squares),
   }
   onnx_skipped = None
   if all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnxruntime")):  # ".[onnx]"

@@ -195,3 +195,42 @@ def test_a_failure_inside_the_pipeline_is_one_line_and_leaves_nothing(tmp_path, 
   assert str(e.value) == (f"{out}: cannot write the shards: No space left on device (the "
                           "disk is full) [while running 'WriteShards']")
   assert not out.exists()
+
+
+def test_beam_reads_and_writes_tf_io_gfile_urls(monkeypatch, tmp_path):
+  """Sources and output on `ram://` (tf.io.gfile), Beam in memory: the local bytes.
+
+  The in-memory DirectRunner runs its workers in this process, the one `ram://` file
+  system they can share; a stray local path would land under the empty working folder.
+  """
+  pytest.importorskip("apache_beam")
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from data_prep import fileio  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  root = f"ram://beam-gfile-{os.getpid()}"
+  phantom.write_2d_dataset(f"{root}/src", 3, seed=5)
+  out = f"{root}/out"
+  common = dict(image_size=SIZE, progress=False, examples_per_shard=2)
+
+  def files():
+    return {name: tf.io.gfile.GFile(f"{out}/{name}", "rb").read()
+            for name in sorted(tf.io.gfile.listdir(out))}
+
+  try:
+    writer.convert_dataset(f"{root}/src/images", f"{root}/src/masks", out,
+                           runner="DirectRunner",
+                           beam_args=["--direct_running_mode=in_memory", *NO_PRISM],
+                           **common)
+    beam = files()
+    fileio.remove_tree(out)
+    writer.convert_dataset(f"{root}/src/images", f"{root}/src/masks", out,
+                           num_workers=1, **common)
+    local = files()
+  finally:
+    if tf.io.gfile.exists(root):
+      tf.io.gfile.rmtree(root)
+  assert sorted(beam) == sorted(local) and schema.MANIFEST_NAME in local
+  assert len(local) >= 3  # dataset.json and shards of 2 examples
+  for name in local:
+    assert beam[name] == local[name], name
+  assert not list(tmp_path.iterdir())  # nothing went to a local "ram:" folder

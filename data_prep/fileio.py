@@ -81,7 +81,9 @@ class RemotePath:
 
   def __init__(self, url: str):
     scheme, _, rest = url.partition("://")
-    rest = "/".join(part for part in rest.split("/") if part)
+    # Empty parts go ("a//b" is "a/b"), but not a leading "/": file:///abs/path.
+    rest = ("/" if rest.startswith("/") else "") + "/".join(
+        part for part in rest.split("/") if part)
     self._scheme, self._rest = scheme, rest
     self._url = f"{scheme}://{rest}"
 

@@ -16,6 +16,7 @@ docstring and README "Serving beyond TensorFlow". Extra: `pip install -e ".[lite
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pathlib
@@ -36,18 +37,24 @@ class MissingExtraError(ImportError):
     return str(self.args[0])
 
 
+def _require(module: str, what: str, package: str, extra: str) -> None:
+  """Imports `module`, or raises MissingExtraError: one line naming the pip extra."""
+  try:
+    for name in (module.partition(".")[0], module):  # the package, then its module
+      importlib.import_module(name)
+  except ImportError as e:
+    raise MissingExtraError(
+        f"{what} export needs {package}, which is not installed ({e}); "
+        f'pip install -e ".[{extra}]"') from e
+
+
 def require_onnx() -> None:
   """Checks that tf2onnx (the ".[onnx]" extra) can be imported.
 
   Raises:
     MissingExtraError: it cannot; one line naming the extra.
   """
-  try:
-    import tf2onnx  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError as e:
-    raise MissingExtraError(
-        f"ONNX export needs tf2onnx, which is not installed ({e}); "
-        'pip install -e ".[onnx]"') from e
+  _require("tf2onnx", "ONNX", "tf2onnx", "onnx")
 
 
 def onnx_path(export_dir: str | os.PathLike) -> "pathlib.Path | fileio.RemotePath":
@@ -123,12 +130,7 @@ def require_litert() -> None:
   Raises:
     MissingExtraError: it cannot; one line naming the extra.
   """
-  try:
-    import ai_edge_litert.interpreter  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError as e:
-    raise MissingExtraError(
-        f"LiteRT export needs ai-edge-litert, which is not installed ({e}); "
-        'pip install -e ".[litert]"') from e
+  _require("ai_edge_litert.interpreter", "LiteRT", "ai-edge-litert", "litert")
 
 
 def litert_path(export_dir: str | os.PathLike) -> "pathlib.Path | fileio.RemotePath":

@@ -9,7 +9,10 @@ ground truth computed from the input, independently of the model.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -99,3 +102,38 @@ def export_and_load(model_dir: pathlib.Path, export_dir: pathlib.Path):
   loaded = inference.load_saved_model(export_dir)
   loaded.path = export_dir
   return loaded
+
+
+# Side of the square of `export_portable`'s model: each group statistic then sums ~260k
+# values, as on the real 384 px canvases of the spine2d models (where Keras' float32 sums
+# went wrong; see export/stable_norm.py).
+PORTABLE_SIZE = 512
+
+
+def export_portable(root: pathlib.Path, flag: str) -> tuple[pathlib.Path, pathlib.Path]:
+  """An untrained group-norm U-Net exported by the spine-export CLI with `flag`.
+
+  Args:
+    root: an empty folder; gets `model/` (best.keras, dataset.json) and `export/1/`.
+    flag: "--onnx" or "--litert": the portable model written beside the SavedModel.
+
+  Returns:
+    (model dir, export dir).
+  """
+  model_dir = root / "model"
+  model_dir.mkdir()
+  keras.utils.set_random_seed(0)
+  unet.build_unet(base_filters=8, depth=2, norm="group").save(model_dir / "best.keras")
+  manifest.write_json_atomic(model_dir / schema.MANIFEST_NAME, manifest.make(
+      image_size=PORTABLE_SIZE, normalization="percentile", per="image",
+      compression="none", splits={}))
+  export_dir = root / "export" / "1"
+  proc = subprocess.run(
+      [sys.executable, "-m", "export.export_saved_model", f"--model_dir={model_dir}",
+       f"--export_dir={export_dir}", flag], cwd=pathlib.Path(__file__).resolve().parents[1],
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  name = {"--onnx": "model.onnx", "--litert": "model.tflite"}[flag]
+  assert f"wrote {export_dir / name}" in proc.stdout, proc.stdout
+  return model_dir, export_dir

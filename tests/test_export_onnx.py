@@ -19,20 +19,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_prep import manifest
+import export_testlib
 from data_prep import phantom
-from data_prep import schema
 from export import inference
 from export import portable
 from export import stable_norm
-from trainer import unet
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("tf2onnx")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-SIZE = 512
 PROB_TOL = 1e-4  # the issue's bound; measured < 5e-6
 MASK_AGREEMENT = 0.999
 
@@ -40,21 +37,8 @@ MASK_AGREEMENT = 0.999
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
   """(export folder with model.onnx written by the CLI, loaded SavedModel, ORT session)."""
-  root = tmp_path_factory.mktemp("onnx")
-  model_dir = root / "model"
-  model_dir.mkdir()
-  keras.utils.set_random_seed(0)
-  unet.build_unet(base_filters=8, depth=2, norm="group").save(model_dir / "best.keras")
-  manifest.write_json_atomic(model_dir / schema.MANIFEST_NAME, manifest.make(
-      image_size=SIZE, normalization="percentile", per="image", compression="none",
-      splits={}))
-  export_dir = root / "export" / "1"
-  proc = subprocess.run(
-      [sys.executable, "-m", "export.export_saved_model", f"--model_dir={model_dir}",
-       f"--export_dir={export_dir}", "--onnx"], cwd=REPO, env=ENV, capture_output=True,
-      text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f"wrote {export_dir / 'model.onnx'}" in proc.stdout
+  model_dir, export_dir = export_testlib.export_portable(
+      tmp_path_factory.mktemp("onnx"), "--onnx")
   session = ort.InferenceSession(str(export_dir / "model.onnx"),
                                  providers=["CPUExecutionProvider"])
   return export_dir, inference.load_saved_model(export_dir), session

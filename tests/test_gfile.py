@@ -147,6 +147,16 @@ def test_path_keeps_urls_whole():
   assert str(p.resolve()) == str(p) and fileio.is_remote(p) and not fileio.is_remote("a/b")
   assert isinstance(fileio.path("rel/x"), pathlib.Path)
   assert str(pathlib.Path("ram://a/b")) == "ram:/a/b"  # the trap `path` avoids
+  local = fileio.path("file:///tmp//x/y.json")  # an absolute path after the scheme
+  assert (str(local), str(local.parent), local.name) == (
+      "file:///tmp/x/y.json", "file:///tmp/x", "y.json")
+
+
+def test_file_urls_reach_the_local_disk(tmp_path):
+  url = f"file://{tmp_path}/sub/out.json"
+  fileio.path(url).parent.mkdir(parents=True, exist_ok=True)
+  fileio.write_json_atomic(url, {"a": 1})
+  assert json.loads((tmp_path / "sub" / "out.json").read_text()) == {"a": 1}
 
 
 def test_atomic_write_rename_listing_and_remove(root):

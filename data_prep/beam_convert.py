@@ -1,7 +1,7 @@
 """spine-convert as an Apache Beam pipeline: the same shards and manifest, Beam's workers.
 
 `writer.convert_dataset(..., runner=...)` (`spine-convert --runner=DirectRunner -- ...`)
-hands two jobs to Beam: the per-case work (`writer._work`, i.e. `slices.process_case`:
+hands two jobs to Beam: the per-case work (`shards.work`, i.e. `slices.process_case`:
 read, check, slice, normalize, serialize) and the writing of the staged shards. All the
 rest stays in the launching process and in `writer`: pairing and splitting, the checks
 and the lock of the output folder, its temporary folder, the manifest (`_Accumulator`)
@@ -15,7 +15,7 @@ and the atomic publish.
                                           path -> one TFRecord file per shard
 
 Byte-identical to the local converter by construction: the layout deals each split's
-examples to shards with `writer._ShardSet.add` over the cases in case order, exactly as a
+examples to shards with `shards.ShardSet.add` over the cases in case order, exactly as a
 local run does, and each shard's examples are written in (case, slice) order; neither the
 number of workers nor the order in which they finish changes a byte. The launcher then
 replays the summaries, in case order, through the local loop (checks, statistics, skip
@@ -34,9 +34,7 @@ import apache_beam as beam
 from apache_beam.options import pipeline_options as options_lib
 from apache_beam.runners import runner as runner_lib
 
-from data_prep import fileio, schema, slices, writer
-
-# pylint: disable=protected-access  # writer's second engine shares its case and shard code
+from data_prep import fileio, schema, shards, slices
 
 _CASES_FILE = "cases.json"  # in the temporary folder; never published
 
@@ -83,7 +81,7 @@ def pipeline_options(runner: str, beam_args: Sequence[str]) -> options_lib.Pipel
 
 def _process(indexed_task: tuple[int, tuple]) -> tuple[int, slices.CaseResult]:
   index, task = indexed_task
-  return index, writer._work(task)
+  return index, shards.work(task)
 
 
 def _summary(indexed: tuple[int, slices.CaseResult]) -> tuple[int, slices.CaseResult]:
@@ -103,9 +101,9 @@ def _layout(summaries: list, split_of_case: dict[str, str], tmp_dir: str,
   Returns:
     ({case index: (split, [shard index of each example])},
      {(split, shard index): (staged path, TFRecord options)} for every shard, empty
-     ones included, as `writer._ShardSet.finish` lists them).
+     ones included, as `shards.ShardSet.finish` lists them).
   """
-  shard_sets = {s: writer._ShardSet(fileio.path(tmp_dir), s, *shard_args, staged=True)
+  shard_sets = {s: shards.ShardSet(fileio.path(tmp_dir), s, *shard_args, staged=True)
                 for s in schema.SPLITS}
   layout = {}
   for index, result in _in_case_order(summaries):
@@ -125,8 +123,8 @@ def _save(summaries: list, path: str) -> None:
 def _keyed_examples(indexed: tuple[int, slices.CaseResult],
                     plan: tuple[dict, dict]) -> Iterator[tuple[tuple, tuple]]:
   index, result = indexed
-  split, shards = plan[0][index]
-  for k, ((_, serialized), shard) in enumerate(zip(result.examples, shards)):
+  split, shard_of_example = plan[0][index]
+  for k, ((_, serialized), shard) in enumerate(zip(result.examples, shard_of_example)):
     yield (split, shard), (index, k, serialized)
 
 
@@ -139,7 +137,7 @@ def _write_shard(keyed: tuple[tuple, dict[str, Any]], output_dir: str) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   _, grouped = keyed
   (path, options), = grouped["target"]
-  with writer._output_errors("write the shards", output_dir):
+  with shards.output_errors("write the shards", output_dir):
     shard = tf.io.TFRecordWriter(path, options)
     for _, _, serialized in sorted(grouped["examples"], key=lambda e: e[:2]):
       shard.write(serialized)
@@ -158,15 +156,15 @@ def run(tasks: list, split_of_case: dict[str, str], tmp_dir: pathlib.Path,
   """Runs the pipeline; yields every case's result, without example bytes, in task order.
 
   Args:
-    tasks: `writer._work` arguments, in case order.
+    tasks: `shards.work` arguments, in case order.
     split_of_case: {case id: split}.
     tmp_dir: the run's temporary folder inside the output folder; the shards are staged
-      there under the names `writer._ShardSet` gives them.
+      there under the names `shards.ShardSet` gives them.
     options: from `pipeline_options`.
-    shard_args: (num_shards, examples_per_shard, compression) of `writer._ShardSet`.
+    shard_args: (num_shards, examples_per_shard, compression) of `shards.ShardSet`.
 
   Raises:
-    writer.ConversionError: the pipeline failed (the last line of Beam's error).
+    shards.ConversionError: the pipeline failed (the last line of Beam's error).
   """
   out, cases_path = str(tmp_dir.parent), str(tmp_dir / _CASES_FILE)
   pipeline = beam.Pipeline(options=options)
@@ -189,7 +187,7 @@ def run(tasks: list, split_of_case: dict[str, str], tmp_dir: pathlib.Path,
     pipeline.run().wait_until_finish()
   except Exception as e:  # pylint: disable=broad-except  # workers' errors come as text
     line = _last_line(e)  # Our own ConversionErrors already name the output folder.
-    raise writer.ConversionError(line if line.startswith(out) else
+    raise shards.ConversionError(line if line.startswith(out) else
                                  f"{out}: the Beam pipeline failed: {line}") from None
   with fileio.open_file(cases_path) as f:
     for fields in json.load(f):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import hashlib
 import math
 import multiprocessing
@@ -46,7 +45,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from data_prep import fileio
 from data_prep import manifest as manifest_lib
-from data_prep import preprocess, readers, schema, slices
+from data_prep import preprocess, readers, schema, shards, slices
+from data_prep.shards import ConversionError  # the converter's one error type
 
 DEFAULT_EXAMPLES_PER_SHARD = 512  # ~170 MB shards at 256 px: large reads, few files.
 COMPRESSIONS = ("none", "gzip")
@@ -57,40 +57,6 @@ _TMP_PREFIX = ".spine-convert-tmp-"
 _STALE_PATTERNS = (_TMP_PREFIX + "*", f".{schema.MANIFEST_NAME}.*.tmp")
 # How many unusable files an "every slice was pruned" error names before "and N more".
 _MAX_LISTED = 10
-
-
-class ConversionError(RuntimeError):
-  """A fatal problem with the inputs or the output directory; the message says what."""
-
-
-_ERRNO_HINTS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is exhausted",
-    errno.EROFS: "the file system is mounted read-only",
-}
-
-
-@contextlib.contextmanager
-def _output_errors(doing: str, where: os.PathLike | str) -> Iterator[None]:
-  """Turns OS and TensorFlow I/O errors on the output into one-line ConversionErrors.
-
-  Args:
-    doing: what was being done, e.g. "write the shards" ("cannot write the shards").
-    where: the path the message names: the output directory the user chose, not the
-      temporary file that failed (it is gone by the time the message is read).
-  """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  try:
-    yield
-  except OSError as e:
-    hint = _ERRNO_HINTS.get(e.errno)
-    detail = e.strerror or str(e)
-    raise ConversionError(f"{where}: cannot {doing}: {detail}"
-                          f"{f' ({hint})' if hint else ''}") from None
-  except tf.errors.OpError as e:  # TFRecordWriter reports disk errors this way
-    raise ConversionError(f"{where}: cannot {doing}: {e.message}") from None
-  except fileio.FolderBusy as e:
-    raise ConversionError(str(e)) from None
 
 
 def assign_splits(groups: Sequence[str], val_fraction: float, test_fraction: float,
@@ -124,84 +90,12 @@ def group_of(case_id: str, case_id_regex: Optional[str]) -> str:
   return m.group(1) if m.groups() else m.group(0)
 
 
-class _ShardSet:
-  """Writes one split's examples into temporary shard files, named only at the end.
-
-  `staged=True`: the files are written by someone else (the Beam pipeline,
-  `beam_convert`); `add` and `finish` then only deal examples to shards and count them,
-  by the very same rule, so both engines lay out the shards alike.
-  """
-
-  def __init__(self, tmp_dir: Optional[pathlib.Path], split: str,
-               num_shards: Optional[int], examples_per_shard: Optional[int],
-               compression: str, staged: bool = False):
-    self.tmp_dir, self.split, self.staged = tmp_dir, split, staged
-    self.num_shards, self.per_shard = num_shards, examples_per_shard
-    self.options = "GZIP" if compression == "gzip" else ""
-    self.counts: list[int] = [0] * (num_shards or 0)
-    self.writers: dict[int, Any] = {}
-    self.total = 0
-
-  def _writer(self, index: int):
-    import tensorflow as tf  # Only the parent writes; workers never touch TF I/O.
-    if index not in self.writers:
-      with _output_errors("write the shards", self._out()):
-        self.writers[index] = tf.io.TFRecordWriter(str(self._tmp(index)), self.options)
-    return self.writers[index]
-
-  def _out(self) -> Optional[pathlib.Path]:
-    """The output directory (errors name it, not the temporary folder removed after)."""
-    return None if self.tmp_dir is None else self.tmp_dir.parent
-
-  def _tmp(self, index: int) -> Optional[pathlib.Path]:
-    if self.tmp_dir is None:  # dry run
-      return None
-    return self.tmp_dir / f"{self.split}-{index:05d}.part"
-
-  def add(self, serialized: Optional[bytes]) -> int:
-    """Deals the next example to its shard (written unless staged); returns the index."""
-    if self.num_shards:  # Round robin: every shard gets a similar mix of cases.
-      index = self.total % self.num_shards
-    else:
-      index = self.total // self.per_shard
-      if index >= len(self.counts):
-        if index - 1 in self.writers and not self.staged:
-          with _output_errors("write the shards", self._out()):
-            self.writers.pop(index - 1).close()
-        self.counts.append(0)
-    self.counts[index] += 1
-    self.total += 1
-    if self.tmp_dir is not None and not self.staged:
-      writer = self._writer(index)
-      with _output_errors("write the shards", self._out()):
-        writer.write(serialized)
-    return index
-
-  def finish(self) -> list[tuple[pathlib.Path, str, int]]:
-    """Closes the files; returns (temporary path, final name, examples) per shard."""
-    if self.tmp_dir is not None and self.num_shards and not self.staged:
-      for index in range(self.num_shards):  # Empty shards still exist as empty files.
-        self._writer(index)
-    with _output_errors("write the shards", self._out()):
-      for w in self.writers.values():
-        w.close()
-    self.writers = {}
-    n = len(self.counts) if self.total else 0
-    return [(self._tmp(i), schema.shard_name(self.split, i, n), self.counts[i])
-            for i in range(n)]
-
-
 def _sha256(path: pathlib.Path) -> str:
   h = hashlib.sha256()
   with fileio.open_file(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
-
-
-def _work(args) -> slices.CaseResult:
-  image_path, mask_path, kwargs = args
-  return slices.process_case(image_path, mask_path, **kwargs)
 
 
 # A "spawn" worker is a fresh interpreter that imports TensorFlow (via schema/preprocess):
@@ -225,7 +119,7 @@ def _results(tasks: list, num_workers: int):
       if _WORKER_START_S <= 0 or (i > 0 and _pool_pays_off(
           (time.monotonic() - start) / i * (len(tasks) - i), num_workers)):
         break
-    yield _work(tasks[i])
+    yield shards.work(tasks[i])
     i += 1
   rest = iter(tasks[i:])
   if i == len(tasks):
@@ -234,14 +128,14 @@ def _results(tasks: list, num_workers: int):
   with ctx.Pool(min(num_workers, len(tasks) - i)) as pool:
     pending: collections.deque = collections.deque()
     for task in rest:
-      pending.append(pool.apply_async(_work, (task,)))
+      pending.append(pool.apply_async(shards.work, (task,)))
       if len(pending) >= 2 * num_workers:
         break
     while pending:
       result = pending.popleft().get()
       nxt = next(rest, None)
       if nxt is not None:
-        pending.append(pool.apply_async(_work, (nxt,)))
+        pending.append(pool.apply_async(shards.work, (nxt,)))
       yield result
 
 
@@ -513,7 +407,7 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
   lock = contextlib.nullcontext()
   try:
     if not dry_run:
-      with _output_errors("prepare the output directory", out):
+      with shards.output_errors("prepare the output directory", out):
         if out.is_dir():
           # Before the leftover clean-up: a live run's temporaries are not leftovers.
           lock = fileio.FolderLock(out, "spine-convert")
@@ -523,7 +417,7 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
           lock = fileio.FolderLock(out, "spine-convert")
           lock.__enter__()
         tmp_dir = fileio.make_temp_dir(out, _TMP_PREFIX)
-    shard_sets = {s: _ShardSet(tmp_dir, s, num_shards, examples_per_shard, compression,
+    shard_sets = {s: shards.ShardSet(tmp_dir, s, num_shards, examples_per_shard, compression,
                                staged=beam_engine is not None)
                   for s in schema.SPLITS}
     kwargs = dict(image_size=image_size, normalization=normalization,
@@ -553,16 +447,16 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
       raise ConversionError(_nothing_to_write(pairs, orphans, acc, required_labels))
     staged, split_info = [], {}
     for split, shard_set in shard_sets.items():
-      shards = []
+      entries = []
       for tmp, name, count in shard_set.finish():
         entry = {"file": name, "examples": count}
         if not dry_run:
-          with _output_errors("read back the shards", tmp):
+          with shards.output_errors("read back the shards", tmp):
             entry["sha256"] = _sha256(tmp)
           staged.append((tmp, name))
-        shards.append(entry)
+        entries.append(entry)
       split_info[split] = {"cases": acc.cases_per_split[split],
-                           "slices": shard_set.total, "shards": shards}
+                           "slices": shard_set.total, "shards": entries}
     flags = dict(images_dir=str(images_dir), masks_dir=str(masks_dir),
                  output_dir=str(output_dir), required_labels=required_labels,
                  annotated_labels=annotated_labels,
@@ -575,7 +469,7 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
     manifest = acc.manifest(flags, split_info, orphans, kinds.pop(), image_size,
                             normalization, compression)
     if not dry_run:
-      with _output_errors("write the dataset", out):
+      with shards.output_errors("write the dataset", out):
         _publish(out, tmp_dir, staged, manifest)
     finished = True
     return dict(manifest, dry_run=dry_run)

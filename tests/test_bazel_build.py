@@ -93,3 +93,27 @@ def test_build_binaries_equal_setup_console_scripts():
     module, func = spec.split(":")
     tree = ast.parse((REPO / (module.replace(".", "/") + ".py")).read_text())
     assert func in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, spec
+
+
+def test_module_imports_have_no_cycle():
+  """Bazel refuses a cycle of py_library deps ("cycle in dependency graph") before any test
+  runs; Python tolerates it when one import is lazy, so only this check sees it early."""
+  gen = _gen_build()
+  modules = gen.project_modules(REPO) + gen.helper_modules(REPO)
+  known = set(modules)
+  deps = {m: gen.imported(REPO / gen.path_of(m), known) - {m} for m in modules}
+  state = {}  # module -> "open" while on the current path, "done" when cleared
+
+  def visit(module, path):
+    state[module] = "open"
+    for dep in sorted(deps[module]):
+      if state.get(dep) == "open":
+        cycle = path[path.index(dep):] + [module, dep]
+        raise AssertionError("import cycle: " + " -> ".join(cycle))
+      if dep not in state:
+        visit(dep, path + [module])
+    state[module] = "done"
+
+  for module in modules:
+    if module not in state:
+      visit(module, [])

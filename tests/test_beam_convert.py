@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from data_prep import manifest, phantom, schema, writer
+from data_prep import manifest, phantom, schema, shards, writer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -183,7 +183,7 @@ def test_a_failure_inside_the_pipeline_is_one_line_and_leaves_nothing(tmp_path, 
   phantom.write_2d_dataset(src, 2, seed=0)
 
   def full_disk(keyed, output_dir):
-    with writer._output_errors("write the shards", output_dir):
+    with shards.output_errors("write the shards", output_dir):
       raise OSError(28, "No space left on device")
 
   monkeypatch.setattr(beam_convert, "_write_shard", full_disk)

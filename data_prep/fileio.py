@@ -372,6 +372,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> pathlib.Path:
   return atomic_write(path, write)
 
 
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> "pathlib.Path | RemotePath":
+  """Writes `data` with `atomic_write`."""
+  def write(tmp):
+    with open(tmp, "wb") as f:
+      f.write(data)
+  return atomic_write(path, write)
+
+
 def remove_stale_temporaries(folder: str | os.PathLike,
                              patterns: tuple[str, ...] = ()) -> list[pathlib.Path]:
   """Deletes leftovers of killed runs in `folder`: `TMP_PREFIX*` files plus `patterns`.

@@ -114,11 +114,7 @@ def to_onnx(export_dir: str | os.PathLike, *,
       dim.dim_param = name  # tf2onnx names them unk__NNN
   data = proto.SerializeToString()
 
-  def write(tmp: str) -> None:
-    with open(tmp, "wb") as f:
-      f.write(data)
-
-  return fileio.atomic_write(out, write)
+  return fileio.write_bytes_atomic(out, data)
 
 
 LITERT_FILE = "model.tflite"
@@ -205,8 +201,4 @@ def to_litert(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
       raise ValueError(f"{model_dir}: LiteRT cannot convert this model: "
                        f"{first_line}") from e
 
-  def write(tmp: str) -> None:
-    with open(tmp, "wb") as f:
-      f.write(data)
-
-  return fileio.atomic_write(out, write)
+  return fileio.write_bytes_atomic(out, data)

@@ -137,3 +137,27 @@ def export_portable(root: pathlib.Path, flag: str) -> tuple[pathlib.Path, pathli
   name = {"--onnx": "model.onnx", "--litert": "model.tflite"}[flag]
   assert f"wrote {export_dir / name}" in proc.stdout, proc.stdout
   return model_dir, export_dir
+
+
+def group_norm_case():
+  """A big flat group-norm input with an offset (as on a serving canvas), its layer in a
+  model, and the float64 NumPy reference output: where float32 single-pass sums lose
+  digits (Keras' own layer is 2.2e-4 off here).
+
+  Returns:
+    (x float32 [1, 384, 384, 4], keras model of one GroupNormalization, want float64).
+  """
+  rng = np.random.default_rng(0)
+  x = (rng.normal(0.3, 0.2, (1, 384, 384, 4)) + rng.random((1, 384, 384, 1))).astype(
+      np.float32)
+  layer = keras.layers.GroupNormalization(groups=2)
+  layer.build(x.shape)
+  layer.set_weights([rng.uniform(0.5, 1.5, 4).astype(np.float32),
+                     rng.normal(0, 0.1, 4).astype(np.float32)])
+  model = keras.Sequential([keras.Input((None, None, 4)), layer])
+  g = x.astype(np.float64).reshape(1, 384, 384, 2, 2)
+  mean = g.mean(axis=(1, 2, 4), keepdims=True)
+  var = g.var(axis=(1, 2, 4), keepdims=True)
+  gamma, beta = (w.astype(np.float64).reshape(2, 2) for w in layer.get_weights())
+  want = ((g - mean) / np.sqrt(var + layer.epsilon) * gamma + beta).reshape(x.shape)
+  return x, model, want

@@ -12,7 +12,6 @@ import pathlib
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -105,23 +104,11 @@ def test_integer_percentile_ranks_equal_numpy():
 
 
 def test_float32_group_norm_is_close_to_float64():
-  # A big flat group with an offset, as in test_export_onnx's float64 test. Measured
+  # export_testlib.group_norm_case: a big flat group with an offset. Measured
   # against float64: Keras' own single float32 reduction 2.2e-4, the staged sums 1.3e-6.
-  rng = np.random.default_rng(0)
-  x = (rng.normal(0.3, 0.2, (1, 384, 384, 4)) + rng.random((1, 384, 384, 1))).astype(
-      np.float32)
-  layer = keras.layers.GroupNormalization(groups=2)
-  layer.build(x.shape)
-  layer.set_weights([rng.uniform(0.5, 1.5, 4).astype(np.float32),
-                     rng.normal(0, 0.1, 4).astype(np.float32)])
-  model = keras.Sequential([keras.Input((None, None, 4)), layer])
+  x, model, want = export_testlib.group_norm_case()
   staged = stable_norm.with_stable_statistics(model, float64=False)
   assert isinstance(staged.layers[0], stable_norm.Float32GroupNormalization)
-  g = x.astype(np.float64).reshape(1, 384, 384, 2, 2)
-  mean = g.mean(axis=(1, 2, 4), keepdims=True)
-  var = g.var(axis=(1, 2, 4), keepdims=True)
-  gamma, beta = (w.astype(np.float64).reshape(2, 2) for w in layer.get_weights())
-  want = ((g - mean) / np.sqrt(var + layer.epsilon) * gamma + beta).reshape(x.shape)
   np.testing.assert_allclose(staged(x).numpy(), want, rtol=0, atol=1e-5)
 
 

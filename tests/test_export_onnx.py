@@ -114,21 +114,9 @@ def test_missing_tf2onnx_is_one_line_before_any_export(tmp_path, monkeypatch):
 def test_stable_group_norm_statistics_are_float64_exact():
   # A big flat group (as on a serving canvas) with an offset: float32 single-pass sums
   # lose digits there. Reference: the same formula in float64 NumPy.
-  rng = np.random.default_rng(0)
-  x = (rng.normal(0.3, 0.2, (1, 384, 384, 4)) + rng.random((1, 384, 384, 1))).astype(
-      np.float32)
-  layer = keras.layers.GroupNormalization(groups=2)
-  layer.build(x.shape)
-  layer.set_weights([rng.uniform(0.5, 1.5, 4).astype(np.float32),
-                     rng.normal(0, 0.1, 4).astype(np.float32)])
-  model = keras.Sequential([keras.Input((None, None, 4)), layer])
+  x, model, want = export_testlib.group_norm_case()
   stable = stable_norm.with_stable_statistics(model)
   assert isinstance(stable.layers[0], stable_norm.StableGroupNormalization)
-  g = x.astype(np.float64).reshape(1, 384, 384, 2, 2)
-  mean = g.mean(axis=(1, 2, 4), keepdims=True)
-  var = g.var(axis=(1, 2, 4), keepdims=True)
-  gamma, beta = (w.astype(np.float64).reshape(2, 2) for w in layer.get_weights())
-  want = ((g - mean) / np.sqrt(var + layer.epsilon) * gamma + beta).reshape(x.shape)
   np.testing.assert_allclose(stable(x).numpy(), want, rtol=0, atol=1e-5)
   # A model without group norm is served as it is.
   plain = keras.Sequential([keras.Input((None, None, 1)), keras.layers.Conv2D(2, 1)])

@@ -8,7 +8,9 @@ runs so any row can be reproduced by hand:
   spine-convert (once per dataset and conversion setting) -> spine-train -> spine-export
   -> spine-evaluate on spine2d's val split (disc, vertebra: the training scanners) and on
   two volumes of OTHER scanners never trained on: spine3d/ivd_11 (discs labelled only:
-  its disc Dice) and spine3d/vb2_05 (vertebral bodies only: its vertebra Dice).
+  its disc Dice) and spine3d/vb2_05 (vertebral bodies only: its vertebra Dice); each
+  volume once more with --within_labelled_levels (their masks label some levels only:
+  5 lumbar discs; vertebral bodies T11-L5), a diagnostic column beside the plain one.
 Data: ../shared/data (spine2d, spine3d, spine3d_extra; see its README). Without it the
 bench says so and exits 0.
 
@@ -198,12 +200,15 @@ def main(argv):
         run, minutes = _train(recipe, seed, data_dirs, work, epochs, model_flags, log)
       export = run / "export" / "1"
       scores = {}
+      ivd_args = [f"--images_dir={ivd / 'images'}", f"--masks_dir={ivd / 'masks'}"]
+      vb2_args = [f"--images_dir={vb2 / 'images'}", f"--masks_dir={vb2 / 'masks'}"]
+      within = (*recipe.evaluate_flags, "--within_labelled_levels")
       for name, args, extra in (
           ("val", [f"--data_dir={d2}", "--split=val"], ()),
-          ("ivd_11", [f"--images_dir={ivd / 'images'}", f"--masks_dir={ivd / 'masks'}"],
-           recipe.evaluate_flags),
-          ("vb2_05", [f"--images_dir={vb2 / 'images'}", f"--masks_dir={vb2 / 'masks'}"],
-           recipe.evaluate_flags)):
+          ("ivd_11", ivd_args, recipe.evaluate_flags),
+          ("vb2_05", vb2_args, recipe.evaluate_flags),
+          ("ivd_11_within", ivd_args, within),
+          ("vb2_05_within", vb2_args, within)):
         out = run / f"{name}.json"
         if name != "val":  # a converted split is scored as the trainer's validation
           extra = (*extra, *_EVAL_FLAGS.value.split())
@@ -213,7 +218,9 @@ def main(argv):
       rows.append((recipe, seed, _score(scores["val"], "dice_disc"),
                    _score(scores["val"], "dice_vertebra"),
                    _score(scores["ivd_11"], "dice_disc"),
-                   _score(scores["vb2_05"], "dice_vertebra"), minutes))
+                   _score(scores["vb2_05"], "dice_vertebra"),
+                   _score(scores["ivd_11_within"], "dice_disc"),
+                   _score(scores["vb2_05_within"], "dice_vertebra"), minutes))
 
   def fmt(v):
     return f"{v:.3f}" if isinstance(v, float) else str(v)
@@ -221,8 +228,9 @@ def main(argv):
   print(f"\n{size} px, {epochs} epochs {_TRAIN_FLAGS.value}"
         f"{' (quick smoke: figures mean nothing)' if quick else ''}; work dir {work}\n")
   print("| recipe | seed | spine2d val disc | spine2d val vertebra | ivd_11 disc | "
-        "vb2_05 vertebral body | train min |")
-  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        "vb2_05 vertebral body | ivd_11 within levels | vb2_05 within levels | "
+        "train min |")
+  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
   for recipe, seed, *values, minutes in rows:
     print(f"| {recipe.name}: {recipe.description} | {seed} | "
           + " | ".join(fmt(v) for v in values) + f" | {minutes:.1f} |")

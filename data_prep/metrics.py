@@ -106,6 +106,38 @@ def tf_counts(labels, predictions, num_classes: int = schema.NUM_CLASSES):
   return tf.stack([inter, predicted, true], axis=1)
 
 
+def within_labelled_levels(pred: np.ndarray, gt: np.ndarray,
+                            classes: Sequence[int] = schema.FOREGROUND) -> np.ndarray:
+  """`pred` with each class kept only within the levels its ground truth covers.
+
+  For each class c of `classes` present in `gt`, predictions of c in rows above the
+  first or below the last row holding c in `gt` (axis -2: image rows, superior ->
+  inferior, of a slice [H, W] or a display-order volume [S, H, W]) become background.
+  For ground truth labelled at some levels only (e.g. vertebral bodies T11-L5: a
+  predicted sacrum or T10 is unknown there, not wrong). A class absent from `gt` is
+  left as predicted (its Dice is ABSENT anyway).
+
+  Raises:
+    ValueError: if the shapes differ or the arrays have fewer than 2 axes.
+  """
+  pred, gt = np.asarray(pred), np.asarray(gt)
+  if pred.shape != gt.shape or gt.ndim < 2:
+    raise ValueError(f"prediction shape {pred.shape} and ground truth {gt.shape} must "
+                     "agree, with rows on axis -2")
+  out = pred.copy()
+  row_axes = tuple(a for a in range(gt.ndim) if a != gt.ndim - 2)
+  for c in classes:
+    rows = np.nonzero(np.any(gt == c, axis=row_axes))[0]
+    if rows.size == 0:
+      continue
+    outside = np.ones(gt.shape[-2], dtype=bool)
+    outside[rows[0]:rows[-1] + 1] = False
+    shape = [1] * gt.ndim
+    shape[-2] = gt.shape[-2]
+    out[(out == c) & outside.reshape(shape)] = 0
+  return out
+
+
 # -------------------------------------------------------------------------------- Dice
 
 def mean_present(values: Sequence[float | str]) -> float | str:

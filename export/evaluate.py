@@ -17,6 +17,10 @@ mode; on by default there, as in spine-predict, so the score is that of the mask
 spine-predict writes; --nopostprocess scores the raw argmax).
 
   spine-evaluate --saved_model=a/1,b/1 --images_dir=imgs --masks_dir=masks --postprocess
+
+--within_labelled_levels (folder mode): each class is scored only between the first and
+last rows its ground truth labels, for masks labelled at some levels only (a diagnostic
+of annotation protocols; data_prep.metrics.within_labelled_levels).
 """
 from __future__ import annotations
 
@@ -57,6 +61,12 @@ _POSTPROCESS = flags.DEFINE_bool(
     "scores the raw argmax): per class, connected components smaller than 10 percent of "
     "the class's largest become background. A converted split (--data_dir) is scored "
     "without it, as the trainer's validation does.")
+_WITHIN_LEVELS = flags.DEFINE_bool(
+    "within_labelled_levels", False, help="Score each class only between the first "
+    "and last image rows (superior -> inferior) its ground truth labels in a case; "
+    "predictions of it above or below become background (--images_dir only). For masks "
+    "labelled at some levels only, e.g. vertebral bodies T11-L5, where a predicted "
+    "sacrum is unknown, not wrong. A diagnostic: the default scores every pixel.")
 
 
 def _fail(message: str) -> None:
@@ -95,6 +105,8 @@ def main(argv):
   if _DATA_DIR.value and _TTA.value:
     raise app.UsageError("--tta applies to --images_dir only (a converted split is "
                          "scored in its stored squares, at the model's target spacing)")
+  if _DATA_DIR.value and _WITHIN_LEVELS.value:
+    raise app.UsageError("--within_labelled_levels applies to --images_dir only")
   if _DATA_DIR.value and _POSTPROCESS.value:  # given explicitly (None: the default)
     raise app.UsageError("--postprocess applies to --images_dir only (a converted split "
                          "is scored in its padded squares, not the input's geometry)")
@@ -131,7 +143,8 @@ def main(argv):
       report = evaluate_lib.evaluate_folders(
           model, _IMAGES_DIR.value, _MASKS_DIR.value, label_map=label_map,
           batch_size=_BATCH_SIZE.value, spacing_2d_mm=spacing_2d,
-          tta=_TTA.value, postprocess=_POSTPROCESS.value is not False)
+          tta=_TTA.value, postprocess=_POSTPROCESS.value is not False,
+          within_levels=_WITHIN_LEVELS.value)
     else:
       report = evaluate_lib.evaluate_split(model, _DATA_DIR.value, _SPLIT.value,
                                            batch_size=_BATCH_SIZE.value)

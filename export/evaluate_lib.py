@@ -55,7 +55,8 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
                      label_map: dict[int, int] | None = None, batch_size: int = 8,
                      progress: bool = True,
                      spacing_2d_mm: tuple[float, float] | None = None,
-                     tta: bool = False, postprocess: bool = False) -> dict[str, Any]:
+                     tta: bool = False, postprocess: bool = False,
+                     within_levels: bool = False) -> dict[str, Any]:
   """Scores the model on image/mask pairs of two folders.
 
   Predictions are in each input's own geometry (a model trained at a target spacing
@@ -63,7 +64,9 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
   a model refuses without it). `model`: one model or an ensemble (a list: the mean of
   the members' probabilities). `tta`: scale test-time augmentation
   (`inference.TTA_SCALES`), only for models with a target spacing. `postprocess`:
-  masks cleaned as spine-predict --postprocess (`inference.labels`).
+  masks cleaned as spine-predict --postprocess (`inference.labels`). `within_levels`:
+  each class scored only within the rows its ground truth covers
+  (`metrics.within_labelled_levels`), for masks labelled at some levels only.
 
   Returns:
     {"cases": [row...], "overall": summarize(rows), "failures": [message...]}; a row
@@ -94,6 +97,8 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
           continue
         pred = inference.labels(
             inference.volume_probabilities(model, case.image, spacing, tta), postprocess)
+        if within_levels:
+          pred = metrics.within_labelled_levels(pred, gt)
         spacing = orientation.display_voxel_sizes(case.affine, case.transform)
         rows.append(_case_row(case_id, "3d", metrics.counts(pred, gt),
                               metrics.hd95_per_class(pred, gt, spacing)))
@@ -105,6 +110,8 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
   for case, probs in inference.cases_2d_probabilities(model, cases_2d(), batch_size, tta):
     pred = inference.labels(probs, postprocess)
     gt = gt_masks.pop(case.image_path)
+    if within_levels:
+      pred = metrics.within_labelled_levels(pred, gt)
     rows.append(_case_row(case.case_id, "2d", metrics.counts(pred, gt), None))
     bar.step()
   rows.sort(key=lambda r: readers.natural_key(r["case_id"]))

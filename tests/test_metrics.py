@@ -185,3 +185,29 @@ def test_summary_means_skip_absent_and_table_says_so():
   table = evaluate.format_table({"cases": rows, "overall": overall})
   assert "absent" in table and "MEAN" in table and "POOLED" in table
   assert all(k in table.splitlines()[0] for k in metrics.KEYS)
+
+
+def test_within_labelled_levels_clears_a_class_beyond_its_truth_rows():
+  gt = np.zeros((10, 4), np.uint8)
+  gt[3:7, 1:3] = 2                       # vertebra labelled on rows 3-6 only
+  gt[5, 0] = schema.set_label((0, 1))    # disc unknown there: disc is not annotated
+  pred = np.zeros_like(gt)
+  pred[1:9, 1:3] = 2                     # predicted on rows 1-8: rows 1-2 and 7-8 beyond
+  pred[0, 0] = 1                         # a disc: absent from the truth, left alone
+  got = metrics.within_labelled_levels(pred, gt)
+  want = pred.copy()
+  want[[1, 2, 7, 8]] = 0
+  want[0, 0] = 1
+  np.testing.assert_array_equal(got, want)
+  assert pred[1, 1] == 2  # the input is not modified
+  assert metrics.dice(metrics.counts(got, gt))["dice_vertebra"] == 1.0
+  assert metrics.dice(metrics.counts(pred, gt))["dice_vertebra"] == pytest.approx(2 / 3)
+  # A volume [S, H, W]: rows are axis 1, the band is the union over its slices.
+  vol_gt = np.zeros((3, 10, 4), np.uint8)
+  vol_gt[0, 2:4, 1] = 1
+  vol_gt[2, 6, 1] = 1
+  vol_pred = np.ones_like(vol_gt)
+  got = metrics.within_labelled_levels(vol_pred, vol_gt)
+  assert np.all(got[:, 2:7] == 1) and not got[:, :2].any() and not got[:, 7:].any()
+  with pytest.raises(ValueError, match="must agree"):
+    metrics.within_labelled_levels(pred, gt[:5])

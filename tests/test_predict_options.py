@@ -32,6 +32,7 @@ import pytest
 
 import export_testlib
 from data_prep import metrics
+from data_prep import orientation
 from data_prep import readers
 from export import evaluate_lib
 from export import inference
@@ -309,3 +310,45 @@ def test_cli_refusals_are_one_line(model_a, spaced, tmp_path):
   assert len(lines) == 1 and lines[0].endswith("exists; pass --overwrite"), proc.stderr
   assert (out / "slice_probabilities.npy").read_bytes() == b"keep"
   assert not (out / "slice_mask.png").exists()
+
+
+def test_evaluate_within_labelled_levels(model_a, tmp_path):
+  """A 2D slice and a non-RAS volume whose truth labels the vertebra on some rows only:
+  --within_labelled_levels scores the prediction cleared beyond those rows (display
+  order: rows superior -> inferior), the default scores every pixel."""
+  png = np.full((S, S), 10, np.uint8)
+  png[2:30, 8:20] = 240                   # the model predicts vertebra on rows 2-29
+  gt_2d = np.zeros((S, S), np.uint8)
+  gt_2d[10:20, 8:20] = 2                  # labelled on rows 10-19 only
+  (tmp_path / "images").mkdir()
+  masks = tmp_path / "masks"
+  masks.mkdir()
+  Image.fromarray(png).save(tmp_path / "images" / "slice.png")
+  np.save(masks / "slice.npy", gt_2d)
+  vol = np.full((6, S, S), 10, np.uint8)  # display order [L-R, S-I, A-P]
+  vol[1:5, 2:30, 8:20] = 240
+  gt_vol = np.zeros_like(vol)
+  gt_vol[1:5, 12:24, 8:20] = 2
+  transform = orientation.display_transform(AFFINE)
+  stored = lambda a: orientation.from_display(a, transform)  # noqa: E731
+  nib.save(nib.Nifti1Image(stored(vol), AFFINE), tmp_path / "images" / "vol.nii.gz")
+  nib.save(nib.Nifti1Image(stored(gt_vol), AFFINE), masks / "vol.nii.gz")
+  pred_2d, pred_vol = (export_testlib.threshold_labels(a) for a in (png, vol))
+  cleared_2d, cleared_vol = pred_2d.copy(), pred_vol.copy()
+  cleared_2d[:10] = cleared_2d[20:] = 0
+  cleared_vol[:, :12] = cleared_vol[:, 24:] = 0
+  for within, want in ((False, {"slice": metrics.counts(pred_2d, gt_2d),
+                                "vol": metrics.counts(pred_vol, gt_vol)}),
+                       (True, {"slice": metrics.counts(cleared_2d, gt_2d),
+                               "vol": metrics.counts(cleared_vol, gt_vol)})):
+    report = evaluate_lib.evaluate_folders(model_a, tmp_path / "images", masks,
+                                           progress=False, within_levels=within)
+    assert not report["failures"]
+    got = {r["case_id"]: r["counts"] for r in report["cases"]}
+    assert got == {k: v.tolist() for k, v in want.items()}, within
+    dice = {r["case_id"]: r["dice"]["dice_vertebra"] for r in report["cases"]}
+    assert (dice == {"slice": 1.0, "vol": 1.0}) == within
+  proc = _run("export.evaluate", f"--saved_model={model_a.path}",
+              f"--data_dir={tmp_path}", "--within_labelled_levels")
+  assert proc.returncode != 0
+  assert "--within_labelled_levels applies to --images_dir only" in proc.stderr

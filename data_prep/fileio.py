@@ -354,22 +354,14 @@ def atomic_write(p: str | os.PathLike,
   return target
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> pathlib.Path:
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> "pathlib.Path | RemotePath":
   """Writes `obj` as indented, key-sorted JSON with `atomic_write`."""
-  text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-
-  def write(tmp):
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-  return atomic_write(path, write)
+  return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> pathlib.Path:
-  """Writes `text` with `atomic_write`."""
-  def write(tmp):
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-  return atomic_write(path, write)
+def write_text_atomic(path: str | os.PathLike, text: str) -> "pathlib.Path | RemotePath":
+  """Writes `text` (UTF-8) with `atomic_write`."""
+  return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> "pathlib.Path | RemotePath":

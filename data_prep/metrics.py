@@ -132,9 +132,7 @@ def within_labelled_levels(pred: np.ndarray, gt: np.ndarray,
       continue
     outside = np.ones(gt.shape[-2], dtype=bool)
     outside[rows[0]:rows[-1] + 1] = False
-    shape = [1] * gt.ndim
-    shape[-2] = gt.shape[-2]
-    out[(out == c) & outside.reshape(shape)] = 0
+    out[(out == c) & outside[:, None]] = 0  # [H, 1] broadcasts over [..., H, W]
   return out
 
 

@@ -85,6 +85,10 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
   bar = fileio.Progress(len(pairs), "spine-evaluate", unit="cases", enabled=progress)
   gt_masks: dict[str, np.ndarray] = {}
 
+  def predicted(probs: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    pred = inference.labels(probs, postprocess)
+    return metrics.within_labelled_levels(pred, gt) if within_levels else pred
+
   def cases_2d():
     for case_id, image_path, mask_path in pairs:
       try:
@@ -95,10 +99,8 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
           gt_masks[image_path] = gt[0]
           yield case
           continue
-        pred = inference.labels(
-            inference.volume_probabilities(model, case.image, spacing, tta), postprocess)
-        if within_levels:
-          pred = metrics.within_labelled_levels(pred, gt)
+        pred = predicted(
+            inference.volume_probabilities(model, case.image, spacing, tta), gt)
         spacing = orientation.display_voxel_sizes(case.affine, case.transform)
         rows.append(_case_row(case_id, "3d", metrics.counts(pred, gt),
                               metrics.hd95_per_class(pred, gt, spacing)))
@@ -108,10 +110,8 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
       bar.step()
 
   for case, probs in inference.cases_2d_probabilities(model, cases_2d(), batch_size, tta):
-    pred = inference.labels(probs, postprocess)
     gt = gt_masks.pop(case.image_path)
-    if within_levels:
-      pred = metrics.within_labelled_levels(pred, gt)
+    pred = predicted(probs, gt)
     rows.append(_case_row(case.case_id, "2d", metrics.counts(pred, gt), None))
     bar.step()
   rows.sort(key=lambda r: readers.natural_key(r["case_id"]))

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 BAZEL_DEBS := bazel-bootstrap bazel-platforms
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv test demo bench quality bazel-test build-file clean
+.PHONY: venv test demo recipe bench quality bazel-test build-file clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,11 @@ test: $(STAMP)
 # Phantom data -> convert -> train -> export -> predict -> evaluate, all under demo_out/.
 demo: $(STAMP)
 	tools/demo.sh
+
+# The multi-scanner recipe (experiments/multi_scanner/) on ../shared/data, under recipe_out/:
+# convert each folder, train three seeds, export, score the ensemble with --tta.
+recipe: $(STAMP)
+	tools/recipe.sh
 
 # Every benchmark in bench/ with its default (small) settings; the quality bench (hours
 # of training at full size) only as a --quick smoke run: `make quality` runs it in full.

@@ -61,7 +61,7 @@ class CaseData:
 class Inspection:
   """The dataset read back: manifest, per-case data and the tiles to show per split."""
   data_dir: str
-  manifest: dict[str, Any]
+  manifest: manifest_lib.Manifest
   cases: dict[str, CaseData]
   # split -> [(case id, slice index, uint8 RGB tile)], sorted by case and slice.
   tiles: dict[str, list[tuple[str, int, np.ndarray]]]
@@ -70,18 +70,18 @@ class Inspection:
   seconds: float
 
 
-def sample_slices(manifest: dict[str, Any]) -> dict[str, int]:
+def sample_slices(manifest: manifest_lib.Manifest) -> dict[str, int]:
   """{case id: its middle kept slice}: the one slice per case shown by default."""
   picked = {}
-  for case in manifest.get("cases", []):
+  for case in manifest.cases:
     kept = sorted(case.get("slices_kept") or [])
     if kept:
       picked[case["id"]] = kept[len(kept) // 2]
   return picked
 
 
-def _hist_range(manifest: dict[str, Any]) -> tuple[float, float]:
-  stored = manifest.get("intensity_statistics", {}).get("stored", {})
+def _hist_range(manifest: manifest_lib.Manifest) -> tuple[float, float]:
+  stored = manifest.intensity_statistics.get("stored", {})
   lo, hi = float(stored.get("min", 0.0)), float(stored.get("max", 1.0))
   return (lo, hi) if hi > lo else (lo, lo + 1.0)
 
@@ -105,20 +105,20 @@ def inspect(data_dir: str | os.PathLike, *, all_slices: bool = False,
   start = time.monotonic()
   try:
     manifest = manifest_lib.load(data_dir)
-    compression = manifest_lib.compression_type(manifest)
   except (FileNotFoundError, ValueError) as e:
     raise InspectError(str(e)) from None
-  size = manifest["image_size"]
+  compression = manifest.compression_type
+  size = manifest.image_size
   lo, hi = _hist_range(manifest)
   sample = sample_slices(manifest)
-  split_of = {c["id"]: c["split"] for c in manifest.get("cases", [])}
+  split_of = {c["id"]: c["split"] for c in manifest.cases}
   cases: dict[str, CaseData] = {}
   tiles: dict[str, list] = {s: [] for s in schema.SPLITS}
   warnings: list[str] = []
-  total = sum(int(manifest["splits"].get(s, {}).get("slices", 0)) for s in schema.SPLITS)
+  total = sum(manifest.num_slices(s) for s in schema.SPLITS)
   bar = fileio.Progress(total, "inspect", unit="slices", enabled=progress)
   for split in schema.SPLITS:
-    for path in manifest_lib.shard_paths(data_dir, manifest, split):
+    for path in manifest.files(split):
       if not fileio.path(path).is_file():
         raise InspectError(f"{path}: {split} shard listed in {schema.MANIFEST_NAME} is "
                            "missing; convert the data again")
@@ -165,12 +165,13 @@ def _add_slice(case: CaseData, ex: dict[str, Any], lo: float, hi: float) -> None
   case.class_pixels += exact[:schema.NUM_CLASSES + 1]
 
 
-def _compare_with_manifest(manifest: dict[str, Any], cases: dict[str, CaseData]) -> list[str]:
+def _compare_with_manifest(manifest: manifest_lib.Manifest,
+                           cases: dict[str, CaseData]) -> list[str]:
   """Differences between the slices the manifest lists and those the shards hold."""
   out = []
-  if "cases" not in manifest:  # written by hand (tests, benchmarks): nothing to compare
+  if not manifest.cases:  # written by hand (tests, benchmarks): nothing to compare
     return out
-  listed = {c["id"]: len(c.get("slices_kept") or []) for c in manifest["cases"]}
+  listed = {c["id"]: len(c.get("slices_kept") or []) for c in manifest.cases}
   for cid, n in sorted(listed.items()):
     read = cases[cid].slices_read if cid in cases else 0
     if read != n:
@@ -242,13 +243,13 @@ def _hex(color) -> str:
 def case_rows(insp: Inspection) -> tuple[list[str], list[list]]:
   """The per-case table: manifest fields and what the shards hold."""
   pruned: dict[str, list[str]] = {}
-  for s in insp.manifest.get("skipped", {}).get("slices", []):
+  for s in insp.manifest.skipped_slices:
     pruned.setdefault(str(s["case_id"]), []).append(s["reason"])
   header = ["case", "split", "kind", "shape", "spacing (mm)", "slices kept", "pruned",
             "norm offset", "norm scale", "stored mean", "stored std", "stored range"
             ] + [f"{n} %" for n in schema.CLASS_NAMES] + ["unknown %", "padding %"]
   rows = []
-  for case in insp.manifest.get("cases", []):
+  for case in insp.manifest.cases:
     data = insp.cases.get(case["id"])
     norm = case.get("normalization", {})
     row = [case["id"], case["split"], case.get("kind", ""),
@@ -289,26 +290,25 @@ def build_page(insp: Inspection, *, max_tiles_per_mosaic: int = DEFAULT_MAX_TILE
                all_slices: bool = False) -> dict[str, Any]:
   """The report's files: {relative name: content or writer} (index.html included)."""
   m = insp.manifest
-  kinds = {c["id"]: c.get("kind", "") for c in m.get("cases", [])}
+  kinds = {c["id"]: c.get("kind", "") for c in m.cases}
   page = html_report.Page(f"spine-inspect: {insp.data_dir}")
   page.paragraph(f"{fileio.path(insp.data_dir).absolute()}/{schema.MANIFEST_NAME}: format "
-                 f"{m['format_version']}, {m.get('input_kind', '?')} input, "
-                 f"{m['image_size']} px squares, target spacing "
-                 f"{m.get('target_spacing_mm') or 'none (fit by the longer side)'}, "
-                 f"compression {m['compression']}; {len(insp.cases)} cases read in "
+                 f"{m.format_version}, {m.input_kind or '?'} input, "
+                 f"{m.image_size} px squares, target spacing "
+                 f"{m.target_spacing_mm or 'none (fit by the longer side)'}, "
+                 f"compression {m.compression}; {len(insp.cases)} cases read in "
                  f"{insp.seconds:.1f} s.", "note")
   for w in insp.warnings:
     page.paragraph(f"warning: {w}", "warn")
 
   page.heading("Totals")
-  totals = m.get("totals", {})
+  totals = m.totals
   page.table(list(totals), [list(totals.values())])
-  labels = m.get("labels", schema.labels_dict())
-  annotated = m.get("annotated_labels", list(range(schema.NUM_CLASSES)))
+  labels = m.labels
   page.paragraph("Annotated labels: " + ", ".join(f"{a} {labels.get(str(a), '?')}"
-                                                  for a in annotated)
+                                                  for a in m.annotated_labels)
                  + "; normalization: " + ", ".join(f"{k} {v}" for k, v in
-                                                   m["normalization"].items()))
+                                                   m.normalization.items()))
 
   files: dict[str, Any] = {}
   page.heading("Slices with outlines")
@@ -338,27 +338,20 @@ def build_page(insp: Inspection, *, max_tiles_per_mosaic: int = DEFAULT_MAX_TILE
                      "another scanner or with a failed normalization stands apart")
 
   page.heading("Splits")
-  freqs = m.get("class_pixel_frequencies", {})
+  freqs = m.class_pixel_frequencies
   rows = []
-  for split in list(schema.SPLITS) + ["all"]:
-    info = m["splits"].get(split, {})
-    if split != "all" and not info:
-      continue
-    f = freqs.get(split, [None] * schema.NUM_CLASSES)
-    rows.append([split, info.get("cases", sum(v.get("cases", 0) for v in
-                                              m["splits"].values()) if split == "all"
-                                 else None),
-                 info.get("slices", totals.get("slices_written") if split == "all"
-                          else None),
-                 len(info.get("shards", [])) if split != "all" else
-                 sum(len(v.get("shards", [])) for v in m["splits"].values())] + list(f))
+  for split in [s for s in schema.SPLITS if s in m.splits]:
+    rows.append([split, m.num_cases(split), m.num_slices(split), len(m.shards(split))]
+                + list(freqs.get(split, [None] * schema.NUM_CLASSES)))
+  rows.append(["all", sum(m.num_cases(s) for s in m.splits), totals.get("slices_written"),
+               len(m.shards())] + list(freqs.get("all", [None] * schema.NUM_CLASSES)))
   page.table(["split", "cases", "slices", "shards"]
              + [f"{n} pixel frequency" for n in schema.CLASS_NAMES], rows,
              caption="class pixel frequencies from dataset.json (padding counted as "
                      "background there)")
 
   page.heading("Intensity statistics")
-  stats = m.get("intensity_statistics", {})
+  stats = m.intensity_statistics
   page.table(["", "min", "max", "mean", "std"],
              [[name, *(stats.get(k, {}).get(q) for q in ("min", "max", "mean", "std"))]
               for name, k in (("raw (before normalization)", "raw"),
@@ -367,18 +360,17 @@ def build_page(insp: Inspection, *, max_tiles_per_mosaic: int = DEFAULT_MAX_TILE
              caption="over every kept slice, from dataset.json")
 
   page.heading("Cases")
-  page.paragraph(_norm_note(m["normalization"]["method"]), "note")
+  page.paragraph(_norm_note(m.norm_method), "note")
   header, rows = case_rows(insp)
   page.table(header, rows)
 
-  skipped = m.get("skipped", {})
-  page.heading(f"Pruned slices ({len(skipped.get('slices', []))})")
+  page.heading(f"Pruned slices ({len(m.skipped_slices)})")
   page.table(["case", "slice", "source", "reason"],
              [[s.get("case_id"), s.get("slice_index"), s.get("source"), s.get("reason")]
-              for s in skipped.get("slices", [])])
-  page.heading(f"Skipped files ({len(skipped.get('files', []))})")
+              for s in m.skipped_slices])
+  page.heading(f"Skipped files ({len(m.skipped_files)})")
   page.table(["file", "reason"], [[f.get("path"), f.get("reason")]
-                                  for f in skipped.get("files", [])])
+                                  for f in m.skipped_files])
 
   summary = {"data_dir": str(insp.data_dir), "warnings": insp.warnings,
              "seconds_reading": round(insp.seconds, 3),

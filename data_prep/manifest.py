@@ -2,8 +2,9 @@
 
 Its presence marks a finished dataset: the converter writes shards under temporary names,
 renames them, and only then writes the manifest (itself via a temporary name). Readers
-(trainer, evaluator, exporter) call `load`, which refuses a directory without one or with
-another format version.
+(trainer, evaluator, exporter, inspector) call `load`, which refuses a directory without
+one or with another format version, and receive one `Manifest`: the only code that knows
+the keys below (as TFDS's `DatasetInfo` is its readers' one view of a dataset).
 
 Keys every reader may rely on:
   format_version   int, == schema.FORMAT_VERSION
@@ -17,14 +18,16 @@ Keys every reader may rely on:
 Optional (absent from older manifests, which mean null):
   target_spacing_mm  float: mm per stored pixel (slices resampled, then centred in the
                      square); null: each slice fitted by its longer side.
-The converter adds more (flags, class frequencies, intensity statistics, skipped inputs).
+The converter adds more (flags, annotated labels, class frequencies, intensity statistics,
+cases, skipped inputs); manifests written by hand (tests, benchmarks) may lack them.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 from data_prep import fileio
 from data_prep import schema
@@ -38,8 +41,145 @@ def path_of(data_dir: str | os.PathLike) -> "pathlib.Path | fileio.RemotePath":
   return fileio.path(data_dir) / schema.MANIFEST_NAME
 
 
-def load(data_dir: str | os.PathLike) -> dict[str, Any]:
-  """Reads and validates the manifest of a converted dataset.
+class Shard(NamedTuple):
+  """One shard a manifest lists."""
+  split: str
+  path: str  # data_dir / its file name
+  examples: int
+  sha256: str | None  # None: not recorded (a dry run, or shards written by other tools)
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+  """A validated dataset manifest and the folder whose shards it lists.
+
+  Built by `load`, or directly from a JSON object (tests; a model_dir's copy), which is
+  validated here. Accessors return parts of `raw`: treat them as read-only.
+
+  Attributes:
+    data_dir: the folder holding dataset.json and the shards (a model_dir for its copy).
+    raw: the JSON object exactly as dataset.json holds it: for writing the copy a
+      model_dir keeps and for comparing it with one; readers use the accessors.
+  """
+  data_dir: str
+  raw: dict[str, Any]
+
+  def __post_init__(self):
+    validate(self.raw, str(path_of(self.data_dir)))
+
+  @property
+  def format_version(self) -> int:
+    return int(self.raw["format_version"])
+
+  @property
+  def image_size(self) -> int:
+    """Side of the stored squares in pixels."""
+    return int(self.raw["image_size"])
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.raw["num_classes"])
+
+  @property
+  def labels(self) -> dict[str, str]:
+    """{"0": "background", ...}: class names by id as a string (`LABELS` when absent)."""
+    return self.raw.get("labels", LABELS)
+
+  @property
+  def annotated_labels(self) -> list[int]:
+    """Class ids the source folder outlines (every class when absent)."""
+    return self.raw.get("annotated_labels", list(range(schema.NUM_CLASSES)))
+
+  @property
+  def normalization(self) -> dict[str, Any]:
+    """{"method", "per", ...}: how the stored intensities were normalized."""
+    return self.raw["normalization"]
+
+  @property
+  def norm_method(self) -> str:
+    """One of `preprocess.NORMALIZATIONS`."""
+    return self.raw["normalization"]["method"]
+
+  @property
+  def compression(self) -> str:
+    """The stored name: "none" or "gzip"."""
+    return self.raw["compression"]
+
+  @property
+  def compression_type(self) -> str:
+    """The tf.data compression type of the shards: "" or "GZIP"."""
+    return schema.compression_type(self.raw["compression"])
+
+  @property
+  def target_spacing_mm(self) -> float | None:
+    """mm per stored pixel; None: slices fitted by their longer side (older manifests)."""
+    return self.raw.get("target_spacing_mm")
+
+  @property
+  def input_kind(self) -> str | None:
+    """"2d" or "3d" (None: not recorded)."""
+    return self.raw.get("input_kind")
+
+  @property
+  def splits(self) -> tuple[str, ...]:
+    """The splits the manifest lists, in `schema.SPLITS` order (some may be empty)."""
+    return tuple(s for s in schema.SPLITS if s in self.raw["splits"])
+
+  def num_cases(self, split: str) -> int:
+    """Cases converted into `split` (0 for a split the manifest does not list)."""
+    return int(self.raw["splits"].get(split, {}).get("cases", 0))
+
+  def num_slices(self, split: str) -> int:
+    """Slices (examples) stored in `split` (0 for a split the manifest does not list)."""
+    return int(self.raw["splits"].get(split, {}).get("slices", 0))
+
+  def shards(self, *splits: str) -> list[Shard]:
+    """The shards of `splits` (default: every split in `schema.SPLITS` order)."""
+    out = []
+    for split in splits or schema.SPLITS:
+      for entry in self.raw["splits"].get(split, {}).get("shards", []):
+        out.append(Shard(split, str(fileio.path(self.data_dir) / entry["file"]),
+                         int(entry.get("examples", 0)), entry.get("sha256") or None))
+    return out
+
+  def files(self, split: str) -> list[str]:
+    """Paths of the shards of `split` (empty if the split has none)."""
+    return [s.path for s in self.shards(split)]
+
+  @property
+  def cases(self) -> list[dict[str, Any]]:
+    """The converter's per-case records ({"id", "split", "slices_kept", ...}); [] when
+    the manifest was written by hand."""
+    return self.raw.get("cases", [])
+
+  @property
+  def totals(self) -> dict[str, int]:
+    """The converter's counts (pairs, slices_written, ...); {} if absent."""
+    return self.raw.get("totals", {})
+
+  @property
+  def class_pixel_frequencies(self) -> dict[str, list[float]]:
+    """{split or "all": fraction of pixels per class}; {} if absent."""
+    return self.raw.get("class_pixel_frequencies", {})
+
+  @property
+  def intensity_statistics(self) -> dict[str, dict[str, float]]:
+    """{"raw" | "stored": {"min", "max", "mean", "std", ...}}; {} if absent."""
+    return self.raw.get("intensity_statistics", {})
+
+  @property
+  def skipped_files(self) -> list[dict[str, str]]:
+    """Inputs the converter skipped ({"path", "reason"}); [] if absent."""
+    return self.raw.get("skipped", {}).get("files", [])
+
+  @property
+  def skipped_slices(self) -> list[dict[str, Any]]:
+    """Slices the converter pruned ({"case_id", "slice_index", "source", "reason"})."""
+    return self.raw.get("skipped", {}).get("slices", [])
+
+
+def load(data_dir: str | os.PathLike) -> Manifest:
+  """Reads and validates the manifest of a converted dataset (or of a model_dir's copy).
 
   Raises:
     FileNotFoundError: the directory holds no manifest (not a converter output, or an
@@ -52,11 +192,10 @@ def load(data_dir: str | os.PathLike) -> dict[str, Any]:
         f"{path}: no dataset manifest; expected the output directory of spine-convert "
         "(a conversion that did not finish leaves none)")
   try:
-    manifest = json.loads(path.read_text())
+    raw = json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f"{path}: unreadable manifest: {e}") from e
-  validate(manifest, str(path))
-  return manifest
+  return Manifest(str(data_dir), raw)
 
 
 def validate(manifest: dict[str, Any], where: str = schema.MANIFEST_NAME) -> None:
@@ -79,6 +218,10 @@ def validate(manifest: dict[str, Any], where: str = schema.MANIFEST_NAME) -> Non
   if manifest["num_classes"] != schema.NUM_CLASSES:
     raise ValueError(f"{where}: num_classes {manifest['num_classes']!r}, this spineseg "
                      f"segments {schema.NUM_CLASSES} classes {schema.CLASS_NAMES}")
+  norm = manifest["normalization"]
+  if not isinstance(norm, dict) or not isinstance(norm.get("method"), str):
+    raise ValueError(f"{where}: normalization must be an object naming its method, found "
+                     f"{norm!r}")
   if manifest["compression"] not in schema.COMPRESSIONS:
     raise ValueError(f"{where}: unknown compression {manifest['compression']!r}; expected "
                      f"one of {sorted(schema.COMPRESSIONS)}")
@@ -92,6 +235,12 @@ def validate(manifest: dict[str, Any], where: str = schema.MANIFEST_NAME) -> Non
   if unknown is None or unknown:
     raise ValueError(f"{where}: splits must map {schema.SPLITS} to their shards, found "
                      f"{unknown if unknown else type(splits).__name__}")
+  for split, info in splits.items():
+    shards = info.get("shards", []) if isinstance(info, dict) else None
+    if not isinstance(shards, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("file"), str) for s in shards):
+      raise ValueError(f"{where}: splits.{split} must be an object whose shards are "
+                       f"[{{\"file\": name, ...}}], found {info!r:.200}")
 
 
 def make(*, image_size: int, normalization: str, per: str, compression: str,
@@ -130,37 +279,16 @@ def make(*, image_size: int, normalization: str, per: str, compression: str,
   return manifest
 
 
-def shard_paths(data_dir: str | os.PathLike, manifest: dict[str, Any],
-                split: str) -> list[str]:
-  """Paths of the shards of `split` listed in the manifest (empty if the split has none)."""
-  shards = manifest["splits"].get(split, {}).get("shards", [])
-  return [str(fileio.path(data_dir) / s["file"]) for s in shards]
-
-
-def compression_type(manifest: dict[str, Any]) -> str:
-  """The tf.data compression type ("" or "GZIP") of a loaded manifest.
-
-  Raises:
-    ValueError: for a compression value this reader does not know.
-  """
-  try:
-    return schema.compression_type(manifest["compression"])
-  except ValueError as e:
-    raise ValueError(f"{schema.MANIFEST_NAME}: {e}") from None
-
-
 # One atomic writer for every JSON file spineseg writes (see `fileio`).
 write_json_atomic = fileio.write_json_atomic
 
 
-def verify_shards(data_dir: str | os.PathLike, manifest: dict[str, Any],
-                  progress: bool = False) -> list[str]:
-  """Checks every shard the manifest lists against its recorded size and SHA-256.
+def verify_shards(shards: Sequence[Shard], progress: bool = False) -> list[str]:
+  """Checks shards against the SHA-256 their manifest records.
 
   Args:
-    data_dir: the converted dataset's folder.
-    manifest: its loaded manifest (`load`).
-    progress: draw a progress bar over the bytes hashed.
+    shards: `Manifest.shards` (of every split, or of those to check).
+    progress: draw a progress bar over the shards hashed.
 
   Returns:
     One message per bad shard (missing, unreadable, or with another SHA-256), each
@@ -169,16 +297,15 @@ def verify_shards(data_dir: str | os.PathLike, manifest: dict[str, Any],
   """
   import hashlib  # pylint: disable=g-import-not-at-top
   problems = []
-  entries = [(split, s) for split in schema.SPLITS
-             for s in manifest["splits"].get(split, {}).get("shards", [])]
-  bar = fileio.Progress(len(entries), "verify", unit="shards", enabled=progress)
-  for split, entry in entries:
-    path = fileio.path(data_dir) / entry["file"]
-    expected = entry.get("sha256")
+  bar = fileio.Progress(len(shards), "verify", unit="shards", enabled=progress)
+  for shard in shards:
+    path = fileio.path(shard.path)
+    expected = shard.sha256
     if not expected:
       problems.append(f"{path}: no sha256 recorded in {schema.MANIFEST_NAME}")
     elif not path.is_file():
-      problems.append(f"{path}: missing ({split} shard listed in {schema.MANIFEST_NAME})")
+      problems.append(f"{path}: missing ({shard.split} shard listed in "
+                      f"{schema.MANIFEST_NAME})")
     else:
       h = hashlib.sha256()
       try:
@@ -196,11 +323,10 @@ def verify_shards(data_dir: str | os.PathLike, manifest: dict[str, Any],
   return problems
 
 
-def shard_bytes(data_dir: str | os.PathLike, manifest: dict[str, Any]) -> int:
-  """Total size in bytes of the shards the manifest lists (missing ones count 0)."""
+def shard_bytes(shards: Sequence[Shard]) -> int:
+  """Total size in bytes of `shards` (`Manifest.shards`; missing ones count 0)."""
   total = 0
-  for split in schema.SPLITS:
-    for s in manifest["splits"].get(split, {}).get("shards", []):
-      p = fileio.path(data_dir) / s["file"]
-      total += p.stat().st_size if p.is_file() else 0
+  for shard in shards:
+    p = fileio.path(shard.path)
+    total += p.stat().st_size if p.is_file() else 0
   return total

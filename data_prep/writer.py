@@ -263,8 +263,8 @@ def verify_dataset(data_dir: str | os.PathLike,
     manifest = manifest_lib.load(data_dir)
   except (OSError, ValueError) as e:
     raise ConversionError(str(e)) from None
-  count = sum(len(manifest["splits"].get(s, {}).get("shards", [])) for s in schema.SPLITS)
-  return count, manifest_lib.verify_shards(data_dir, manifest, progress)
+  shards = manifest.shards()
+  return len(shards), manifest_lib.verify_shards(shards, progress)
 
 
 def _nothing_to_write(pairs: list, orphans: list, acc: "_Accumulator",
@@ -554,7 +554,7 @@ class _Accumulator:
     })
 
 
-def cropped_cases(manifest: dict[str, Any]) -> tuple[list[str], int, float]:
+def cropped_cases(manifest: manifest_lib.Manifest) -> tuple[list[str], int, float]:
   """Converted cases whose slices the square crops at the target spacing.
 
   With `--target_spacing_mm` a slice larger than `image_size` pixels at that spacing is
@@ -565,11 +565,11 @@ def cropped_cases(manifest: dict[str, Any]) -> tuple[list[str], int, float]:
     holds all of them, that side in mm); ([], image_size, side in mm) when none was, or
     without a target spacing.
   """
-  size, target = int(manifest["image_size"]), manifest.get("target_spacing_mm")
+  size, target = manifest.image_size, manifest.target_spacing_mm
   if not target:
     return [], size, 0.0
   cropped, needed = [], size
-  for case in manifest["cases"]:
+  for case in manifest.cases:
     if not case.get("slices_kept") or not case.get("spacing"):
       continue
     _, height, width = case["shape"]
@@ -580,23 +580,25 @@ def cropped_cases(manifest: dict[str, Any]) -> tuple[list[str], int, float]:
   return cropped, needed, needed * float(target)
 
 
-def format_summary(manifest: dict[str, Any]) -> str:
-  """A short human-readable summary of a conversion."""
-  t = manifest["totals"]
-  lines = [f"{'would write' if manifest.get('dry_run') else 'wrote'} "
+def format_summary(result: dict[str, Any]) -> str:
+  """A short human-readable summary of a conversion (`convert_dataset`'s result)."""
+  manifest = manifest_lib.Manifest(result["flags"]["output_dir"], result)
+  t = manifest.totals
+  lines = [f"{'would write' if result.get('dry_run') else 'wrote'} "
            f"{t['slices_written']} slices from {t['cases_converted']} cases "
            f"({t['slices_skipped']} slices pruned, {t['files_skipped']} files skipped)"]
-  for split, info in manifest["splits"].items():
-    lines.append(f"  {split:5s}: {info['cases']} cases, {info['slices']} slices, "
-                 f"{len(info['shards'])} shards")
-  freq = ", ".join(f"{manifest['labels'][str(i)]} {f:.3f}"
-                   for i, f in enumerate(manifest["class_pixel_frequencies"]["all"]))
+  for split in manifest.splits:
+    lines.append(f"  {split:5s}: {manifest.num_cases(split)} cases, "
+                 f"{manifest.num_slices(split)} slices, "
+                 f"{len(manifest.shards(split))} shards")
+  freq = ", ".join(f"{manifest.labels[str(i)]} {f:.3f}"
+                   for i, f in enumerate(manifest.class_pixel_frequencies["all"]))
   lines.append(f"  class pixel frequencies: {freq}")
-  for f in manifest["skipped"]["files"]:
+  for f in manifest.skipped_files:
     lines.append(f"  skipped file {f['path']}: {f['reason']}")
   cropped, needed, needed_mm = cropped_cases(manifest)
   if cropped:
-    size, target = manifest["image_size"], manifest["target_spacing_mm"]
+    size, target = manifest.image_size, manifest.target_spacing_mm
     names = ", ".join(cropped[:5]) + (f" and {len(cropped) - 5} more" if len(cropped) > 5
                                       else "")
     side = -(-needed // 16) * 16  # spine-train's default depth 4 needs a multiple of 16

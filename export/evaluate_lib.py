@@ -132,11 +132,11 @@ def evaluate_split(model, data_dir: str, split: str, *,
       was exported for another image size or target spacing than the dataset's.
   """
   manifest = manifest_lib.load(data_dir)
-  shards = manifest_lib.shard_paths(data_dir, manifest, split)
+  shards = manifest.files(split)
   if not shards:
     raise ValueError(f"{manifest_lib.path_of(data_dir)}: split {split!r} has no shards; "
-                     f"found splits {sorted(manifest['splits'])}")
-  size = int(manifest["image_size"])
+                     f"found splits {sorted(manifest.splits)}")
+  size = manifest.image_size
   for member in inference.members(model):
     _check_split_model(member, manifest, data_dir, size)
 
@@ -145,7 +145,7 @@ def evaluate_split(model, data_dir: str, split: str, *,
     return serialized, f["mask"][..., 0], f["case_id"]
 
   ds = tf.data.TFRecordDataset(
-      shards, compression_type=manifest_lib.compression_type(manifest)).map(parse)
+      shards, compression_type=manifest.compression_type).map(parse)
   counts: dict[str, np.ndarray] = {}
   slices: dict[str, int] = {}
   for serialized, gt, case_ids in ds.batch(batch_size):
@@ -162,7 +162,8 @@ def evaluate_split(model, data_dir: str, split: str, *,
   return {"cases": rows, "overall": summarize(rows), "failures": []}
 
 
-def _check_split_model(model, manifest: dict[str, Any], data_dir: str, size: int) -> None:
+def _check_split_model(model, manifest: manifest_lib.Manifest, data_dir: str,
+                       size: int) -> None:
   """Refuses a model that cannot score the converted squares of `data_dir` as stored."""
   where = getattr(model, "spineseg_path", "the SavedModel")
   if "segment_examples" not in model.signatures:
@@ -174,7 +175,7 @@ def _check_split_model(model, manifest: dict[str, Any], data_dir: str, size: int
                      "evaluate it on a dataset converted with --image_size="
                      f"{model_size}, or use --images_dir/--masks_dir")
   model_target = getattr(model, "spineseg_target_spacing_mm", None)
-  data_target = manifest.get("target_spacing_mm")
+  data_target = manifest.target_spacing_mm
   if (model_target is None) != (data_target is None) or (
       model_target is not None and abs(model_target - data_target) > 1e-6):
     def say(t):

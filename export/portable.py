@@ -172,10 +172,9 @@ def to_litert(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
   # pylint: enable=g-import-not-at-top
   model, manifest = serving.load_model_dir(model_dir)
   module = serving.SegmentationModule(
-      model, image_size=int(manifest["image_size"]),
-      norm_method=manifest["normalization"]["method"],
-      num_classes=int(manifest["num_classes"]),
-      target_spacing_mm=manifest.get("target_spacing_mm"), float64=False)
+      model, image_size=manifest.image_size, norm_method=manifest.norm_method,
+      num_classes=manifest.num_classes, target_spacing_mm=manifest.target_spacing_mm,
+      float64=False)
   # Weights frozen into constants first: left as resource variables, the converter keeps
   # VAR_HANDLE/READ_VARIABLE ops that LiteRT's interpreter leaves uninitialized (NaN
   # probabilities, measured). tf2onnx freezes with the same TF function.

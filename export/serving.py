@@ -320,7 +320,8 @@ def _check_keras_archive(model_path: pathlib.Path) -> None:
                      f"{bad} fails its CRC check){hint}")
 
 
-def load_model_dir(model_dir: str | os.PathLike) -> tuple[keras.Model, dict[str, Any]]:
+def load_model_dir(
+    model_dir: str | os.PathLike) -> tuple[keras.Model, manifest_lib.Manifest]:
   """Loads `best.keras` and the dataset manifest of a trained model directory.
 
   Raises:
@@ -397,21 +398,20 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
       raise FileExistsError(f"{export_dir}: exists and is not empty; pass --overwrite "
                             "to replace it")
   model, manifest = load_model_dir(model_dir)
-  norm = manifest["normalization"]
-  module = SegmentationModule(model, image_size=int(manifest["image_size"]),
-                              norm_method=norm["method"],
-                              num_classes=int(manifest["num_classes"]),
-                              target_spacing_mm=manifest.get("target_spacing_mm"))
+  module = SegmentationModule(model, image_size=manifest.image_size,
+                              norm_method=manifest.norm_method,
+                              num_classes=manifest.num_classes,
+                              target_spacing_mm=manifest.target_spacing_mm)
   tmp = None
   try:
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = fileio.make_temp_dir(export_dir.parent, f".{export_dir.name}.tmp-")
     tf.saved_model.save(module, str(tmp), signatures=module.signatures())
     metadata = {"model_dir": str(fileio.path(model_dir).resolve()),
-                "image_size": int(manifest["image_size"]), "normalization": norm,
-                "target_spacing_mm": manifest.get("target_spacing_mm"),
-                "num_classes": int(manifest["num_classes"]),
-                "labels": manifest.get("labels", manifest_lib.LABELS),
+                "image_size": manifest.image_size,
+                "normalization": manifest.normalization,
+                "target_spacing_mm": manifest.target_spacing_mm,
+                "num_classes": manifest.num_classes, "labels": manifest.labels,
                 "volume_chunk": VOLUME_CHUNK, "signatures": list(SIGNATURES),
                 "tensorflow_version": tf.__version__}
     (tmp / "assets.extra").mkdir(exist_ok=True)

@@ -82,14 +82,14 @@ def test_phantom_shards_and_manifest_are_the_local_bytes(phantom_runs):
     assert beam[name] == local[name], name
   # And they hold what they should, independently of the local run.
   m = manifest.load(out)
-  skipped = {pathlib.Path(f["path"]).name: f["reason"] for f in m["skipped"]["files"]}
+  skipped = {pathlib.Path(f["path"]).name: f["reason"] for f in m.skipped_files}
   assert set(skipped) == {"orphan.png", "broken.png"}
   assert "no mask" in skipped["orphan.png"] or "orphan" in skipped["orphan.png"]
-  assert [(s["case_id"], s["reason"].split(";")[0]) for s in m["skipped"]["slices"]] == [
+  assert [(s["case_id"], s["reason"].split(";")[0]) for s in m.skipped_slices] == [
       ("blank", "missing label(s) [1, 2] (disc, vertebra)")]
-  assert m["totals"]["slices_written"] == 5
-  shards = [s for split in m["splits"].values() for s in split["shards"]]
-  assert sum(s["examples"] for s in shards) == 5 and max(s["examples"] for s in shards) == 2
+  assert m.totals["slices_written"] == 5
+  shards = m.shards()
+  assert sum(s.examples for s in shards) == 5 and max(s.examples for s in shards) == 2
   assert writer.verify_dataset(out) == (len(shards), [])
 
 
@@ -99,9 +99,8 @@ def test_spine2d_shards_and_manifest_are_the_local_bytes(spine2d_runs):
   for name in local:
     assert beam[name] == local[name], name
   m = manifest.load(out)
-  assert m["totals"]["slices_written"] == 10 and m["totals"]["slices_skipped"] == 5
-  counts = [s["examples"] for split in schema.SPLITS
-            for s in m["splits"][split]["shards"]]
+  assert m.totals["slices_written"] == 10 and m.totals["slices_skipped"] == 5
+  counts = [s.examples for s in m.shards()]
   assert 0 in counts and len(counts) == 9  # empty shards exist in both, alike
 
 

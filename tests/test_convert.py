@@ -20,10 +20,10 @@ SIZE = 48
 
 def _read_examples(data_dir, split, compression="none"):
   m = manifest.load(data_dir)
-  paths = manifest.shard_paths(data_dir, m, split)
+  paths = m.files(split)
   ds = tf.data.TFRecordDataset(paths, compression_type="GZIP" if compression == "gzip"
                                else "")
-  return [{k: v.numpy() for k, v in schema.parse_example(s, m["image_size"]).items()}
+  return [{k: v.numpy() for k, v in schema.parse_example(s, m.image_size).items()}
           for s in ds]
 
 
@@ -59,20 +59,20 @@ def test_spine2d_label_complete_and_decodes_to_source(shared_data, tmp_path):
   out = tmp_path / "out"
   result = _convert(src, out)
   m = manifest.load(out)
-  assert m["totals"]["slices_written"] == 10
-  assert sum(m["splits"][s]["slices"] for s in schema.SPLITS) == 10
-  skipped = {s["case_id"]: s["reason"] for s in m["skipped"]["slices"]}
+  assert m.totals["slices_written"] == 10
+  assert sum(m.num_slices(s) for s in schema.SPLITS) == 10
+  skipped = {s["case_id"]: s["reason"] for s in m.skipped_slices}
   assert set(skipped) == {"0", "1", "5", "10", "13"}
   assert "missing label(s) [1, 2]" in skipped["0"] and "missing label(s) [2]" in skipped["1"]
-  assert m["normalization"] == {"method": "percentile", "per": "image",
-                                "percentiles": [0.5, 99.5]}
-  assert m["compression"] == "none" and m["image_size"] == SIZE and result["dry_run"] is False
-  freq = m["class_pixel_frequencies"]["all"]
+  assert m.normalization == {"method": "percentile", "per": "image",
+                             "percentiles": [0.5, 99.5]}
+  assert m.compression == "none" and m.image_size == SIZE and result["dry_run"] is False
+  freq = m.class_pixel_frequencies["all"]
   assert sum(freq) == pytest.approx(1.0) and all(f > 0 for f in freq)
-  for split in schema.SPLITS:
-    for shard in m["splits"][split]["shards"]:
-      path = out / shard["file"]
-      assert shard["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+  for shard in m.shards():
+    path = out / pathlib.Path(shard.path).name
+    assert shard.path == str(path) and shard.split in schema.SPLITS
+    assert shard.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
   seen = []
   for split in ("train", "val"):
     for ex in _read_examples(out, split):
@@ -90,7 +90,7 @@ def test_spine2d_label_complete_and_decodes_to_source(shared_data, tmp_path):
       assert list(ex["geometry"]) == [256, 256, SIZE, SIZE, 0, 0]
       assert ex["norm_offset"] == pytest.approx(off) and ex["slice_index"] == 0
   assert sorted(seen, key=int) == ["2", "3", "4", "6", "7", "8", "9", "11", "12", "14"]
-  assert len(os.listdir(out)) == 1 + sum(len(m["splits"][s]["shards"]) for s in schema.SPLITS)
+  assert len(os.listdir(out)) == 1 + len(m.shards())
 
 
 def test_byte_identical_across_runs_and_workers_gzip(shared_data, tmp_path, monkeypatch):
@@ -106,7 +106,7 @@ def test_byte_identical_across_runs_and_workers_gzip(shared_data, tmp_path, monk
   assert [s["file"] for s in a["splits"]["train"]["shards"]] == [
       schema.shard_name("train", i, 3) for i in range(3)]
   assert len(_read_examples(tmp_path / "a", "train", "gzip")) == a["splits"]["train"]["slices"]
-  assert manifest.load(tmp_path / "a")["compression"] == "gzip"
+  assert manifest.load(tmp_path / "a").compression == "gzip"
   c = _convert(src, tmp_path / "c", seed=1, compression="gzip", num_shards=3,
                test_fraction=0.2)
   assert [x["split"] for x in c["cases"]] != [x["split"] for x in a["cases"]]
@@ -189,7 +189,7 @@ def test_output_dir_safety_overwrite_and_dry_run(tmp_path):
   np.save(src / "masks" / "s4.npy", np.full((40, 30), 9, np.int64))
   with pytest.raises(writer.ConversionError, match="s4.npy"):
     _convert(src, out, overwrite=True)
-  assert manifest.load(out)["splits"] == first["splits"]
+  assert manifest.load(out).raw["splits"] == first["splits"]
   assert sorted(p.name for p in out.iterdir()) == sorted(
       ["dataset.json"] + [s["file"] for sp in first["splits"].values() for s in sp["shards"]])
   # A killed run leaves only a hidden temporary folder, removed by the next --overwrite.
@@ -420,7 +420,7 @@ def test_failed_publish_and_failed_overwrite_leave_no_half_dataset(tmp_path, mon
   with pytest.raises(writer.ConversionError, match="No space left on device"):
     _convert(src, out, overwrite=True, num_shards=2)
   assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old dataset intact
-  assert manifest.load(out)["splits"] == first["splits"]
+  assert manifest.load(out).raw["splits"] == first["splits"]
 
 
 def test_leftovers_of_a_killed_run_are_removed_before_the_emptiness_check(tmp_path, capsys):

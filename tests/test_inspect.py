@@ -70,24 +70,24 @@ def test_report_tables_and_mosaics_match_the_manifest(data_2d, tmp_path):
   summary = _summary(report)
   page = (report / "index.html").read_text()
 
-  kept = {c["id"]: len(c["slices_kept"]) for c in m["cases"]}
-  assert sum(kept.values()) == m["totals"]["slices_written"] == 6
+  kept = {c["id"]: len(c["slices_kept"]) for c in m.cases}
+  assert sum(kept.values()) == m.totals["slices_written"] == 6
   rows = {r["case"]: r for r in summary["cases"]}
   assert {k: r["slices kept"] for k, r in rows.items()} == kept
-  pruned = m["skipped"]["slices"]
+  pruned = m.skipped_slices
   assert [(p["case_id"], p["reason"]) for p in pruned] == [
       ("blank", "missing label(s) [1, 2] (disc, vertebra); present [0]")]
   assert rows["blank"]["pruned"] == 1 and rows["blank"]["stored mean"] is None
-  assert any("orphan.png" in f["path"] for f in m["skipped"]["files"])
-  for text in [c["id"] for c in m["cases"]] + [p["reason"] for p in pruned] + [
-      html_report.escape(f["reason"]) for f in m["skipped"]["files"]]:
+  assert any("orphan.png" in f["path"] for f in m.skipped_files)
+  for text in [c["id"] for c in m.cases] + [p["reason"] for p in pruned] + [
+      html_report.escape(f["reason"]) for f in m.skipped_files]:
     assert text in page
 
   # The shards' pixels against the converter's own counts (which call padding background).
   for split in ("train", "val"):
-    ids = [c["id"] for c in m["cases"] if c["split"] == split and c["slices_kept"]]
+    ids = [c["id"] for c in m.cases if c["split"] == split and c["slices_kept"]]
     px = [summary["pixels"][i] for i in ids]
-    counts = m["class_pixel_counts"][split]
+    counts = m.raw["class_pixel_counts"][split]
     assert sum(p["classes"][1] for p in px) == counts[1] > 0
     assert sum(p["classes"][2] for p in px) == counts[2] > 0
     assert sum(p["classes"][0] + p["padding"] for p in px) == counts[0]
@@ -95,32 +95,32 @@ def test_report_tables_and_mosaics_match_the_manifest(data_2d, tmp_path):
 
   # One tile per case with kept slices, on one PNG per split, in a grid of that size.
   for split in ("train", "val"):
-    n = m["splits"][split]["cases"]
+    n = m.num_cases(split)
     (entry,) = summary["mosaics"][split]
     assert len(entry["tiles"]) == n
     png = np.asarray(Image.open(report / entry["file"]))
     assert png.shape == _grid_shape(n) + (3,)
     assert f'src="{entry["file"]}"' in page
-  assert result["tiles"] == m["totals"]["cases_converted"]
+  assert result["tiles"] == m.totals["cases_converted"]
 
 
 def test_all_slices_and_split_mosaics(data_3d, tmp_path):
   m = manifest.load(data_3d)
-  total = m["totals"]["slices_written"]
+  total = m.totals["slices_written"]
   assert total == 12
   report = tmp_path / "all"
   result = inspect_lib.write_report(data_3d, report, all_slices=True, max_tiles_per_mosaic=4)
   assert result["tiles"] == total
   mosaics = _summary(report)["mosaics"]
   for split in ("train", "val"):
-    n = m["splits"][split]["slices"]
+    n = m.num_slices(split)
     assert [len(e["tiles"]) for e in mosaics[split]] == [4] * (n // 4) + (
         [n % 4] if n % 4 else [])
     assert all((report / e["file"]).is_file() for e in mosaics[split])
   # Default: the middle kept slice of each case.
   report = tmp_path / "one"
   inspect_lib.write_report(data_3d, report)
-  for c in m["cases"]:
+  for c in m.cases:
     kept = sorted(c["slices_kept"])
     assert [c["id"], kept[len(kept) // 2]] in _summary(report)["mosaics"][c["split"]][0][
         "tiles"]
@@ -172,7 +172,7 @@ def test_binary_writes_the_report_and_refuses_bad_input(data_2d, tmp_path):
   broken.mkdir()
   for p in data_2d.iterdir():
     (broken / p.name).write_bytes(p.read_bytes())
-  shard = broken / manifest.load(data_2d)["splits"]["train"]["shards"][0]["file"]
+  shard = broken / pathlib.Path(manifest.load(data_2d).files("train")[0]).name
   shard.write_bytes(shard.read_bytes()[:-100])
   line = _error_line(_run_binary(f"--data_dir={broken}", f"--output={tmp_path / 'r3'}"))
   assert str(shard) in line and "corrupt or truncated" in line

@@ -47,7 +47,7 @@ def test_annotated_labels_survive_conversion_and_parse_as_unknown(tmp_path):
                              num_workers=1, progress=False)
   assert m["annotated_labels"] == [0, 2] and m["flags"]["required_labels"] == [0, 2]
   assert m["totals"]["slices_written"] == 3  # kept: their annotated labels are present
-  files = manifest_lib.shard_paths(out, manifest_lib.load(out), "train")
+  files = manifest_lib.load(out).files("train")
   # Inside tf.data (graph mode), as the trainer parses.
   for parsed in tf.data.TFRecordDataset(files).map(lambda r: schema.parse_example(r, 32)):
     assert parsed["annotated"].numpy().tolist() == [True, False, True]

@@ -149,9 +149,9 @@ def _stored(data_dir):
   m = manifest.load(data_dir)
   out = {}
   for split in schema.SPLITS:
-    for path in manifest.shard_paths(data_dir, m, split):
+    for path in m.files(split):
       for record in tf.data.TFRecordDataset(path):
-        f = schema.parse_example(record, m["image_size"])
+        f = schema.parse_example(record, m.image_size)
         out.setdefault(f["case_id"].numpy().decode(), []).append(f)
   return m, out
 
@@ -180,8 +180,8 @@ def test_phantom_at_two_spacings_converts_to_the_same_mm_per_pixel(tmp_path):
                        for cid, examples in stored.items()}
 
   m, stored, counts = vertebra_pixels(1.0)
-  assert m["target_spacing_mm"] == 1.0 and m["flags"]["target_spacing_mm"] == 1.0
-  spacing = {c["id"]: c["spacing"] for c in m["cases"]}
+  assert m.target_spacing_mm == 1.0 and m.raw["flags"]["target_spacing_mm"] == 1.0
+  spacing = {c["id"]: c["spacing"] for c in m.cases}
   assert spacing == {"fine": [0.5, 0.5], "coarse": [1.0, 1.0]}
   for cid, examples in stored.items():
     assert len(examples) == 3
@@ -194,7 +194,7 @@ def test_phantom_at_two_spacings_converts_to_the_same_mm_per_pixel(tmp_path):
   assert counts["fine"] == pytest.approx(counts["coarse"], rel=0.03)
   # Without a target spacing the same inputs disagree: the test above can fail.
   m, _, counts = vertebra_pixels(None)
-  assert m["target_spacing_mm"] is None
+  assert m.target_spacing_mm is None
   assert counts["fine"] / counts["coarse"] == pytest.approx(2.25, rel=0.1)
 
 
@@ -224,10 +224,10 @@ def test_2d_images_need_their_spacing_with_a_target_spacing(tmp_path):
   (f,) = stored["a"]
   np.testing.assert_allclose(f["spacing"].numpy(), [0.5, 1.0])
   assert f["geometry"].numpy().tolist() == [40, 30, 20, 30, 6, 1]
-  assert m["flags"]["spacing_2d_mm"] == [0.5, 1.0]
+  assert m.raw["flags"]["spacing_2d_mm"] == [0.5, 1.0]
   assert int(np.sum(f["mask"].numpy() == 2)) == 5 * 20  # 10 x 20 px at 0.5 x 1.0 mm
   assert writer.cropped_cases(m) == ([], 32, 32.0)
-  assert "warning" not in writer.format_summary(m)
+  assert "warning" not in writer.format_summary(m.raw)
   # A square smaller than the resampled slice (30 px wide at 1 mm) crops it: said, with
   # the --image_size that keeps it whole.
   writer.convert_dataset(images, masks, tmp_path / "small", required_labels=[],
@@ -235,7 +235,7 @@ def test_2d_images_need_their_spacing_with_a_target_spacing(tmp_path):
                          target_spacing_mm=1.0, spacing_2d_mm=(0.5, 1.0))
   m, _ = _stored(tmp_path / "small")
   assert writer.cropped_cases(m) == (["a"], 30, 30.0)
-  warning = writer.format_summary(m).splitlines()[-1]
+  warning = writer.format_summary(m.raw).splitlines()[-1]
   assert warning.startswith("  warning: 1 case is larger than the square (16 px at 1 mm = "
                             "16 mm), centre-cropped, their edges never trained on: a;")
   assert "a; they need 30 px (30 mm): --image_size=32 keeps them whole" in warning

@@ -48,8 +48,7 @@ def fixture_two_datasets(tmp_path):
 
 
 def _files(data_dir, split="train"):
-  manifest = manifest_lib.load(data_dir)
-  return manifest_lib.shard_paths(data_dir, manifest, split)
+  return manifest_lib.load(data_dir).files(split)
 
 
 def test_pipeline_draws_each_dataset_with_its_weight(two_datasets):
@@ -152,20 +151,20 @@ def test_run_over_two_datasets(two_datasets, tmp_path, monkeypatch, capsys):
   assert result["best_val_dice_mean"] == pytest.approx(entry["val_dice_mean_datasets"])
 
   # The model_dir: dataset.json is A's manifest (what export reads), datasets.json both.
-  assert manifest_lib.load(model_dir) == manifest_lib.load(a)
+  assert manifest_lib.load(model_dir).raw == manifest_lib.load(a).raw
   record = json.loads((model_dir / run_dir.DATASETS_NAME).read_text())
   assert [(d["name"], d["data_dir"]) for d in record["datasets"]] == [
       ("spine_a", a), ("spine_b", b)]
-  assert record["datasets"][1]["manifest"] == manifest_lib.load(b)
+  assert record["datasets"][1]["manifest"] == manifest_lib.load(b).raw
   _, manifest = serving.load_model_dir(str(model_dir))
-  assert manifest["image_size"] == 32
+  assert manifest.image_size == 32
 
   # Resume: the same command has nothing left to do; other weights or changed data of
   # any folder are refused.
   assert train.train_and_evaluate(config)["initial_epoch"] == 1
   with pytest.raises(train.ConfigError, match="dataset_weights: '1,3' -> '1,1'"):
     train.train_and_evaluate(dataclasses.replace(config, dataset_weights="1,1"))
-  changed = dict(manifest_lib.load(b), note="converted again")
+  changed = dict(manifest_lib.load(b).raw, note="converted again")
   absolute = train.with_absolute_paths(config)
   entries = [dict(record["datasets"][0]), dict(record["datasets"][1], manifest=changed)]
   with pytest.raises(train.ConfigError, match=f"other data than {b} "):
@@ -234,7 +233,7 @@ def test_single_data_dir_keeps_its_config_keys_and_steps(tmp_path, capsys):
   assert stored["data_dir"] == a and stored["dataset_weights"] == ""
   assert stored["steps_per_epoch"] == 0
   assert not (model_dir / run_dir.DATASETS_NAME).exists()
-  assert manifest_lib.load(model_dir) == manifest_lib.load(a)
+  assert manifest_lib.load(model_dir).raw == manifest_lib.load(a).raw
   (entry,) = json.loads((model_dir / "history.json").read_text())
   assert set(entry) == {"epoch", "seconds", "learning_rate", "loss", "input_wait_fraction",
                         "images_per_second", *(f"val_{k}" for k in metrics.KEYS)}

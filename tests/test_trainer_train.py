@@ -105,6 +105,7 @@ def test_refusals(tmp_path, monkeypatch):
     del old[key]
   (old_dir / "config.json").write_text(json.dumps(old))
   check_model_dir = run_dir.check
+  manifest = manifest_lib.Manifest(data_dir, manifest)
   check_model_dir(same, manifest)
   with pytest.raises(train.ConfigError, match="elastic_prob: 0.0 -> 0.5"):
     check_model_dir(dataclasses.replace(same, elastic_prob=0.5), manifest)

@@ -38,12 +38,12 @@ def make_dataset(files: Sequence[str] | Sequence[Sequence[str]], *,
   """Builds the dataset of (image float32 [B, S, S, 1], mask int32 [B, S, S, 1]).
 
   Args:
-    files: shard paths (`data_prep.manifest.shard_paths`); with `weights`, one list of
+    files: shard paths (`data_prep.manifest.Manifest.files`); with `weights`, one list of
       shard paths per dataset.
     image_size: S, the manifest's square side (shared by every dataset).
     (Masks hold `schema.IGNORE_LABEL` on the padding around each slice, which losses and
     metrics skip; see `data_prep.schema.parse_example`.)
-    compression: "" or "GZIP" (`data_prep.manifest.compression_type`); with `weights`,
+    compression: "" or "GZIP" (`Manifest.compression_type`); with `weights`,
       one per dataset (or one for all).
     global_batch_size: batch over all replicas; each input pipeline yields per-replica
       batches of global_batch_size / num_replicas_in_sync.

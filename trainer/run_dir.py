@@ -15,6 +15,7 @@ import pathlib
 from typing import Any
 
 from data_prep import fileio
+from data_prep import manifest as manifest_lib
 from trainer.config import ConfigError, TrainConfig, resolve_data_dirs
 
 # Settings a resumed run may change; any other difference means another experiment.
@@ -36,13 +37,13 @@ _LEFTOVERS = {
     "checkpoints": ("ckpt-*_temp*", "checkpoint.tmp*"),
 }
 
-def check(config: TrainConfig, manifest: dict[str, Any],
+def check(config: TrainConfig, manifest: manifest_lib.Manifest,
           datasets: dict[str, Any] | None = None) -> None:
   """Refuses to resume into a model_dir written with other settings or other data.
 
   Args:
     config: the run's settings, paths absolute.
-    manifest: the manifest of the (first) --data_dir, as `dataset.json` holds it.
+    manifest: the manifest of the (first) --data_dir; `dataset.json` must hold it.
     datasets: with several folders, the `datasets.json` record of the run
       ({"datasets": [{"name", "data_dir", "manifest"}, ...]}, in --data_dir order);
       else None.
@@ -71,7 +72,7 @@ def check(config: TrainConfig, manifest: dict[str, Any],
           f"({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in differ)}); "
           "use a new --model_dir")
   old_manifest = model_dir / "dataset.json"
-  if old_manifest.is_file() and _read_json(old_manifest) != manifest:
+  if old_manifest.is_file() and _read_json(old_manifest) != manifest.raw:
     raise ConfigError(f"{old_manifest}: this model_dir was trained on another dataset "
                       f"than {config.data_dir.split(',')[0]}; use a new --model_dir")
   old_datasets = model_dir / DATASETS_NAME

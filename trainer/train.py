@@ -59,18 +59,18 @@ class Source:
   """One converted dataset of a run: its folder, its name in logs, its manifest."""
   data_dir: str
   name: str
-  manifest: dict[str, Any]
+  manifest: manifest_lib.Manifest
 
   def files(self, split: str) -> list[str]:
-    return manifest_lib.shard_paths(self.data_dir, self.manifest, split)
+    return self.manifest.files(split)
 
   @property
   def train_slices(self) -> int:
-    return int(self.manifest["splits"]["train"]["slices"])
+    return self.manifest.num_slices("train")
 
   @property
   def compression(self) -> str:
-    return manifest_lib.compression_type(self.manifest)
+    return self.manifest.compression_type
 
 
 def dataset_names(folders: list[str]) -> list[str]:
@@ -87,23 +87,22 @@ def dataset_names(folders: list[str]) -> list[str]:
   return names
 
 
-def load_data_manifest(data_dir: str, config: TrainConfig) -> dict[str, Any]:
+def load_data_manifest(data_dir: str, config: TrainConfig) -> manifest_lib.Manifest:
   """Loads and checks one converted dataset; ConfigError when it cannot be trained on."""
   try:
     manifest = manifest_lib.load(data_dir)
-    manifest_lib.compression_type(manifest)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(str(e)) from e
-  train_files = manifest_lib.shard_paths(data_dir, manifest, "train")
+  train_files = manifest.files("train")
   if not train_files:
     raise ConfigError(f"{manifest_lib.path_of(data_dir)}: the dataset has no train "
                       "shards; convert with a train split")
-  missing = [f for f in (train_files + manifest_lib.shard_paths(data_dir, manifest, "val"))
+  missing = [f for f in (train_files + manifest.files("val"))
              if not fileio.path(f).exists()]
   if missing:
     raise ConfigError(f"{data_dir}: shards listed in dataset.json are missing: "
                       f"{missing[:3]}")
-  size, depth = manifest["image_size"], config.depth
+  size, depth = manifest.image_size, config.depth
   if size % 2**depth:
     raise ConfigError(f"--depth={depth}: image_size {size} of {data_dir} is not "
                       f"divisible by 2**depth={2**depth}")
@@ -125,9 +124,9 @@ def load_datasets(config: TrainConfig) -> list[Source]:
              for folder, name in zip(folders, dataset_names(folders))]
   first = sources[0]
   for other in sources[1:]:
-    for what, value in (("image_size", lambda m: m["image_size"]),
-                        ("normalization", lambda m: m["normalization"].get("method")),
-                        ("target_spacing_mm", lambda m: m.get("target_spacing_mm"))):
+    for what, value in (("image_size", lambda m: m.image_size),
+                        ("normalization", lambda m: m.norm_method),
+                        ("target_spacing_mm", lambda m: m.target_spacing_mm)):
       if value(other.manifest) != value(first.manifest):
         raise ConfigError(
             f"--data_dir: {other.data_dir} has {what} {value(other.manifest)!r}, "
@@ -163,21 +162,17 @@ def epoch_plan(config: TrainConfig, sources: list[Source],
   return steps, line
 
 
-def _training_shards(manifest: dict[str, Any]) -> dict[str, Any]:
-  """The manifest cut to the train and val shards that record a SHA-256.
+def _training_shards(manifest: manifest_lib.Manifest) -> list[manifest_lib.Shard]:
+  """The train and val shards that record a SHA-256.
 
   Test shards are not read by training, and shards without a hash (written by tools
   other than spine-convert) cannot be checked.
   """
-  splits = {split: dict(manifest["splits"][split],
-                        shards=[s for s in manifest["splits"][split].get("shards", [])
-                                if s.get("sha256")])
-            for split in ("train", "val") if split in manifest["splits"]}
-  return dict(manifest, splits=splits)
+  return [s for s in manifest.shards("train", "val") if s.sha256]
 
 
-def _shard_problems(data_dir: str, manifest: dict[str, Any]) -> list[str]:
-  return manifest_lib.verify_shards(data_dir, _training_shards(manifest))
+def _shard_problems(manifest: manifest_lib.Manifest) -> list[str]:
+  return manifest_lib.verify_shards(_training_shards(manifest))
 
 
 def _describe(problems: list[str]) -> str:
@@ -185,14 +180,14 @@ def _describe(problems: list[str]) -> str:
   return "; ".join(problems[:3]) + more
 
 
-def _verify_shards_at_start(data_dir: str, manifest: dict[str, Any]) -> None:
+def _verify_shards_at_start(data_dir: str, manifest: manifest_lib.Manifest) -> None:
   """Refuses damaged train/val shards before any TF work (ConfigError naming them)."""
-  size = manifest_lib.shard_bytes(data_dir, _training_shards(manifest))
+  size = manifest_lib.shard_bytes(_training_shards(manifest))
   if size > _VERIFY_BYTES:
     print(f"spine-train: {size / 2**30:.1f} GiB of shards: not checking their SHA-256 "
           "at start (a shard that cannot be read will be named)", flush=True)
     return
-  problems = _shard_problems(data_dir, manifest)
+  problems = _shard_problems(manifest)
   if problems:
     raise ConfigError(f"{len(problems)} damaged shard(s) in {data_dir}: "
                       f"{_describe(problems)} (--noverify_shards skips this check)")
@@ -282,7 +277,7 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
       run_dir.check(config, manifest, record)
       run_dir.remove_leftovers(model_dir)
       fileio.write_json_atomic(model_dir / "config.json", dataclasses.asdict(config))
-      fileio.write_json_atomic(model_dir / "dataset.json", manifest)
+      fileio.write_json_atomic(model_dir / "dataset.json", manifest.raw)
       if record is not None:
         fileio.write_json_atomic(model_dir / run_dir.DATASETS_NAME, record)
       save_dir = str(model_dir / "checkpoints")
@@ -298,7 +293,7 @@ def _datasets_record(sources: list[Source]) -> dict[str, Any] | None:
   """What `datasets.json` holds with several folders (None for one: no such file)."""
   if len(sources) == 1:
     return None
-  return {"datasets": [{"name": s.name, "data_dir": s.data_dir, "manifest": s.manifest}
+  return {"datasets": [{"name": s.name, "data_dir": s.data_dir, "manifest": s.manifest.raw}
                        for s in sources]}
 
 
@@ -318,8 +313,8 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
   policy = "float32" if config.mixed_precision == "none" else config.mixed_precision
   keras.mixed_precision.set_global_policy(policy)
 
-  image_size = sources[0].manifest["image_size"]
-  num_classes = int(sources[0].manifest["num_classes"])
+  image_size = sources[0].manifest.image_size
+  num_classes = sources[0].manifest.num_classes
   shares = sampling_weights(config, sources)
   steps_per_epoch, plan = epoch_plan(config, sources, shares)
   print(plan, flush=True)
@@ -453,7 +448,7 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
 def _read_failure(sources: list[Source], error) -> str:
   """One line for a shard that failed to read mid-run, naming it when a hash tells."""
   for source in sources:
-    problems = _shard_problems(source.data_dir, source.manifest)
+    problems = _shard_problems(source.manifest)
     if problems:
       return f"reading {source.data_dir} failed: {_describe(problems)}"
   first = (error.message or str(error)).strip().splitlines()[0]

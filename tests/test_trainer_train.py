@@ -24,6 +24,7 @@ from data_prep import manifest as manifest_lib
 from data_prep import schema
 from trainer import augment
 from trainer import callbacks
+from trainer import config as config_lib
 from trainer import input_pipeline
 from trainer import main as main_lib
 from trainer import run_dir
@@ -265,9 +266,8 @@ def test_experiment_flag_files_keep_their_meaning(name, expected):
 
 def test_augment_config_is_built_from_every_aug_setting():
   base = train.TrainConfig(data_dir="d", model_dir="m")
-  # The defaults are AugmentConfig's (the elastic field is off either way).
-  assert train.augment_config(dataclasses.replace(base, elastic_alpha=0.0)) == (
-      augment.AugmentConfig())
+  # The defaults are AugmentConfig's (written once, there).
+  assert train.augment_config(base) == augment.AugmentConfig()
   assert train.augment_config(dataclasses.replace(base, augment=False)) is None
   changed = {f.name: (f.default + 1 if isinstance(f.default, int) else f.default / 2 + 0.01)
              for f in dataclasses.fields(train.TrainConfig) if f.name.startswith("aug_")}
@@ -278,7 +278,29 @@ def test_augment_config_is_built_from_every_aug_setting():
   same = [f.name for f in dataclasses.fields(augment.AugmentConfig)
           if getattr(built, f.name) == getattr(default, f.name)]
   assert not same, f"AugmentConfig fields not set from TrainConfig: {same}"
-  assert built.gamma_range == (changed["aug_gamma_min"], changed["aug_gamma_max"])
+  assert (built.gamma_min, built.gamma_max, built.elastic_alpha) == (
+      changed["aug_gamma_min"], changed["aug_gamma_max"], 3.0)
+
+
+def test_augment_settings_keep_their_flag_names_defaults_and_help():
+  # Users' flagfiles spell these; renaming an AugmentConfig field must not rename a flag.
+  expected = ["max_rotation_deg", "scale_range", "max_translation", "geometric_prob",
+              "elastic_grid", "gamma_min", "gamma_max", "gamma_prob", "contrast_min",
+              "contrast_max", "brightness", "contrast_prob", "bias_field_strength",
+              "bias_field_prob", "noise_std", "noise_prob", "remap_prob", "blur_prob",
+              "blur_max_sigma", "lowres_prob", "lowres_max_factor"]
+  fields = {f.name: f for f in dataclasses.fields(train.TrainConfig)}
+  names = [n for n in fields if n.startswith(("aug_", "elastic_"))]
+  assert sorted(names) == sorted(["elastic_prob", "elastic_alpha"] +
+                                 [f"aug_{n}" for n in expected])
+  defaults = train.TrainConfig(data_dir="d", model_dir="m")
+  # What a default run has recorded in config.json (a resumed run compares it).
+  assert (defaults.elastic_prob, defaults.elastic_alpha, defaults.aug_gamma_min,
+          defaults.aug_contrast_max, defaults.aug_elastic_grid) == (0.0, 10.0, 0.7, 1.25, 6)
+  for field in dataclasses.fields(augment.AugmentConfig):
+    setting = fields[config_lib.augment_setting(field.name)]
+    assert (setting.default, setting.metadata["help"]) == (
+        field.default, field.metadata["help"]), field.name
 
 
 def test_resume_check_compares_folders_not_spellings(tmp_path, monkeypatch):

@@ -408,7 +408,7 @@ def test_non_finite_loss_stops_before_saving_that_epoch(tmp_path, monkeypatch):
 
   def poisoned(*args, **kwargs):
     ds = make_dataset(*args, **kwargs)
-    if kwargs["training"]:
+    if kwargs.get("training"):
       ds = ds.map(lambda image, mask: (image + np.inf, mask))
     return ds
 

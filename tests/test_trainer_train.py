@@ -17,10 +17,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.core.util import event_pb2
 
 import trainer_testdata
 from data_prep import fileio
 from data_prep import manifest as manifest_lib
+from data_prep import overlay
 from data_prep import schema
 from trainer import augment
 from trainer import callbacks
@@ -55,9 +57,47 @@ def test_few_steps_end_to_end(tmp_path):
   assert json.loads((model_dir / "dataset.json").read_text())["image_size"] == 32
   for sub in ("train", "validation", "images"):
     assert os.listdir(model_dir / "logs" / sub), sub
+  # One overlay summary per epoch: each val slice | its truth | the prediction.
+  shown = _image_summaries(model_dir / "logs" / "images")
+  assert [(tag, step) for tag, step, _ in shown] == [("val_overlay", 1), ("val_overlay", 2)]
+  val = input_pipeline.make_dataset(
+      manifest_lib.shard_paths(data_dir, manifest_lib.load(data_dir), "val"),
+      image_size=32, compression="", global_batch_size=3)
+  images, masks = next(iter(val))
+  for _, _, pngs in shown:
+    assert pngs.shape == (3, 32, 96, 3)
+    for png, image, mask in zip(pngs, images.numpy()[..., 0], masks.numpy()[..., 0]):
+      np.testing.assert_array_equal(png[:, :64],
+                                    overlay.side_by_side(image, mask, mask)[:, :64])
   model = keras.models.load_model(model_dir / "best.keras", compile=False)
   assert model.input.name == "image"
   assert model(np.zeros((1, 32, 32, 1), np.float32)).shape == (1, 32, 32, 3)
+
+
+def _image_summaries(log_dir):
+  """(tag, step, uint8 [K, H, W, 3]) of each TensorBoard image summary under log_dir,
+  read as TensorBoard's image plugin reads them (width, height, then one PNG each)."""
+  found = []
+  for path in sorted(log_dir.glob("events.out.tfevents.*")):
+    for record in tf.data.TFRecordDataset(str(path)):
+      event = event_pb2.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name == "images":
+          data = tf.make_ndarray(value.tensor)
+          pngs = np.stack([tf.io.decode_png(png).numpy() for png in data[2:]])
+          assert (int(data[0]), int(data[1])) == (pngs.shape[2], pngs.shape[1])
+          found.append((value.tag, event.step, pngs))
+  return found
+
+
+def test_overlay_images_are_written_whole_and_exact(tmp_path):
+  images = np.random.default_rng(0).integers(0, 256, (5, 6, 9, 3), dtype=np.uint8)
+  writer = tf.summary.create_file_writer(str(tmp_path))
+  callbacks.write_images(writer, "val_overlay_a", images, step=3)
+  writer.close()
+  [(tag, step, read)] = _image_summaries(tmp_path)
+  assert (tag, step) == ("val_overlay_a", 3)
+  np.testing.assert_array_equal(read, images)  # All 5, not tf.summary.image's default 3.
 
 
 def test_refusals(tmp_path, monkeypatch):

@@ -573,7 +573,7 @@ def augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor,
 def augment_in_train_step(model, config: AugmentConfig, seed: int) -> None:
   """Makes `model.fit` augment each batch inside its train step, on the accelerator.
 
-  The input pipeline then only reads and batches (`make_dataset(augment=None)`); the
+  The input pipeline then only reads and batches (`TrainingOptions(augment=None)`); the
   augmentation runs in the (distributed, possibly XLA-compiled) step before the forward
   pass, on the replica's own batch. `evaluate`/`predict` (test_step) are untouched.
   Seeds: (seed + replica id, optimizer step), so every replica and step draws anew and a

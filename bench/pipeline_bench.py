@@ -94,9 +94,9 @@ def python_loader(root: pathlib.Path, count: int, batch: int, passes: int = 2) -
 
 def pipeline_rate(files, size, batch, slices, augment, cache=False) -> float:
   """Slices/s drawn from `make_dataset` (after a warm-up pass over the data)."""
-  ds = input_pipeline.make_dataset(files, image_size=size, compression="",
-                                   global_batch_size=batch, training=True,
-                                   augment=augment, seed=0, cache=cache)
+  ds = input_pipeline.make_dataset(
+      files, image_size=size, compression="", global_batch_size=batch,
+      training=input_pipeline.TrainingOptions(augment=augment, seed=0, cache=cache))
   it = iter(ds)
   for _ in range(_SLICES.value // batch + 3):  # Warm-up: fill buffers, trace, cache.
     next(it)
@@ -161,9 +161,9 @@ def main(argv):
     host = pipeline_rate(files, size, batch, _READ.value, config, cache=True)
 
     def feed(augment):
-      return input_pipeline.make_dataset(files, image_size=size, compression="",
-                                         global_batch_size=batch, training=True,
-                                         augment=augment, seed=0, cache=True)
+      return input_pipeline.make_dataset(
+          files, image_size=size, compression="", global_batch_size=batch,
+          training=input_pipeline.TrainingOptions(augment=augment, seed=0, cache=True))
 
     one = next(iter(feed(None)))
     rates = train_rates({"ceiling": (tf.data.Dataset.from_tensors(one).repeat(),),
@@ -172,12 +172,14 @@ def main(argv):
     ceiling, device_fed, host_fed = rates["ceiling"], rates["device"], rates["host"]
     service = data_service_lib.start(workers=2)
     try:
-      common = dict(image_size=size, compression="", global_batch_size=batch,
-                    training=True, augment=config, seed=0)
+      common = dict(image_size=size, compression="", global_batch_size=batch)
+      local = input_pipeline.TrainingOptions(augment=config, seed=0, cache=True)
+      remote = input_pipeline.TrainingOptions(augment=config, seed=0,
+                                              data_service=service.address)
       local_wait = input_wait(lambda mark: input_pipeline.make_dataset(
-          files, cache=True, on_batch=mark, **common), _STEPS.value)
+          files, training=local, on_batch=mark, **common), _STEPS.value)
       service_wait = input_wait(lambda mark: input_pipeline.make_dataset(
-          files, data_service=service.address, on_batch=mark, **common), _STEPS.value)
+          files, training=remote, on_batch=mark, **common), _STEPS.value)
     finally:
       service.stop()
   print(f"\npipeline_bench: {_SLICES.value} slices {size}x{size}, batch {batch}, "

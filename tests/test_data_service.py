@@ -44,7 +44,7 @@ def _local_pass(data_dir):
       data_dir, train.TrainConfig(data_dir=data_dir, model_dir="")))
   return source, _fingerprints(input_pipeline.make_dataset(
       source.files("train"), image_size=32, compression=source.compression,
-      global_batch_size=1, training=False))
+      global_batch_size=1))
 
 
 def test_each_pass_through_the_service_gives_every_slice_once(service, tmp_path):
@@ -54,24 +54,28 @@ def test_each_pass_through_the_service_gives_every_slice_once(service, tmp_path)
       tmp_path / "b", num_train=4, train_shards=2, seed=2, image_offset=5.0))
   assert len(first_slices) == 9 and set(first_slices.values()) == {1}
   # Batch 1: a finite stream drops no partial batch at each worker's end.
-  common = dict(image_size=32, global_batch_size=1, training=True, seed=3,
-                data_service=service.address)
+  common = dict(image_size=32, global_batch_size=1)
+
+  def options(**kwargs):
+    return input_pipeline.TrainingOptions(seed=3, data_service=service.address, **kwargs)
+
   one = input_pipeline.make_dataset(first.files("train"), compression=first.compression,
-                                    passes=1, **common)
+                                    training=options(passes=1), **common)
   assert _fingerprints(one) == first_slices
   two = input_pipeline.make_dataset(first.files("train"), compression=first.compression,
-                                    passes=2, **common)
+                                    training=options(passes=2), **common)
   assert _fingerprints(two) == first_slices + first_slices
   # Two datasets mixed by weight on the workers: each slice of both, once.
   mixed = input_pipeline.make_dataset(
       [first.files("train"), second.files("train")],
-      compression=[first.compression, second.compression], weights=[1, 1], passes=1,
-      **common)
+      compression=[first.compression, second.compression],
+      training=options(weights=[1, 1], passes=1), **common)
   assert _fingerprints(mixed) == first_slices + second_slices
   # Augmented on the workers (--augment_on=host): still 9 slices, each moved.
   augmented = _fingerprints(input_pipeline.make_dataset(
-      first.files("train"), compression=first.compression, passes=1,
-      augment=augment.AugmentConfig(geometric_prob=1.0), **common))
+      first.files("train"), compression=first.compression,
+      training=options(passes=1, augment=augment.AugmentConfig(geometric_prob=1.0)),
+      **common))
   assert sum(augmented.values()) == 9 and not set(augmented) & set(first_slices)
 
 

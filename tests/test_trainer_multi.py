@@ -57,7 +57,8 @@ def test_pipeline_draws_each_dataset_with_its_weight(two_datasets):
   def sources(weights, seed=0):
     return input_pipeline.make_dataset(
         [_files(a), _files(b)], image_size=32, compression=["", ""], global_batch_size=4,
-        training=True, seed=seed, deterministic=True, weights=weights)
+        training=input_pipeline.TrainingOptions(seed=seed, deterministic=True,
+                                                weights=weights))
 
   # B holds a quarter of the train slices but is asked for three quarters of the draws.
   batches = [images.numpy() for images, _ in sources([1.0, 3.0]).take(150)]
@@ -83,7 +84,7 @@ def test_pipeline_draws_each_dataset_with_its_weight(two_datasets):
 def _counts(model, data_dir):
   """Summed `metrics.counts` of `model` over the val split of `data_dir` (NumPy side)."""
   ds = input_pipeline.make_dataset(_files(data_dir, "val"), image_size=32, compression="",
-                                   global_batch_size=2, training=False)
+                                   global_batch_size=2)
   total = np.zeros((3, 3), np.int64)
   for images, masks in ds:
     predictions = np.argmax(model(images, training=False).numpy(), axis=-1)
@@ -98,7 +99,7 @@ def test_run_over_two_datasets(two_datasets, tmp_path, monkeypatch, capsys):
 
   def keep(*args, **kwargs):
     ds = make_dataset(*args, **kwargs)
-    if kwargs["training"]:
+    if kwargs.get("training"):
       made.append(ds)
     return ds
 

@@ -111,7 +111,7 @@ def test_eval_dataset_reads_every_example_once_in_order(tmp_path, compression):
   files = manifest.files("val")
   batches = list(input_pipeline.make_dataset(
       files, image_size=32, compression=manifest.compression_type,
-      global_batch_size=2, training=False))
+      global_batch_size=2))
   assert [len(b[0]) for b in batches] == [2, 2, 1]
   assert batches[0][0].dtype == tf.float32 and batches[0][1].dtype == tf.int32
   # The slices trainer_testdata drew, in its order: 5 train slices, then val 0..4.
@@ -154,8 +154,9 @@ def test_training_dataset_batches_repeats_and_shards_per_worker(tmp_path):
   files = manifest.files("train")
   ticks = []
   ds = input_pipeline.make_dataset(files, image_size=32, compression="",
-                                   global_batch_size=4, training=True, seed=0,
-                                   augment=augment.AugmentConfig(),
+                                   global_batch_size=4,
+                                   training=input_pipeline.TrainingOptions(
+                                       seed=0, augment=augment.AugmentConfig()),
                                    on_batch=lambda: ticks.append(1))
   batches = list(ds.take(5))  # 20 examples > 6: the dataset repeats.
   assert all(b[0].shape == (4, 32, 32, 1) for b in batches)
@@ -166,12 +167,13 @@ def test_training_dataset_batches_repeats_and_shards_per_worker(tmp_path):
     context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker,
                                          num_replicas_in_sync=2)
     ds = input_pipeline.make_dataset(files, image_size=32, compression="",
-                                     global_batch_size=4, training=True,
+                                     global_batch_size=4,
+                                     training=input_pipeline.TrainingOptions(),
                                      input_context=context)
     images = np.concatenate([b[0].numpy() for b in ds.take(4)])
     assert images.shape == (8, 32, 32, 1)
     own = input_pipeline.make_dataset([files[worker]], image_size=32, compression="",
-                                      global_batch_size=8, training=False)
+                                      global_batch_size=8)
     expected = {round(float(x.sum()), 3) for b in own for x in b[0].numpy()}
     seen.append({round(float(x.sum()), 3) for x in images})
     assert seen[-1] <= expected and len(expected) == 3
@@ -181,7 +183,7 @@ def test_training_dataset_batches_repeats_and_shards_per_worker(tmp_path):
 def test_missing_shard_is_reported(tmp_path):
   with pytest.raises(ValueError, match="missing"):
     input_pipeline.make_dataset([str(tmp_path / "nope.tfrecord")], image_size=32,
-                                compression="", global_batch_size=1, training=False)
+                                compression="", global_batch_size=1)
 
 
 def test_warp_matches_image_projective_transform():
@@ -228,7 +230,8 @@ def test_cached_training_dataset_repeats_and_reshuffles(tmp_path):
   manifest = manifest_lib.load(data_dir)
   files = manifest.files("train")
   ds = input_pipeline.make_dataset(files, image_size=32, compression="",
-                                   global_batch_size=6, training=True, seed=0, cache=True)
+                                   global_batch_size=6,
+                                   training=input_pipeline.TrainingOptions(seed=0, cache=True))
   epochs = [b[0].numpy() for b in ds.take(3)]
   sums = [[round(float(x.sum()), 3) for x in e] for e in epochs]
   # Every pass holds the same 6 slices, in a new order.

@@ -17,13 +17,16 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.core.util import event_pb2
 
 import trainer_testdata
 from data_prep import fileio
 from data_prep import manifest as manifest_lib
+from data_prep import overlay
 from data_prep import schema
 from trainer import augment
 from trainer import callbacks
+from trainer import config as config_lib
 from trainer import input_pipeline
 from trainer import main as main_lib
 from trainer import run_dir
@@ -54,9 +57,47 @@ def test_few_steps_end_to_end(tmp_path):
   assert json.loads((model_dir / "dataset.json").read_text())["image_size"] == 32
   for sub in ("train", "validation", "images"):
     assert os.listdir(model_dir / "logs" / sub), sub
+  # One overlay summary per epoch: each val slice | its truth | the prediction.
+  shown = _image_summaries(model_dir / "logs" / "images")
+  assert [(tag, step) for tag, step, _ in shown] == [("val_overlay", 1), ("val_overlay", 2)]
+  val = input_pipeline.make_dataset(
+      manifest_lib.load(data_dir).files("val"),
+      image_size=32, compression="", global_batch_size=3)
+  images, masks = next(iter(val))
+  for _, _, pngs in shown:
+    assert pngs.shape == (3, 32, 96, 3)
+    for png, image, mask in zip(pngs, images.numpy()[..., 0], masks.numpy()[..., 0]):
+      np.testing.assert_array_equal(png[:, :64],
+                                    overlay.side_by_side(image, mask, mask)[:, :64])
   model = keras.models.load_model(model_dir / "best.keras", compile=False)
   assert model.input.name == "image"
   assert model(np.zeros((1, 32, 32, 1), np.float32)).shape == (1, 32, 32, 3)
+
+
+def _image_summaries(log_dir):
+  """(tag, step, uint8 [K, H, W, 3]) of each TensorBoard image summary under log_dir,
+  read as TensorBoard's image plugin reads them (width, height, then one PNG each)."""
+  found = []
+  for path in sorted(log_dir.glob("events.out.tfevents.*")):
+    for record in tf.data.TFRecordDataset(str(path)):
+      event = event_pb2.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name == "images":
+          data = tf.make_ndarray(value.tensor)
+          pngs = np.stack([tf.io.decode_png(png).numpy() for png in data[2:]])
+          assert (int(data[0]), int(data[1])) == (pngs.shape[2], pngs.shape[1])
+          found.append((value.tag, event.step, pngs))
+  return found
+
+
+def test_overlay_images_are_written_whole_and_exact(tmp_path):
+  images = np.random.default_rng(0).integers(0, 256, (5, 6, 9, 3), dtype=np.uint8)
+  writer = tf.summary.create_file_writer(str(tmp_path))
+  callbacks.write_images(writer, "val_overlay_a", images, step=3)
+  writer.close()
+  [(tag, step, read)] = _image_summaries(tmp_path)
+  assert (tag, step) == ("val_overlay_a", 3)
+  np.testing.assert_array_equal(read, images)  # All 5, not tf.summary.image's default 3.
 
 
 def test_refusals(tmp_path, monkeypatch):
@@ -266,9 +307,8 @@ def test_experiment_flag_files_keep_their_meaning(name, expected):
 
 def test_augment_config_is_built_from_every_aug_setting():
   base = train.TrainConfig(data_dir="d", model_dir="m")
-  # The defaults are AugmentConfig's (the elastic field is off either way).
-  assert train.augment_config(dataclasses.replace(base, elastic_alpha=0.0)) == (
-      augment.AugmentConfig())
+  # The defaults are AugmentConfig's (written once, there).
+  assert train.augment_config(base) == augment.AugmentConfig()
   assert train.augment_config(dataclasses.replace(base, augment=False)) is None
   changed = {f.name: (f.default + 1 if isinstance(f.default, int) else f.default / 2 + 0.01)
              for f in dataclasses.fields(train.TrainConfig) if f.name.startswith("aug_")}
@@ -279,7 +319,29 @@ def test_augment_config_is_built_from_every_aug_setting():
   same = [f.name for f in dataclasses.fields(augment.AugmentConfig)
           if getattr(built, f.name) == getattr(default, f.name)]
   assert not same, f"AugmentConfig fields not set from TrainConfig: {same}"
-  assert built.gamma_range == (changed["aug_gamma_min"], changed["aug_gamma_max"])
+  assert (built.gamma_min, built.gamma_max, built.elastic_alpha) == (
+      changed["aug_gamma_min"], changed["aug_gamma_max"], 3.0)
+
+
+def test_augment_settings_keep_their_flag_names_defaults_and_help():
+  # Users' flagfiles spell these; renaming an AugmentConfig field must not rename a flag.
+  expected = ["max_rotation_deg", "scale_range", "max_translation", "geometric_prob",
+              "elastic_grid", "gamma_min", "gamma_max", "gamma_prob", "contrast_min",
+              "contrast_max", "brightness", "contrast_prob", "bias_field_strength",
+              "bias_field_prob", "noise_std", "noise_prob", "remap_prob", "blur_prob",
+              "blur_max_sigma", "lowres_prob", "lowres_max_factor"]
+  fields = {f.name: f for f in dataclasses.fields(train.TrainConfig)}
+  names = [n for n in fields if n.startswith(("aug_", "elastic_"))]
+  assert sorted(names) == sorted(["elastic_prob", "elastic_alpha"] +
+                                 [f"aug_{n}" for n in expected])
+  defaults = train.TrainConfig(data_dir="d", model_dir="m")
+  # What a default run has recorded in config.json (a resumed run compares it).
+  assert (defaults.elastic_prob, defaults.elastic_alpha, defaults.aug_gamma_min,
+          defaults.aug_contrast_max, defaults.aug_elastic_grid) == (0.0, 10.0, 0.7, 1.25, 6)
+  for field in dataclasses.fields(augment.AugmentConfig):
+    setting = fields[config_lib.augment_setting(field.name)]
+    assert (setting.default, setting.metadata["help"]) == (
+        field.default, field.metadata["help"]), field.name
 
 
 def test_resume_check_compares_folders_not_spellings(tmp_path, monkeypatch):
@@ -387,7 +449,7 @@ def test_non_finite_loss_stops_before_saving_that_epoch(tmp_path, monkeypatch):
 
   def poisoned(*args, **kwargs):
     ds = make_dataset(*args, **kwargs)
-    if kwargs["training"]:
+    if kwargs.get("training"):
       ds = ds.map(lambda image, mask: (image + np.inf, mask))
     return ds
 

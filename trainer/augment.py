@@ -29,31 +29,51 @@ import tensorflow as tf
 from data_prep import schema
 
 
+def _range(default, help_text: str):
+  """An AugmentConfig field: its default and what it means, which is also the --help of
+  its spine-train flag (`trainer.config` makes one TrainConfig setting per field)."""
+  return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
   """Ranges of the random transforms; a probability of 0 switches one off."""
-  max_rotation_deg: float = 15.0
-  scale_range: float = 0.15          # scale drawn log-uniformly in [1 - r, 1 + r]
-  max_translation: float = 0.08      # fraction of the side
-  geometric_prob: float = 0.8
-  elastic_alpha: float = 0.0         # max displacement in pixels of the smooth elastic field
-  elastic_grid: int = 6              # control points per side of that field
-  elastic_prob: float = 0.0          # off by default (spine-train --elastic_prob)
-  gamma_range: tuple[float, float] = (0.7, 1.5)
-  gamma_prob: float = 0.3
-  contrast_range: tuple[float, float] = (0.75, 1.25)
-  brightness: float = 0.1            # shift, in units of the image's standard deviation
-  contrast_prob: float = 0.5
-  bias_field_strength: float = 0.3   # log-amplitude of the smooth multiplicative field
-  bias_field_prob: float = 0.3
-  noise_std: float = 0.05            # max noise std, in units of the image's std
-  noise_prob: float = 0.3
+  max_rotation_deg: float = _range(15.0, "Largest rotation, in degrees.")
+  scale_range: float = _range(
+      0.15, "Zoom drawn log-uniformly in [1 - r, 1 + r] (0 <= r < 1).")
+  max_translation: float = _range(0.08, "Largest shift, as a fraction of the side.")
+  geometric_prob: float = _range(0.8, "Share of slices rotated, zoomed and shifted.")
+  elastic_alpha: float = _range(
+      10.0, "Largest displacement of the elastic field, in pixels of the stored squares.")
+  elastic_grid: int = _range(6, "Control points per side of the elastic field (>= 2).")
+  elastic_prob: float = _range(
+      0.0, "Share of training slices also deformed by a smooth random elastic field "
+      "(same field for image and mask); 0: off.")
+  gamma_min: float = _range(0.7, "Smallest intensity gamma (> 0).")
+  gamma_max: float = _range(1.5, "Largest intensity gamma.")
+  gamma_prob: float = _range(0.3, "Share of slices gamma-changed.")
+  contrast_min: float = _range(0.75, "Smallest contrast factor.")
+  contrast_max: float = _range(1.25, "Largest contrast factor.")
+  brightness: float = _range(0.1, "Largest brightness shift, in units of the image's std.")
+  contrast_prob: float = _range(0.5, "Share of slices with contrast/brightness changed.")
+  bias_field_strength: float = _range(
+      0.3, "Log-amplitude of the smooth multiplicative bias field.")
+  bias_field_prob: float = _range(0.3, "Share of slices given a bias field.")
+  noise_std: float = _range(0.05, "Largest Gaussian noise std, in units of the image's std.")
+  noise_prob: float = _range(0.3, "Share of slices given noise.")
   # Scanner/sequence changes (`random_appearance`), off by default.
-  remap_prob: float = 0.0            # per-region random intensity remapping (SynthSeg-like)
-  blur_prob: float = 0.0
-  blur_max_sigma: float = 1.5        # Gaussian sigma drawn in [0, max], pixels
-  lowres_prob: float = 0.0
-  lowres_max_factor: float = 3.0     # down/upsampling factor drawn in [1, max] per axis
+  remap_prob: float = _range(
+      0.0, "Share of slices whose background, discs and vertebrae each get their own "
+      "random linear intensity map (slope in [-1, 1]: contrast may invert, as T2 vs "
+      "T1/inversion recovery), edges blended, mean/std kept; 0: off.")
+  blur_prob: float = _range(0.0, "Share of slices Gaussian-blurred (resolution loss); 0: off.")
+  blur_max_sigma: float = _range(
+      1.5, "Largest sigma of that blur, in pixels (drawn in [0, max]).")
+  lowres_prob: float = _range(
+      0.0, "Share of slices downsampled (area) and upsampled back (bilinear): a coarser "
+      "scanner resolution; 0: off.")
+  lowres_max_factor: float = _range(
+      3.0, "Largest down/upsampling factor, drawn in [1, max] per axis (>= 1).")
 
 
 # `remap_regions`: offsets b_k are drawn in [-REMAP_MAX_OFFSET, REMAP_MAX_OFFSET] (units of
@@ -299,10 +319,9 @@ def random_intensity(images, seed, config: AugmentConfig, static_shapes: bool = 
 
   noise_on = draw(9) < config.noise_prob
   params = {
-      "gamma": tf.exp(draw(0, math.log(config.gamma_range[0]),
-                           math.log(config.gamma_range[1]))),
+      "gamma": tf.exp(draw(0, math.log(config.gamma_min), math.log(config.gamma_max))),
       "gamma_on": draw(1) < config.gamma_prob,
-      "contrast": draw(2, *config.contrast_range),
+      "contrast": draw(2, config.contrast_min, config.contrast_max),
       "shift": draw(3, -config.brightness, config.brightness),
       "contrast_on": draw(4) < config.contrast_prob,
       "coarse": _uniform(seeds[5], tf.concat([batch, [4, 4]], 0), -1.0, 1.0),
@@ -554,7 +573,7 @@ def augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor,
 def augment_in_train_step(model, config: AugmentConfig, seed: int) -> None:
   """Makes `model.fit` augment each batch inside its train step, on the accelerator.
 
-  The input pipeline then only reads and batches (`make_dataset(augment=None)`); the
+  The input pipeline then only reads and batches (`TrainingOptions(augment=None)`); the
   augmentation runs in the (distributed, possibly XLA-compiled) step before the forward
   pass, on the replica's own batch. `evaluate`/`predict` (test_step) are untouched.
   Seeds: (seed + replica id, optimizer step), so every replica and step draws anew and a

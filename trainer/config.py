@@ -21,7 +21,8 @@ OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 AUGMENT_ON = ("auto", "device", "host")
-_AUG = augment_lib.AugmentConfig()  # The augmentation ranges' defaults are written there.
+# The two elastic settings had flags before the other ranges; flagfiles spell them so.
+_UNPREFIXED_AUGMENT = ("elastic_prob", "elastic_alpha")
 
 
 class ConfigError(ValueError):
@@ -36,7 +37,25 @@ def _setting(default, help_text: str, choices: tuple[str, ...] | None = None):
   return dataclasses.field(default=default, metadata=metadata)
 
 
+def augment_setting(name: str) -> str:
+  """The TrainConfig setting (and flag) of `augment.AugmentConfig` field `name`:
+  aug_NAME, or NAME for the elastic probability and displacement."""
+  return name if name in _UNPREFIXED_AUGMENT else f"aug_{name}"
+
+
+def _with_augment_settings(cls):
+  """Adds one setting per `augment.AugmentConfig` field to the TrainConfig class body,
+  with that field's type, default and help (`augment_setting` names it), so each range
+  is written once, in trainer/augment.py."""
+  for field in dataclasses.fields(augment_lib.AugmentConfig):
+    name = augment_setting(field.name)
+    cls.__annotations__[name] = field.type
+    setattr(cls, name, _setting(field.default, field.metadata["help"]))
+  return cls
+
+
 @dataclasses.dataclass(frozen=True)
+@_with_augment_settings
 class TrainConfig:
   """Every setting that shapes a training run: the one source of defaults and help.
 
@@ -44,7 +63,8 @@ class TrainConfig:
   `config.json` holds all of them. The bare defaults are the recommended settings;
   `experiments/default.flags` spells them out (a test holds the two equal). Fields added
   later count as their defaults when an older model_dir is resumed, so a new field's
-  default must reproduce what the trainer did before it existed.
+  default must reproduce what the trainer did before it existed. The augmentation ranges
+  (--elastic_prob, --elastic_alpha, --aug_*) are added from `augment.AugmentConfig`.
   """
   data_dir: str = dataclasses.field(metadata={
       "help": "Output directory of spine-convert; several, comma-separated, train one "
@@ -106,52 +126,6 @@ class TrainConfig:
       "auto", "device: augment inside the train step (tf.data only reads and batches); "
       "host: in the tf.data pipeline on the CPU; auto: device with a GPU/TPU, else host.",
       AUGMENT_ON)
-  elastic_prob: float = _setting(
-      0.0, "Share of training slices also deformed by a smooth random elastic field "
-      "(same field for image and mask); 0: off.")
-  elastic_alpha: float = _setting(
-      10.0, "Largest displacement of the elastic field, in pixels of the stored squares.")
-  # The other ranges of `trainer.augment.AugmentConfig` (see `augment_config`).
-  aug_max_rotation_deg: float = _setting(_AUG.max_rotation_deg,
-                                         "Largest rotation, in degrees.")
-  aug_scale_range: float = _setting(
-      _AUG.scale_range, "Zoom drawn log-uniformly in [1 - r, 1 + r] (0 <= r < 1).")
-  aug_max_translation: float = _setting(_AUG.max_translation,
-                                        "Largest shift, as a fraction of the side.")
-  aug_geometric_prob: float = _setting(
-      _AUG.geometric_prob, "Share of slices rotated, zoomed and shifted.")
-  aug_elastic_grid: int = _setting(
-      _AUG.elastic_grid, "Control points per side of the elastic field (>= 2).")
-  aug_gamma_min: float = _setting(_AUG.gamma_range[0], "Smallest intensity gamma (> 0).")
-  aug_gamma_max: float = _setting(_AUG.gamma_range[1], "Largest intensity gamma.")
-  aug_gamma_prob: float = _setting(_AUG.gamma_prob, "Share of slices gamma-changed.")
-  aug_contrast_min: float = _setting(_AUG.contrast_range[0], "Smallest contrast factor.")
-  aug_contrast_max: float = _setting(_AUG.contrast_range[1], "Largest contrast factor.")
-  aug_brightness: float = _setting(
-      _AUG.brightness, "Largest brightness shift, in units of the image's std.")
-  aug_contrast_prob: float = _setting(
-      _AUG.contrast_prob, "Share of slices with contrast/brightness changed.")
-  aug_bias_field_strength: float = _setting(
-      _AUG.bias_field_strength, "Log-amplitude of the smooth multiplicative bias field.")
-  aug_bias_field_prob: float = _setting(_AUG.bias_field_prob,
-                                        "Share of slices given a bias field.")
-  aug_noise_std: float = _setting(
-      _AUG.noise_std, "Largest Gaussian noise std, in units of the image's std.")
-  aug_noise_prob: float = _setting(_AUG.noise_prob, "Share of slices given noise.")
-  aug_remap_prob: float = _setting(
-      _AUG.remap_prob, "Share of slices whose background, discs and vertebrae each get their "
-      "own random linear intensity map (slope in [-1, 1]: contrast may invert, as T2 vs "
-      "T1/inversion recovery), edges blended, mean/std kept; 0: off.")
-  aug_blur_prob: float = _setting(_AUG.blur_prob,
-                                  "Share of slices Gaussian-blurred (resolution loss); 0: off.")
-  aug_blur_max_sigma: float = _setting(
-      _AUG.blur_max_sigma, "Largest sigma of that blur, in pixels (drawn in [0, max]).")
-  aug_lowres_prob: float = _setting(
-      _AUG.lowres_prob, "Share of slices downsampled (area) and upsampled back (bilinear): "
-      "a coarser scanner resolution; 0: off.")
-  aug_lowres_max_factor: float = _setting(
-      _AUG.lowres_max_factor, "Largest down/upsampling factor, drawn in [1, max] per axis "
-      "(>= 1).")
   shuffle_buffer: int = _setting(512, "Training records in the shuffle buffer.")
   cache_bytes: int = _setting(
       1 << 30, "Cache the decoded train split in memory after the first epoch when it "
@@ -221,20 +195,9 @@ def augment_config(config: TrainConfig) -> augment_lib.AugmentConfig | None:
   """The AugmentConfig of the run (None with --noaugment); every one of its fields set."""
   if not config.augment:
     return None
-  return augment_lib.AugmentConfig(
-      max_rotation_deg=config.aug_max_rotation_deg, scale_range=config.aug_scale_range,
-      max_translation=config.aug_max_translation,
-      geometric_prob=config.aug_geometric_prob, elastic_alpha=config.elastic_alpha,
-      elastic_grid=config.aug_elastic_grid, elastic_prob=config.elastic_prob,
-      gamma_range=(config.aug_gamma_min, config.aug_gamma_max),
-      gamma_prob=config.aug_gamma_prob,
-      contrast_range=(config.aug_contrast_min, config.aug_contrast_max),
-      brightness=config.aug_brightness, contrast_prob=config.aug_contrast_prob,
-      bias_field_strength=config.aug_bias_field_strength,
-      bias_field_prob=config.aug_bias_field_prob, noise_std=config.aug_noise_std,
-      noise_prob=config.aug_noise_prob, remap_prob=config.aug_remap_prob,
-      blur_prob=config.aug_blur_prob, blur_max_sigma=config.aug_blur_max_sigma,
-      lowres_prob=config.aug_lowres_prob, lowres_max_factor=config.aug_lowres_max_factor)
+  return augment_lib.AugmentConfig(**{
+      f.name: getattr(config, augment_setting(f.name))
+      for f in dataclasses.fields(augment_lib.AugmentConfig)})
 
 
 def check_config(config: TrainConfig) -> None:
@@ -297,10 +260,12 @@ def check_config(config: TrainConfig) -> None:
                         f"{getattr(config, high)}: expected min <= max")
   if not config.augment:
     # Ranges of an augmentation that does not run would be recorded but mean nothing.
-    defaults = TrainConfig(data_dir="", model_dir="")
-    changed = [n for n in ("elastic_prob",) + tuple(
-        f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("aug_"))
-               if getattr(config, n) != getattr(defaults, n)]
+    # (--elastic_alpha has never been refused here; left so, so no command that ran
+    # before is refused now.)
+    defaults = augment_lib.AugmentConfig()
+    changed = [augment_setting(f.name) for f in dataclasses.fields(augment_lib.AugmentConfig)
+               if f.name != "elastic_alpha"
+               and getattr(config, augment_setting(f.name)) != getattr(defaults, f.name)]
     if changed:
       raise ConfigError(f"--{changed[0]}={getattr(config, changed[0])} with --noaugment: "
                         "it is part of the augmentation; drop one of the two")

@@ -384,16 +384,17 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
     # Distinct per worker and per resumed run, so no example order is replayed.
     worker = 0 if service else input_context.input_pipeline_id
     seed = config.seed + 1000 * worker + 7919 * initial_epoch
-    return input_pipeline.make_dataset(
-        files, image_size=image_size, compression=compression,
-        global_batch_size=config.global_batch_size, training=True,
-        input_context=input_context, augment=augment, seed=seed,
-        shuffle_buffer=config.shuffle_buffer,
+    options = input_pipeline.TrainingOptions(
+        augment=augment, seed=seed, shuffle_buffer=config.shuffle_buffer,
         # Decoded slices: float32 image + uint8 mask, 5 bytes per pixel; every trained
         # dataset together must fit.
         # (The service's workers read every pass instead.)
         cache=not service and train_slices * image_size**2 * 5 <= config.cache_bytes,
-        deterministic=config.deterministic, on_batch=wait.batch_ready, **mix, **service)
+        deterministic=config.deterministic, **mix, **service)
+    return input_pipeline.make_dataset(
+        files, image_size=image_size, compression=compression,
+        global_batch_size=config.global_batch_size, training=options,
+        input_context=input_context, on_batch=wait.batch_ready)
 
   train_ds = strategy.distribute_datasets_from_function(train_fn)
   history_path = str(model_dir / "history.json")
@@ -404,7 +405,7 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
   if has_val:
     val = {s.name: input_pipeline.make_dataset(
         s.files("val"), image_size=image_size, compression=s.compression,
-        global_batch_size=config.global_batch_size, training=False)
+        global_batch_size=config.global_batch_size)
            for s in sources if s.files("val")}
     # One folder: the split itself, logged and selected exactly as before several existed.
     val_ds = next(iter(val.values())) if len(sources) == 1 else val

@@ -27,11 +27,11 @@ def _read_examples(data_dir, split, compression="none"):
           for s in ds]
 
 
-def _convert(src, out, **kwargs):
-  kwargs.setdefault("image_size", SIZE)
-  kwargs.setdefault("num_workers", 1)
-  kwargs.setdefault("progress", False)
-  return writer.convert_dataset(str(src / "images"), str(src / "masks"), str(out), **kwargs)
+def _convert(src, out, log=None, **settings):
+  """convert_dataset with `settings` (ConvertOptions fields) on SIZE px, one process."""
+  options = writer.ConvertOptions(**dict(dict(image_size=SIZE, num_workers=1), **settings))
+  return writer.convert_dataset(str(src / "images"), str(src / "masks"), str(out), options,
+                                progress=False, log=log)
 
 
 def _synthetic_2d(root, n=6, shape=(40, 30), labels=(0, 1, 2), prefix="s"):

@@ -49,8 +49,10 @@ if sys.argv[5] == "beam":  # the DirectRunner's worker processes instead of ours
       f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing",
       "--prism_location=/nonexistent/prism"]}  # not Prism: see README, Scaling out
 t = time.perf_counter()
-m = writer.convert_dataset(src + "/images", src + "/masks", out, required_labels=[],
-                           image_size=size, progress=False, **engine)
+m = writer.convert_dataset(src + "/images", src + "/masks", out,
+                           writer.ConvertOptions(required_labels=[], image_size=size,
+                                                 **engine),
+                           progress=False)
 elapsed = time.perf_counter() - t
 print(json.dumps({"seconds": elapsed, "slices": m["totals"]["slices_written"],
                   "parent_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -67,7 +67,8 @@ def make_data(root: pathlib.Path, slices: int, size: int) -> str:
   from data_prep import writer
   phantom.write_2d_dataset(root / "raw", slices, seed=0)
   writer.convert_dataset(str(root / "raw" / "images"), str(root / "raw" / "masks"),
-                         str(root / "data"), val_fraction=0.0, image_size=size,
+                         str(root / "data"),
+                         writer.ConvertOptions(val_fraction=0.0, image_size=size),
                          progress=False)
   return str(root / "data")
 

@@ -1,11 +1,11 @@
 """spine-convert as an Apache Beam pipeline: the same shards and manifest, Beam's workers.
 
-`writer.convert_dataset(..., runner=...)` (`spine-convert --runner=DirectRunner -- ...`)
-hands two jobs to Beam: the per-case work (`shards.work`, i.e. `slices.process_case`:
-read, check, slice, normalize, serialize) and the writing of the staged shards. All the
-rest stays in the launching process and in `writer`: pairing and splitting, the checks
-and the lock of the output folder, its temporary folder, the manifest (`_Accumulator`)
-and the atomic publish.
+`writer.convert_dataset` with `ConvertOptions(runner=...)` (`spine-convert
+--runner=DirectRunner -- ...`) hands two jobs to Beam: the per-case work (`shards.work`,
+i.e. `slices.process_case`: read, check, slice, normalize, serialize) and the writing of
+the staged shards. All the rest stays in the launching process and in `writer`: the
+options' checks (`ConvertOptions`), pairing and splitting, the checks and the lock of the
+output folder, its temporary folder, the manifest (`_Accumulator`) and the atomic publish.
 
   cases -> Reshuffle -> process_case -+-> summaries (no example bytes) -> one list -+
                                       |     TMP/cases.json, read back by the launcher <-+
@@ -19,7 +19,7 @@ examples to shards with `shards.ShardSet.add` over the cases in case order, exac
 local run does, and each shard's examples are written in (case, slice) order; neither the
 number of workers nor the order in which they finish changes a byte. The launcher then
 replays the summaries, in case order, through the local loop (checks, statistics, skip
-lists), hashes the staged shards and publishes them. Only `writer._beam_engine` imports
+lists), hashes the staged shards and publishes them. Only `options.beam_engine` imports
 this module: Beam is an optional extra (`pip install -e ".[beam]"`).
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ from apache_beam.options import pipeline_options as options_lib
 from apache_beam.runners import runner as runner_lib
 
 from data_prep import fileio, schema, shards, slices
+from data_prep.options import ConvertOptions
 
 _CASES_FILE = "cases.json"  # in the temporary folder; never published
 
@@ -151,8 +152,7 @@ def _last_line(error: Exception) -> str:
 
 
 def run(tasks: list, split_of_case: dict[str, str], tmp_dir: pathlib.Path,
-        options: options_lib.PipelineOptions,
-        shard_args: tuple) -> Iterator[slices.CaseResult]:
+        options: ConvertOptions) -> Iterator[slices.CaseResult]:
   """Runs the pipeline; yields every case's result, without example bytes, in task order.
 
   Args:
@@ -160,14 +160,14 @@ def run(tasks: list, split_of_case: dict[str, str], tmp_dir: pathlib.Path,
     split_of_case: {case id: split}.
     tmp_dir: the run's temporary folder inside the output folder; the shards are staged
       there under the names `shards.ShardSet` gives them.
-    options: from `pipeline_options`.
-    shard_args: (num_shards, examples_per_shard, compression) of `shards.ShardSet`.
+    options: the conversion's settings: `runner` and `beam_args` (`pipeline_options`),
+      and the shard layout (`shard_args`).
 
   Raises:
     shards.ConversionError: the pipeline failed (the last line of Beam's error).
   """
   out, cases_path = str(tmp_dir.parent), str(tmp_dir / _CASES_FILE)
-  pipeline = beam.Pipeline(options=options)
+  pipeline = beam.Pipeline(options=options.pipeline_options())
   results = (pipeline
              | "Cases" >> beam.Create(list(enumerate(tasks)))
              | "Spread" >> beam.Reshuffle()  # Created elements may stay in one bundle.
@@ -176,7 +176,8 @@ def run(tasks: list, split_of_case: dict[str, str], tmp_dir: pathlib.Path,
                | "Summaries" >> beam.Map(_summary)
                | "AllSummaries" >> beam.combiners.ToList())
   _ = summaries | "SaveSummaries" >> beam.Map(_save, cases_path)
-  plan = summaries | "Layout" >> beam.Map(_layout, split_of_case, str(tmp_dir), shard_args)
+  plan = summaries | "Layout" >> beam.Map(_layout, split_of_case, str(tmp_dir),
+                                         options.shard_args)
   examples = results | "KeyByShard" >> beam.FlatMap(_keyed_examples,
                                                     beam.pvalue.AsSingleton(plan))
   targets = plan | "Shards" >> beam.FlatMap(_targets)

@@ -26,12 +26,16 @@ leftovers itself.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+import typing
+from typing import Any, Optional
 
 from absl import app, flags
 
-from data_prep import cli, preprocess, readers, schema, writer
+from data_prep import cli, readers, schema, writer
+from data_prep import options as options_lib
 
 # Required unless --verify (checked in main: absl's required=True cannot be conditional).
 _IMAGES_DIR = flags.DEFINE_string(
@@ -47,61 +51,71 @@ _VERIFY = flags.DEFINE_string(
     "verify", None, help="Convert nothing: check the converted dataset in this folder "
     "(its manifest loads, every listed shard exists and matches its SHA-256). Exits 1 "
     "naming each bad shard. Takes no other flag.")
-_ANNOTATED_LABELS = flags.DEFINE_list(
-    "annotated_labels", ["0", "1", "2"], help="Classes these masks outline (background "
-    "implied), e.g. 2 for a vertebra-only set: a class missing here is UNKNOWN on the "
-    "unlabelled pixels, not background, and no loss punishes predicting it there.")
-_REQUIRED_LABELS = flags.DEFINE_list(
-    "required_labels", None, help="Keep only slices whose mask contains every one of "
-    "these labels (after --label_map); default: 0 and every --annotated_labels class. An "
-    "empty value keeps all slices.")
-_LABEL_MAP = flags.DEFINE_string(
-    "label_map", None, help="Collapse source label ids before filtering, e.g. "
-    "'1-5:1,6-12:2' (0 maps to 0 unless listed). Unmapped values are an error.")
-_VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.2, help="Fraction of cases for val.")
-_TEST_FRACTION = flags.DEFINE_float("test_fraction", 0.0, help="Fraction of cases for test.")
-_SEED = flags.DEFINE_integer("seed", 0, help="Seed of the split by case.")
-_NUM_SHARDS = flags.DEFINE_integer(
-    "num_shards", None, help="Shards per split (examples dealt round robin).")
-_EXAMPLES_PER_SHARD = flags.DEFINE_integer(
-    "examples_per_shard", None,
-    help=f"Examples per shard (default {writer.DEFAULT_EXAMPLES_PER_SHARD}).")
-_IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", 256, help="Side of the stored square slices (aspect ratio kept, padded).")
-_TARGET_SPACING_MM = flags.DEFINE_float(
-    "target_spacing_mm", None, help="Resample every slice to this many mm per pixel "
-    "(from its own spacing: NIfTI affine, or --spacing_2d_mm), then centre it in the "
-    "--image_size square, padded or cropped; stored in dataset.json and baked into the "
-    "exported model. Default: fit each slice by its longer side, whatever its mm.")
-_SPACING_2D_MM = flags.DEFINE_string(
-    "spacing_2d_mm", None, help="mm per pixel of 2D images (they carry none): "
-    f"{readers.SPACING_HELP}. Stored with each example; required for 2D images with "
-    "--target_spacing_mm.")
-_NORMALIZATION = flags.DEFINE_enum(
-    "normalization", "percentile", list(preprocess.NORMALIZATIONS),
-    help="Intensity normalization, per image (2D) or per volume (NIfTI).")
-_NUM_WORKERS = flags.DEFINE_integer(
-    "num_workers", None, help="Worker processes (default: all cores).")
-_RUNNER = flags.DEFINE_string(
-    "runner", None, help="Run the conversion as an Apache Beam pipeline on this runner "
-    "(DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...; needs the [beam] "
-    "extra); Beam's pipeline options follow `--`, e.g. `-- --direct_num_workers=2 "
-    "--direct_running_mode=multi_processing`. Shards and dataset.json are byte-identical "
-    "to a local run's. Default: local worker processes (--num_workers), no Beam.")
-_COMPRESSION = flags.DEFINE_enum(
-    "compression", "none", list(writer.COMPRESSIONS),
-    help="TFRecord compression; shard names keep the .tfrecord suffix either way.")
-_OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, help="Replace the dataset in a non-empty --output_dir.")
-_DRY_RUN = flags.DEFINE_bool(
-    "dry_run", False, help="Read and process everything, report what would be written, "
-    "write nothing.")
-_STRICT = flags.DEFINE_bool(
-    "strict", False, help="Fail on any skipped file (orphan, unreadable, mismatched pair) "
-    "instead of reporting it.")
-_CASE_ID_REGEX = flags.DEFINE_string(
-    "case_id_regex", None, help="Group files into subjects for the split: the first "
-    "capture group (or the whole match) of this regex on the file stem, e.g. '^(p\\d+)_'.")
+
+# The conversion flags are generated from `options.ConvertOptions`, the settings of
+# `writer.convert_dataset`: each flag's name, default, help and choices live there.
+_DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           str: flags.DEFINE_string}
+
+
+def _not_none(hint: Any) -> Any:
+  """X of Optional[X]; any other type hint unchanged."""
+  args = [a for a in typing.get_args(hint) if a is not type(None)]
+  return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+
+
+def _option_fields() -> list[dataclasses.Field]:
+  """The `ConvertOptions` fields that are flags (Beam's options come after `--`)."""
+  return [f for f in dataclasses.fields(options_lib.ConvertOptions)
+          if f.metadata.get("flag", True)]
+
+
+def _define_option_flags() -> dict[str, flags.FlagHolder]:
+  """Defines one flag per `ConvertOptions` field: its name, default, help and choices.
+
+  Fields with "choices" become DEFINE_enum, label tuples comma-separated lists, a field
+  with a "parse" function (the 2D spacing) a string that function reads, the others the
+  DEFINE_* of their type.
+
+  Returns:
+    {field name: its flag}.
+  """
+  hints = typing.get_type_hints(options_lib.ConvertOptions)
+  holders = {}
+  for field in _option_fields():
+    kind, default = _not_none(hints[field.name]), field.default
+    kwargs = dict(help=field.metadata["help"])
+    if "choices" in field.metadata:
+      holder = flags.DEFINE_enum(field.name, default, list(field.metadata["choices"]),
+                                 **kwargs)
+    elif "parse" in field.metadata:
+      holder = flags.DEFINE_string(field.name, default, **kwargs)
+    elif typing.get_origin(kind) is tuple:
+      holder = flags.DEFINE_list(
+          field.name, None if default is None else [str(x) for x in default], **kwargs)
+    else:
+      holder = _DEFINE[kind](field.name, default, **kwargs)
+    holders[field.name] = holder
+  return holders
+
+
+def _options(required_labels: Optional[list[int]], annotated_labels: list[int],
+             beam_args: list[str]) -> options_lib.ConvertOptions:
+  """The ConvertOptions of the parsed flags (labels parsed by main)."""
+  values = {}
+  for field in _option_fields():
+    value = _OPTION_FLAGS[field.name].value
+    parse = field.metadata.get("parse")
+    values[field.name] = parse(value) if parse else value
+  return options_lib.ConvertOptions(**dict(
+      values, required_labels=required_labels, annotated_labels=annotated_labels,
+      beam_args=beam_args))
+
+
+_OPTION_FLAGS = _define_option_flags()
+_REQUIRED_LABELS = _OPTION_FLAGS["required_labels"]
+_ANNOTATED_LABELS = _OPTION_FLAGS["annotated_labels"]
+_RUNNER = _OPTION_FLAGS["runner"]
 
 flags.mark_flags_as_mutual_exclusive(["num_shards", "examples_per_shard"])
 
@@ -154,23 +168,13 @@ def main(argv: list[str]) -> None:
   try:
     result = writer.convert_dataset(
         _IMAGES_DIR.value, _MASKS_DIR.value, _OUTPUT_DIR.value,
-        required_labels=required, annotated_labels=annotated,
-        label_map=_LABEL_MAP.value,
-        val_fraction=_VAL_FRACTION.value, test_fraction=_TEST_FRACTION.value,
-        seed=_SEED.value, num_shards=_NUM_SHARDS.value,
-        examples_per_shard=_EXAMPLES_PER_SHARD.value, image_size=_IMAGE_SIZE.value,
-        normalization=_NORMALIZATION.value, num_workers=_NUM_WORKERS.value,
-        compression=_COMPRESSION.value, overwrite=_OVERWRITE.value,
-        dry_run=_DRY_RUN.value, strict=_STRICT.value, case_id_regex=_CASE_ID_REGEX.value,
-        target_spacing_mm=_TARGET_SPACING_MM.value,
-        spacing_2d_mm=readers.parse_spacing_mm(_SPACING_2D_MM.value),
-        progress=sys.stderr.isatty(),  # no bar in logs and captured output
-        runner=_RUNNER.value, beam_args=beam_args)
+        _options(required, annotated, beam_args),
+        progress=sys.stderr.isatty())  # no bar in logs and captured output
   except (readers.InputError, schema.LabelError, writer.ConversionError, ValueError,
           OSError) as e:
     _fail(str(e))
   print(writer.format_summary(result))
-  if _DRY_RUN.value:
+  if result["dry_run"]:
     print(json.dumps(result["splits"], indent=2))
   else:
     print(f"dataset: {_OUTPUT_DIR.value}/dataset.json")

@@ -34,22 +34,21 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import math
 import multiprocessing
 import os
 import pathlib
 import re
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 from data_prep import fileio
 from data_prep import manifest as manifest_lib
+from data_prep import options as options_lib
 from data_prep import preprocess, readers, schema, shards, slices
+from data_prep.options import ConvertOptions  # convert_dataset's settings
 from data_prep.shards import ConversionError  # the converter's one error type
 
-DEFAULT_EXAMPLES_PER_SHARD = 512  # ~170 MB shards at 256 px: large reads, few files.
-COMPRESSIONS = ("none", "gzip")
 _TMP_PREFIX = ".spine-convert-tmp-"
 # What killed runs leave in an output folder: the temporary folder, and temporary
 # manifests (earlier versions named them `.dataset.json.*.tmp`; fileio.TMP_PREFIX files are
@@ -139,31 +138,6 @@ def _results(tasks: list, num_workers: int):
       yield result
 
 
-def _check_options(image_size, normalization, compression, val_fraction, test_fraction,
-                   num_shards, examples_per_shard, num_workers, required_labels):
-  if image_size < 8:
-    raise ValueError(f"image_size must be at least 8, found {image_size}")
-  if normalization not in preprocess.NORMALIZATIONS:
-    raise ValueError(f"normalization must be one of {preprocess.NORMALIZATIONS}, found "
-                     f"{normalization!r}")
-  if compression not in COMPRESSIONS:
-    raise ValueError(f"compression must be one of {COMPRESSIONS}, found {compression!r}")
-  if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1
-          and val_fraction + test_fraction < 1):
-    raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) "
-                     "must be in [0, 1) and sum to less than 1")
-  if num_shards is not None and examples_per_shard is not None:
-    raise ValueError("give num_shards or examples_per_shard, not both")
-  if (num_shards is not None and num_shards < 1) or (
-      examples_per_shard is not None and examples_per_shard < 1):
-    raise ValueError("num_shards and examples_per_shard must be positive")
-  if num_workers < 1:
-    raise ValueError(f"num_workers must be positive, found {num_workers}")
-  bad = [x for x in required_labels if not 0 <= x < schema.NUM_CLASSES]
-  if bad:
-    raise ValueError(f"required_labels {bad} are not class ids 0..{schema.NUM_CLASSES - 1}")
-
-
 def _missing_dirs(path: pathlib.Path) -> list[pathlib.Path]:
   """`path` and its ancestors that do not exist yet, deepest first."""
   missing = []
@@ -227,19 +201,6 @@ def _publish(output_dir: pathlib.Path, tmp_dir: pathlib.Path,
     raise
 
 
-def _beam_engine():
-  """The Beam engine (`beam_convert`), imported only when asked for: Beam is optional."""
-  try:
-    from data_prep import beam_convert  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    if (e.name or "").split(".")[0] != "apache_beam":
-      raise
-    raise ConversionError("a Beam runner needs Apache Beam, which is not installed: "
-                          "pip install 'spineseg[beam]' (in a checkout: pip install -e "
-                          "'.[beam]')") from None
-  return beam_convert
-
-
 def _log_to_stderr(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
@@ -285,103 +246,26 @@ def _nothing_to_write(pairs: list, orphans: list, acc: "_Accumulator",
   return "\n".join(lines)
 
 
-def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
-                    required_labels: Optional[Sequence[int]] = None,
-                    annotated_labels: Sequence[int] = (0, 1, 2),
-                    label_map: Optional[str] = None, val_fraction: float = 0.2,
-                    test_fraction: float = 0.0, seed: int = 0,
-                    num_shards: Optional[int] = None,
-                    examples_per_shard: Optional[int] = None, image_size: int = 256,
-                    normalization: str = "percentile", num_workers: Optional[int] = None,
-                    compression: str = "none", overwrite: bool = False,
-                    dry_run: bool = False, strict: bool = False,
-                    case_id_regex: Optional[str] = None,
-                    target_spacing_mm: Optional[float] = None,
-                    spacing_2d_mm: Optional[Sequence[float]] = None,
-                    progress: bool = True,
-                    log: Optional[Callable[[str], None]] = None,
-                    runner: Optional[str] = None,
-                    beam_args: Sequence[str] = ()) -> dict[str, Any]:
-  """Converts paired image/mask folders into sharded TFRecords plus `dataset.json`.
+class _Plan(NamedTuple):
+  """What a conversion will do, decided from the inputs before the output is touched."""
+  pairs: list[tuple[str, str, str]]  # (case id, image path, mask path), in case order
+  orphans: list[tuple[str, str]]     # (path, why) of every file without its partner
+  kind: str                          # "2d" or "3d"
+  groups: dict[str, str]             # {case id: split group}
+  split_of: dict[str, str]           # {split group: split}
 
-  Args:
-    images_dir, masks_dir: source folders (2D images + .npy/PNG masks, or NIfTI).
-    output_dir: destination; must be empty or absent unless `overwrite`.
-    required_labels: keep only slices whose mask holds all of these (empty: keep all;
-      None: background and every annotated class).
-    annotated_labels: the classes the masks outline (background is implied): on a slice
-      of a folder that lacks a foreground class here, unlabelled pixels are background OR
-      that class (`schema.set_label`), never punished as background. Default: all.
-    label_map: "SRC:DST,LO-HI:DST,..." collapsing source ids before filtering.
-    val_fraction, test_fraction, seed: split of the case groups.
-    num_shards, examples_per_shard: shards per split, or examples per shard (at most
-      one; default DEFAULT_EXAMPLES_PER_SHARD examples per shard).
-    image_size: side of the stored squares.
-    normalization: one of `preprocess.NORMALIZATIONS`.
-    num_workers: worker processes (default: all cores).
-    compression: "none" or "gzip" (TFRecord compression; names keep `.tfrecord`).
-    overwrite: replace the dataset in a non-empty `output_dir`.
-    dry_run: process everything but write nothing; the returned manifest tells what
-      would be written (its shards have no sha256).
-    strict: fail on any skipped file (orphan, unreadable or mismatched pair).
-    case_id_regex: groups cases for splitting (first group, or the whole match).
-    target_spacing_mm: resample every slice to this many mm per pixel, then centre it in
-      the square (padded, or cropped where larger); stored in dataset.json. None: fit
-      each slice by its longer side (the shards are then those of earlier versions).
-    spacing_2d_mm: (row, column) mm per pixel of 2D images, stored with each example
-      (NIfTI volumes take theirs from the affine); required for 2D with a target spacing.
-    progress: draw a progress bar on stderr.
-    log: receives one-line notices (leftovers of a killed run removed); default stderr.
-    runner: run the per-case work and the shard writing as an Apache Beam pipeline on
-      this runner ("DirectRunner", "DataflowRunner", ...; `beam_convert`); the shards
-      and the manifest are byte-identical to a local run's. None: local worker processes.
-    beam_args: Beam pipeline options for `runner`, e.g. ["--direct_num_workers=2"].
 
-  Returns:
-    The manifest (as written to `dataset.json`, plus "dry_run").
+def _plan(images_dir: str, masks_dir: str, options: ConvertOptions) -> _Plan:
+  """Pairs images and masks by case id and draws the split of every case group.
 
   Raises:
-    ValueError: contradictory or unknown options.
     readers.InputError: missing or empty input directories.
-    ConversionError: no pairs, everything pruned (the message lists why), a label error,
-      --strict violations, or an output directory that may not be written (an existing
-      file, a full disk, a read-only file system, ...).
+    ConversionError: no pairs, --strict with unpaired files, 2D images mixed with
+      volumes, a target spacing for 2D images of unknown spacing, or a case id that
+      `case_id_regex` does not match.
   """
-  annotated_labels = sorted({0} | set(int(x) for x in annotated_labels))
-  bad = [x for x in annotated_labels if not 0 <= x < schema.NUM_CLASSES]
-  if bad:
-    raise ValueError(f"annotated_labels {bad} are not class ids 0..{schema.NUM_CLASSES - 1}")
-  if required_labels is None:
-    required_labels = annotated_labels
-  required_labels = sorted(set(int(x) for x in required_labels))
-  beam_engine = None
-  if runner:  # Checked before any work: a missing Beam or a bad option fails at once.
-    if num_workers is not None:
-      raise ValueError("num_workers sizes the local worker pool; with a Beam runner give "
-                       "the runner's own option instead (e.g. --direct_num_workers=2)")
-    if dry_run:
-      raise ValueError("a dry run writes nothing and runs locally; drop the Beam runner")
-    beam_engine = _beam_engine()
-    beam_options = beam_engine.pipeline_options(runner, beam_args)
-  elif beam_args:
-    raise ValueError(f"Beam pipeline options {list(beam_args)} need a Beam runner")
-  num_workers = num_workers or os.cpu_count() or 1
-  _check_options(image_size, normalization, compression, val_fraction, test_fraction,
-                 num_shards, examples_per_shard, num_workers, required_labels)
-  if num_shards is None and examples_per_shard is None:
-    examples_per_shard = DEFAULT_EXAMPLES_PER_SHARD
-  if target_spacing_mm is not None:
-    target_spacing_mm = float(target_spacing_mm)
-    if not (math.isfinite(target_spacing_mm) and target_spacing_mm > 0):
-      raise ValueError(f"--target_spacing_mm must be a positive number of mm, found "
-                       f"{target_spacing_mm}")
-  if spacing_2d_mm is not None:
-    spacing_2d_mm = tuple(float(v) for v in spacing_2d_mm)
-  mapping = schema.parse_label_map(label_map)
-  if case_id_regex:
-    re.compile(case_id_regex)
   pairs, orphans = readers.pair_files(images_dir, masks_dir)
-  if strict and orphans:
+  if options.strict and orphans:
     raise ConversionError(f"--strict: {len(orphans)} unpaired file(s), first "
                           f"{orphans[0][0]}: {orphans[0][1]}")
   if not pairs:
@@ -392,97 +276,161 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str, *,
   if len(kinds) > 1:
     raise ConversionError(f"{images_dir}: mixes 2D images and NIfTI volumes; convert them "
                           "separately (their normalization differs: per image vs volume)")
-  if target_spacing_mm is not None and kinds == {"2d"} and spacing_2d_mm is None:
+  if (options.target_spacing_mm is not None and kinds == {"2d"}
+      and options.spacing_2d_mm is None):
     raise ConversionError(
-        f"{images_dir}: --target_spacing_mm={target_spacing_mm} resamples every slice to "
-        "that spacing, but 2D images carry no pixel spacing; pass --spacing_2d_mm (mm per "
-        "pixel of these images, ROW[,COLUMN])")
-  groups = {cid: group_of(cid, case_id_regex) for cid, _, _ in pairs}
-  split_of = assign_splits(list(groups.values()), val_fraction, test_fraction, seed)
+        f"{images_dir}: --target_spacing_mm={options.target_spacing_mm} resamples every "
+        "slice to that spacing, but 2D images carry no pixel spacing; pass --spacing_2d_mm "
+        "(mm per pixel of these images, ROW[,COLUMN])")
+  groups = {cid: group_of(cid, options.case_id_regex) for cid, _, _ in pairs}
+  split_of = assign_splits(list(groups.values()), options.val_fraction,
+                           options.test_fraction, options.seed)
+  return _Plan(pairs, orphans, kinds.pop(), groups, split_of)
 
-  out = fileio.path(output_dir)
-  tmp_dir = None
-  created = [] if dry_run else _missing_dirs(out)
-  finished = False
-  lock = contextlib.nullcontext()
+
+@contextlib.contextmanager
+def _staging(out: pathlib.Path, options: ConvertOptions,
+             log: Callable[[str], None]) -> Iterator[Optional[pathlib.Path]]:
+  """Holds the output folder, locked, with a temporary folder for the shards inside.
+
+  Yields the temporary folder (None for a dry run, which touches nothing). Leaving
+  removes it and releases the lock; leaving on an error also removes the (empty) folders
+  this run created, so that a failed run leaves no trace.
+
+  Raises:
+    ConversionError: the output folder may not be written (an existing file, not empty
+      without --overwrite, another conversion holds it, an OS error).
+  """
+  if options.dry_run:
+    yield None
+    return
+  created = _missing_dirs(out)
   try:
-    if not dry_run:
+    with contextlib.ExitStack() as stack:
       with shards.output_errors("prepare the output directory", out):
-        if out.is_dir():
-          # Before the leftover clean-up: a live run's temporaries are not leftovers.
-          lock = fileio.FolderLock(out, "spine-convert")
-          lock.__enter__()
-        _prepare_output(out, overwrite, log or _log_to_stderr)
-        if isinstance(lock, contextlib.nullcontext):
-          lock = fileio.FolderLock(out, "spine-convert")
-          lock.__enter__()
+        lock = fileio.FolderLock(out, "spine-convert")
+        existed = out.is_dir()
+        # Locked before the leftover clean-up: a live run's temporaries are not leftovers.
+        if existed:
+          stack.enter_context(lock)
+        _prepare_output(out, options.overwrite, log)
+        if not existed:
+          stack.enter_context(lock)
         tmp_dir = fileio.make_temp_dir(out, _TMP_PREFIX)
-    shard_sets = {s: shards.ShardSet(tmp_dir, s, num_shards, examples_per_shard, compression,
-                               staged=beam_engine is not None)
-                  for s in schema.SPLITS}
-    kwargs = dict(image_size=image_size, normalization=normalization,
-                  required_labels=required_labels, label_map=mapping,
-                  annotated_labels=annotated_labels, target_spacing_mm=target_spacing_mm,
-                  spacing_2d_mm=spacing_2d_mm)
-    tasks = [(img, msk, kwargs) for _, img, msk in pairs]
-    bar = fileio.Progress(len(tasks), "convert", unit="cases", enabled=progress)
-    acc = _Accumulator(split_of, groups)
-    if beam_engine is None:
-      results = _results(tasks, min(num_workers, len(tasks)))
-    else:  # The pipeline writes the staged shards; its results come back in task order.
-      results = beam_engine.run(
-          tasks, {cid: split_of[g] for cid, g in groups.items()}, tmp_dir, beam_options,
-          shard_args=(num_shards, examples_per_shard, compression))
-    for done, result in enumerate(results, 1):
-      if result.fatal:
-        raise ConversionError(result.fatal)
-      if result.error and strict:
-        raise ConversionError(f"--strict: {result.error}")
-      split = split_of[groups[result.case_id]]
-      for _, serialized in result.examples:
-        shard_sets[split].add(serialized)
-      acc.add(result, split)
-      bar.step(extra=f"{acc.slices_written} slices")
-    if acc.slices_written == 0:
-      raise ConversionError(_nothing_to_write(pairs, orphans, acc, required_labels))
-    staged, split_info = [], {}
-    for split, shard_set in shard_sets.items():
-      entries = []
-      for tmp, name, count in shard_set.finish():
-        entry = {"file": name, "examples": count}
-        if not dry_run:
-          with shards.output_errors("read back the shards", tmp):
-            entry["sha256"] = _sha256(tmp)
-          staged.append((tmp, name))
-        entries.append(entry)
-      split_info[split] = {"cases": acc.cases_per_split[split],
-                           "slices": shard_set.total, "shards": entries}
-    flags = dict(images_dir=str(images_dir), masks_dir=str(masks_dir),
-                 output_dir=str(output_dir), required_labels=required_labels,
-                 annotated_labels=annotated_labels,
-                 label_map=label_map or "", val_fraction=val_fraction,
-                 test_fraction=test_fraction, seed=seed, num_shards=num_shards,
-                 examples_per_shard=examples_per_shard, image_size=image_size,
-                 normalization=normalization, compression=compression, strict=strict,
-                 case_id_regex=case_id_regex or "", target_spacing_mm=target_spacing_mm,
-                 spacing_2d_mm=list(spacing_2d_mm) if spacing_2d_mm else None)
-    manifest = acc.manifest(flags, split_info, orphans, kinds.pop(), image_size,
-                            normalization, compression)
-    if not dry_run:
+      stack.callback(fileio.remove_tree, tmp_dir)
+      yield tmp_dir
+  except BaseException:
+    for folder in created:
+      try:
+        folder.rmdir()
+      except OSError:
+        break
+    raise
+
+
+def _consume(plan: _Plan, tmp_dir: Optional[pathlib.Path], options: ConvertOptions,
+             progress: bool) -> tuple[dict[str, shards.ShardSet], "_Accumulator"]:
+  """Processes every case, in case order, dealing its examples to its split's shards.
+
+  Returns:
+    ({split: its shards, not yet closed}, the statistics and skip lists of every case).
+
+  Raises:
+    ConversionError: a fatal case error (a label error, ...), a skipped file under
+      --strict, or no slice kept at all (the message lists why).
+  """
+  beam = bool(options.runner)
+  shard_sets = {s: shards.ShardSet(tmp_dir, s, *options.shard_args, staged=beam)
+                for s in schema.SPLITS}
+  kwargs = options.case_kwargs()
+  tasks = [(img, msk, kwargs) for _, img, msk in plan.pairs]
+  bar = fileio.Progress(len(tasks), "convert", unit="cases", enabled=progress)
+  acc = _Accumulator(plan.split_of, plan.groups)
+  if beam:  # The pipeline writes the staged shards; its results come back in task order.
+    results = options_lib.beam_engine().run(
+        tasks, {cid: plan.split_of[g] for cid, g in plan.groups.items()}, tmp_dir, options)
+  else:
+    results = _results(tasks, min(options.workers, len(tasks)))
+  for result in results:
+    if result.fatal:
+      raise ConversionError(result.fatal)
+    if result.error and options.strict:
+      raise ConversionError(f"--strict: {result.error}")
+    split = plan.split_of[plan.groups[result.case_id]]
+    for _, serialized in result.examples:
+      shard_sets[split].add(serialized)
+    acc.add(result, split)
+    bar.step(extra=f"{acc.slices_written} slices")
+  if acc.slices_written == 0:
+    raise ConversionError(_nothing_to_write(plan.pairs, plan.orphans, acc,
+                                            list(options.required_labels)))
+  return shard_sets, acc
+
+
+def _close_shards(shard_sets: dict[str, shards.ShardSet], acc: "_Accumulator",
+                  dry_run: bool) -> tuple[dict[str, Any], list[tuple[pathlib.Path, str]]]:
+  """Closes and hashes the shards.
+
+  Returns:
+    (the manifest's "splits", [(staged path, final name)] of the shards to publish; none
+    for a dry run, whose shard entries have no sha256).
+  """
+  staged, split_info = [], {}
+  for split, shard_set in shard_sets.items():
+    entries = []
+    for tmp, name, count in shard_set.finish():
+      entry = {"file": name, "examples": count}
+      if not dry_run:
+        with shards.output_errors("read back the shards", tmp):
+          entry["sha256"] = _sha256(tmp)
+        staged.append((tmp, name))
+      entries.append(entry)
+    split_info[split] = {"cases": acc.cases_per_split[split],
+                         "slices": shard_set.total, "shards": entries}
+  return split_info, staged
+
+
+def convert_dataset(images_dir: str, masks_dir: str, output_dir: str,
+                    options: Optional[ConvertOptions] = None, *, progress: bool = True,
+                    log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+  """Converts paired image/mask folders into sharded TFRecords plus `dataset.json`.
+
+  Four steps: plan (pair the inputs, split by case), staging (lock the output folder,
+  make its temporary folder), consume (process the cases, write the shards) and publish
+  (rename the shards into place, the manifest last).
+
+  Args:
+    images_dir, masks_dir: source folders (2D images + .npy/PNG masks, or NIfTI).
+    output_dir: destination; must be empty or absent unless `options.overwrite`.
+    options: every conversion setting (`ConvertOptions`, validated when built; with
+      `runner`, an Apache Beam pipeline does the per-case work and writes the shards,
+      `beam_convert`); default: `ConvertOptions()`.
+    progress: draw a progress bar on stderr.
+    log: receives one-line notices (leftovers of a killed run removed); default stderr.
+
+  Returns:
+    The manifest (as written to `dataset.json`, plus "dry_run").
+
+  Raises:
+    readers.InputError: missing or empty input directories.
+    ConversionError: no pairs, everything pruned (the message lists why), a label error,
+      --strict violations, or an output directory that may not be written (an existing
+      file, a full disk, a read-only file system, ...).
+  """
+  if options is None:
+    options = ConvertOptions()
+  plan = _plan(images_dir, masks_dir, options)
+  out = fileio.path(output_dir)
+  with _staging(out, options, log or _log_to_stderr) as tmp_dir:
+    shard_sets, acc = _consume(plan, tmp_dir, options, progress)
+    split_info, staged = _close_shards(shard_sets, acc, options.dry_run)
+    manifest = acc.manifest(options.manifest_flags(images_dir, masks_dir, output_dir),
+                            split_info, plan.orphans, plan.kind, options.image_size,
+                            options.normalization, options.compression)
+    if not options.dry_run:
       with shards.output_errors("write the dataset", out):
         _publish(out, tmp_dir, staged, manifest)
-    finished = True
-    return dict(manifest, dry_run=dry_run)
-  finally:
-    if tmp_dir is not None:
-      fileio.remove_tree(tmp_dir)
-    lock.__exit__(None, None, None)
-    if not finished:  # Leave no trace: remove the (empty) folders this run created.
-      for folder in created:
-        try:
-          folder.rmdir()
-        except OSError:
-          break
+  return dict(manifest, dry_run=options.dry_run)
 
 
 class _Accumulator:

@@ -36,12 +36,14 @@ def _both_engines(src: pathlib.Path, root: pathlib.Path, **kwargs):
   """Converts `src` locally, then with Beam into the same path; both folders' files."""
   pytest.importorskip("apache_beam")
   out = root / "out"
-  common = dict(image_size=SIZE, progress=False, **kwargs)
+  common = dict(image_size=SIZE, **kwargs)
   writer.convert_dataset(str(src / "images"), str(src / "masks"), str(out),
-                         num_workers=1, **common)
+                         writer.ConvertOptions(num_workers=1, **common), progress=False)
   out.rename(root / "local")
   writer.convert_dataset(str(src / "images"), str(src / "masks"), str(out),
-                         runner="DirectRunner", beam_args=MULTI_PROCESS, **common)
+                         writer.ConvertOptions(runner="DirectRunner",
+                                               beam_args=MULTI_PROCESS, **common),
+                         progress=False)
   return _files(root / "local"), _files(out), out
 
 
@@ -119,7 +121,8 @@ def test_local_runs_never_import_beam_and_a_label_error_under_beam_is_one_line(t
 import sys
 from data_prep import convert, writer
 writer.convert_dataset({str(src / 'images')!r}, {str(src / 'masks')!r},
-                       {str(tmp_path / 'local')!r}, image_size={SIZE}, num_workers=1,
+                       {str(tmp_path / 'local')!r},
+                       writer.ConvertOptions(image_size={SIZE}, num_workers=1),
                        progress=False)
 print("beam imported by a local run:", "apache_beam" in sys.modules)
 convert.run()
@@ -145,7 +148,7 @@ def test_without_beam_a_runner_is_one_error_naming_the_extra(tmp_path, monkeypat
   phantom.write_2d_dataset(src, 1, seed=0)
   with pytest.raises(writer.ConversionError) as e:
     writer.convert_dataset(str(src / "images"), str(src / "masks"), str(tmp_path / "out"),
-                           progress=False, runner="DirectRunner")
+                           writer.ConvertOptions(runner="DirectRunner"), progress=False)
   assert str(e.value) == (
       "a Beam runner needs Apache Beam, which is not installed: pip install "
       "'spineseg[beam]' (in a checkout: pip install -e '.[beam]')")
@@ -170,7 +173,8 @@ def test_contradictory_or_unknown_beam_options_are_refused_before_any_work(
     pytest.importorskip("apache_beam")
   with pytest.raises(ValueError) as e:
     writer.convert_dataset(str(tmp_path / "none"), str(tmp_path / "none"),
-                           str(tmp_path / "out"), progress=False, **kwargs)
+                           str(tmp_path / "out"), writer.ConvertOptions(**kwargs),
+                           progress=False)
   assert message in str(e.value)
   assert not (tmp_path / "out").exists()
 
@@ -189,8 +193,9 @@ def test_a_failure_inside_the_pipeline_is_one_line_and_leaves_nothing(tmp_path, 
   out = tmp_path / "out"
   with pytest.raises(writer.ConversionError) as e:  # in-process DirectRunner
     writer.convert_dataset(str(src / "images"), str(src / "masks"), str(out),
-                           image_size=SIZE, progress=False, runner="DirectRunner",
-                           beam_args=NO_PRISM)
+                           writer.ConvertOptions(image_size=SIZE, runner="DirectRunner",
+                                                 beam_args=NO_PRISM),
+                           progress=False)
   assert str(e.value) == (f"{out}: cannot write the shards: No space left on device (the "
                           "disk is full) [while running 'WriteShards']")
   assert not out.exists()
@@ -209,7 +214,7 @@ def test_beam_reads_and_writes_tf_io_gfile_urls(monkeypatch, tmp_path):
   root = f"ram://beam-gfile-{os.getpid()}"
   phantom.write_2d_dataset(f"{root}/src", 3, seed=5)
   out = f"{root}/out"
-  common = dict(image_size=SIZE, progress=False, examples_per_shard=2)
+  common = dict(image_size=SIZE, examples_per_shard=2)
 
   def files():
     return {name: tf.io.gfile.GFile(f"{out}/{name}", "rb").read()
@@ -217,13 +222,15 @@ def test_beam_reads_and_writes_tf_io_gfile_urls(monkeypatch, tmp_path):
 
   try:
     writer.convert_dataset(f"{root}/src/images", f"{root}/src/masks", out,
-                           runner="DirectRunner",
-                           beam_args=["--direct_running_mode=in_memory", *NO_PRISM],
-                           **common)
+                           writer.ConvertOptions(
+                               runner="DirectRunner",
+                               beam_args=["--direct_running_mode=in_memory", *NO_PRISM],
+                               **common),
+                           progress=False)
     beam = files()
     fileio.remove_tree(out)
     writer.convert_dataset(f"{root}/src/images", f"{root}/src/masks", out,
-                           num_workers=1, **common)
+                           writer.ConvertOptions(num_workers=1, **common), progress=False)
     local = files()
   finally:
     if tf.io.gfile.exists(root):

@@ -27,11 +27,11 @@ def _read_examples(data_dir, split, compression="none"):
           for s in ds]
 
 
-def _convert(src, out, **kwargs):
-  kwargs.setdefault("image_size", SIZE)
-  kwargs.setdefault("num_workers", 1)
-  kwargs.setdefault("progress", False)
-  return writer.convert_dataset(str(src / "images"), str(src / "masks"), str(out), **kwargs)
+def _convert(src, out, log=None, **settings):
+  """convert_dataset with `settings` (ConvertOptions fields) on SIZE px, one process."""
+  options = writer.ConvertOptions(**dict(dict(image_size=SIZE, num_workers=1), **settings))
+  return writer.convert_dataset(str(src / "images"), str(src / "masks"), str(out), options,
+                                progress=False, log=log)
 
 
 def _synthetic_2d(root, n=6, shape=(40, 30), labels=(0, 1, 2), prefix="s"):
@@ -256,6 +256,55 @@ def test_binary_fails_with_one_clear_line(tmp_path):
   assert f"spine-convert: error: {tmp_path}/none: images directory does not exist" in (
       proc.stderr)
   assert "Traceback" not in proc.stderr
+
+
+def test_options_normalize_once_and_the_manifest_flags_derive_from_them():
+  o = writer.ConvertOptions(annotated_labels=[2], label_map="1-5:1", val_fraction=0,
+                            target_spacing_mm=1, spacing_2d_mm=[0.5, 1], num_workers=1)
+  assert (o.annotated_labels, o.required_labels, o.spacing_2d_mm) == ((0, 2), (0, 2),
+                                                                      (0.5, 1.0))
+  # dataset.json's "flags", key order included: earlier datasets hold exactly these.
+  assert list(o.manifest_flags("i", "m", pathlib.Path("o")).items()) == [
+      ("images_dir", "i"), ("masks_dir", "m"), ("output_dir", "o"),
+      ("required_labels", [0, 2]), ("annotated_labels", [0, 2]), ("label_map", "1-5:1"),
+      ("val_fraction", 0), ("test_fraction", 0.0), ("seed", 0), ("num_shards", None),
+      ("examples_per_shard", writer.options_lib.DEFAULT_EXAMPLES_PER_SHARD),
+      ("image_size", 256), ("normalization", "percentile"), ("compression", "none"),
+      ("strict", False), ("case_id_regex", ""), ("target_spacing_mm", 1.0),
+      ("spacing_2d_mm", [0.5, 1.0])]
+  flags = writer.ConvertOptions(required_labels=[], num_shards=2).manifest_flags("", "", "")
+  assert (flags["required_labels"], flags["examples_per_shard"]) == ([], None)
+  with pytest.raises(AttributeError):  # frozen: checked once, never changed after
+    o.seed = 1
+  with pytest.raises(ValueError, match=r"image_size must be at least 8, found 4"):
+    writer.ConvertOptions(image_size=4)
+
+
+_FLAGS_OF_OPTIONS = """
+import dataclasses
+from absl import flags
+from data_prep import convert, options
+fields = [f for f in dataclasses.fields(options.ConvertOptions) if f.name != "beam_args"]
+for f in fields:
+  flag = flags.FLAGS[f.name]
+  default = list(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+  # (absl puts an enum's choices before its help: "<none|gzip>: TFRecord ...")
+  assert flag.default == default and flag.help.endswith(f.metadata["help"]), f.name
+flags.FLAGS(["spine-convert", "--label_map=1:1", "--val_fraction=0.3", "--seed=3",
+             "--spacing_2d_mm=0.5,1", "--compression=gzip", "--num_shards=2", "--strict",
+             "--normalization=zscore", "--case_id_regex=^(p)", "--runner="])
+print(convert._options([2], [1], []) == options.ConvertOptions(
+    label_map="1:1", val_fraction=0.3, seed=3, spacing_2d_mm=(0.5, 1.0),
+    compression="gzip", num_shards=2, strict=True, normalization="zscore",
+    case_id_regex="^(p)", required_labels=[2], annotated_labels=[1], runner=""),
+    len(fields))
+"""
+
+
+def test_every_option_is_a_flag_with_its_default_and_help():
+  proc = _binary([], code=_FLAGS_OF_OPTIONS)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.split() == ["True", "19"]
 
 
 def test_label_map_parsing_and_regex_errors(tmp_path):

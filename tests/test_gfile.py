@@ -70,8 +70,9 @@ def test_whole_line_on_ram_filesystem(ram, no_local_ram):
                                                      sorted(phantom.case_id(i)
                                                             for i in range(4))]
 
-  result = writer.convert_dataset(f"{raw}/images", f"{raw}/masks", data, image_size=32,
-                                  val_fraction=0.25, num_workers=1, progress=False)
+  result = writer.convert_dataset(
+      f"{raw}/images", f"{raw}/masks", data,
+      writer.ConvertOptions(image_size=32, val_fraction=0.25, num_workers=1), progress=False)
   assert gfile.exists(f"{data}/dataset.json")
   stored = json.loads(gfile.GFile(f"{data}/dataset.json").read())
   assert stored["splits"] == result["splits"]
@@ -80,8 +81,9 @@ def test_whole_line_on_ram_filesystem(ram, no_local_ram):
   assert writer.verify_dataset(data, progress=False)[1] == []
   # A second conversion into the non-empty folder is refused, as locally.
   with pytest.raises(writer.ConversionError, match="not empty"):
-    writer.convert_dataset(f"{raw}/images", f"{raw}/masks", data, image_size=32,
-                           num_workers=1, progress=False)
+    writer.convert_dataset(f"{raw}/images", f"{raw}/masks", data,
+                           writer.ConvertOptions(image_size=32, num_workers=1),
+                           progress=False)
 
   config = train.TrainConfig(data_dir=data, model_dir=model_dir, epochs=1, base_filters=4,
                              depth=2, global_batch_size=2, norm="group", verbose=0)

@@ -23,9 +23,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _convert(src, out, **kwargs):
-  return writer.convert_dataset(str(src / "images"), str(src / "masks"), str(out),
-                                image_size=SIZE, num_workers=1, progress=False,
-                                val_fraction=0.3, **kwargs)
+  options = writer.ConvertOptions(image_size=SIZE, num_workers=1, val_fraction=0.3,
+                                  **kwargs)
+  return writer.convert_dataset(str(src / "images"), str(src / "masks"), str(out), options,
+                                progress=False)
 
 
 @pytest.fixture(scope="module")

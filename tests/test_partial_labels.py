@@ -40,11 +40,13 @@ def test_annotated_labels_survive_conversion_and_parse_as_unknown(tmp_path):
   # Masks holding a class the flag says is not outlined contradict it: refused.
   with pytest.raises(writer.ConversionError, match=r"vertebra.*--annotated_labels=0,1"):
     writer.convert_dataset(str(raw / "images"), str(raw / "masks"), str(tmp_path / "x"),
-                           annotated_labels=[1], num_workers=1, progress=False)
+                           writer.ConvertOptions(annotated_labels=[1], num_workers=1),
+                           progress=False)
   out = tmp_path / "data"
   m = writer.convert_dataset(str(raw / "images"), str(raw / "masks"), str(out),
-                             annotated_labels=[2], image_size=32, val_fraction=0,
-                             num_workers=1, progress=False)
+                             writer.ConvertOptions(annotated_labels=[2], image_size=32,
+                                                   val_fraction=0, num_workers=1),
+                             progress=False)
   assert m["annotated_labels"] == [0, 2] and m["flags"]["required_labels"] == [0, 2]
   assert m["totals"]["slices_written"] == 3  # kept: their annotated labels are present
   files = manifest_lib.load(out).files("train")

@@ -172,9 +172,11 @@ def test_phantom_at_two_spacings_converts_to_the_same_mm_per_pixel(tmp_path):
 
   def vertebra_pixels(target):
     out = tmp_path / f"out-{target}"
-    writer.convert_dataset(images, masks, out, required_labels=[], image_size=192,
-                           val_fraction=0.0, num_workers=1, progress=False,
-                           target_spacing_mm=target, log=lambda _: None)
+    writer.convert_dataset(images, masks, out,
+                           writer.ConvertOptions(required_labels=[], image_size=192,
+                                                 val_fraction=0.0, num_workers=1,
+                                                 target_spacing_mm=target),
+                           progress=False, log=lambda _: None)
     m, stored = _stored(out)
     return m, stored, {cid: sum(int(np.sum(f["mask"].numpy() == 2)) for f in examples)
                        for cid, examples in stored.items()}
@@ -207,9 +209,10 @@ def test_2d_images_need_their_spacing_with_a_target_spacing(tmp_path):
   Image.fromarray(image).save(images / "a.png")
   np.save(masks / "a.npy", (image > 100).astype(np.int64) * 2)
   with pytest.raises(writer.ConversionError, match="pass --spacing_2d_mm"):
-    writer.convert_dataset(images, masks, tmp_path / "out", required_labels=[],
-                           image_size=32, num_workers=1, progress=False,
-                           target_spacing_mm=1.0)
+    writer.convert_dataset(images, masks, tmp_path / "out",
+                           writer.ConvertOptions(required_labels=[], image_size=32,
+                                                 num_workers=1, target_spacing_mm=1.0),
+                           progress=False)
   assert not (tmp_path / "out").exists()
   # The worker refuses too (process_case is also a library function).
   result = slices.process_case(str(images / "a.png"), str(masks / "a.npy"), image_size=32,
@@ -217,9 +220,12 @@ def test_2d_images_need_their_spacing_with_a_target_spacing(tmp_path):
                                label_map={}, target_spacing_mm=1.0)
   assert result.fatal and "--spacing_2d_mm" in result.fatal and str(images) in result.fatal
   # With it: 0.5 x 1.0 mm pixels become 20 x 30 px at 1 mm, stored with the spacing.
-  writer.convert_dataset(images, masks, tmp_path / "out", required_labels=[],
-                         image_size=32, val_fraction=0.0, num_workers=1, progress=False,
-                         target_spacing_mm=1.0, spacing_2d_mm=(0.5, 1.0))
+  writer.convert_dataset(images, masks, tmp_path / "out",
+                         writer.ConvertOptions(required_labels=[], image_size=32,
+                                               val_fraction=0.0, num_workers=1,
+                                               target_spacing_mm=1.0,
+                                               spacing_2d_mm=(0.5, 1.0)),
+                         progress=False)
   m, stored = _stored(tmp_path / "out")
   (f,) = stored["a"]
   np.testing.assert_allclose(f["spacing"].numpy(), [0.5, 1.0])
@@ -230,9 +236,12 @@ def test_2d_images_need_their_spacing_with_a_target_spacing(tmp_path):
   assert "warning" not in writer.format_summary(m.raw)
   # A square smaller than the resampled slice (30 px wide at 1 mm) crops it: said, with
   # the --image_size that keeps it whole.
-  writer.convert_dataset(images, masks, tmp_path / "small", required_labels=[],
-                         image_size=16, val_fraction=0.0, num_workers=1, progress=False,
-                         target_spacing_mm=1.0, spacing_2d_mm=(0.5, 1.0))
+  writer.convert_dataset(images, masks, tmp_path / "small",
+                         writer.ConvertOptions(required_labels=[], image_size=16,
+                                               val_fraction=0.0, num_workers=1,
+                                               target_spacing_mm=1.0,
+                                               spacing_2d_mm=(0.5, 1.0)),
+                         progress=False)
   m, _ = _stored(tmp_path / "small")
   assert writer.cropped_cases(m) == (["a"], 30, 30.0)
   warning = writer.format_summary(m.raw).splitlines()[-1]
@@ -425,9 +434,11 @@ def test_evaluate_volume_and_converted_examples_in_original_geometry(erosion, tm
   np.testing.assert_array_equal(out["original_mask"].numpy(), truth)
   # A dataset converted at another spacing is refused by name.
   data_dir = tmp_path / "data"
-  writer.convert_dataset(images, masks, data_dir, required_labels=[], image_size=SIZE,
-                         normalization="divide255", val_fraction=0.0, num_workers=1,
-                         progress=False, target_spacing_mm=0.5)
+  writer.convert_dataset(images, masks, data_dir,
+                         writer.ConvertOptions(required_labels=[], image_size=SIZE,
+                                               normalization="divide255", val_fraction=0.0,
+                                               num_workers=1, target_spacing_mm=0.5),
+                         progress=False)
   with pytest.raises(ValueError, match="converted at 0.5 mm per pixel, the SavedModel .* was "
                                        "trained at 1 mm per pixel"):
     evaluate_lib.evaluate_split(erosion, data_dir, "train")

@@ -26,7 +26,8 @@ def test_trainer_validation_equals_spine_evaluate(tmp_path):
   phantom.write_2d_dataset(raw, num_cases=8, seed=3, min_size=32, max_size=64)
   data_dir = tmp_path / "data"
   m = writer.convert_dataset(str(raw / "images"), str(raw / "masks"), str(data_dir),
-                             image_size=32, val_fraction=0.4, num_workers=1,
+                             writer.ConvertOptions(image_size=32, val_fraction=0.4,
+                                                   num_workers=1),
                              progress=False)
   val_cases = [c for c in m["cases"] if c["split"] == "val"]
   # The test means something only if some val slice is padded in its square.

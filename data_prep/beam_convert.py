@@ -35,7 +35,6 @@ from apache_beam.options import pipeline_options as options_lib
 from apache_beam.runners import runner as runner_lib
 
 from data_prep import fileio, schema, shards, slices
-from data_prep.options import ConvertOptions
 
 _CASES_FILE = "cases.json"  # in the temporary folder; never published
 
@@ -152,7 +151,7 @@ def _last_line(error: Exception) -> str:
 
 
 def run(tasks: list, split_of_case: dict[str, str], tmp_dir: pathlib.Path,
-        options: ConvertOptions) -> Iterator[slices.CaseResult]:
+        options: Any) -> Iterator[slices.CaseResult]:
   """Runs the pipeline; yields every case's result, without example bytes, in task order.
 
   Args:
@@ -160,8 +159,9 @@ def run(tasks: list, split_of_case: dict[str, str], tmp_dir: pathlib.Path,
     split_of_case: {case id: split}.
     tmp_dir: the run's temporary folder inside the output folder; the shards are staged
       there under the names `shards.ShardSet` gives them.
-    options: the conversion's settings: `runner` and `beam_args` (`pipeline_options`),
-      and the shard layout (`shard_args`).
+    options: the conversion's `options.ConvertOptions` (not imported here: `options`
+      imports this module lazily, and Bazel refuses a cycle of deps): `runner` and
+      `beam_args` (`pipeline_options`), and the shard layout (`shard_args`).
 
   Raises:
     shards.ConversionError: the pipeline failed (the last line of Beam's error).

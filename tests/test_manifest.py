@@ -26,9 +26,10 @@ def converted(tmp_path_factory):
     np.save(path, np.where(mask == 1, 0, mask))
   out = root / "data"
   writer.convert_dataset(str(root / "src" / "images"), str(root / "src" / "masks"),
-                         str(out), image_size=SIZE, val_fraction=0.5, num_shards=2,
-                         compression="gzip", annotated_labels=[2], required_labels=[2],
-                         normalization="zscore", num_workers=1, progress=False)
+                         str(out), writer.ConvertOptions(
+                             image_size=SIZE, val_fraction=0.5, num_shards=2,
+                             compression="gzip", annotated_labels=[2], required_labels=[2],
+                             normalization="zscore", num_workers=1), progress=False)
   return out
 
 

@@ -197,7 +197,7 @@ def evaluate_split(model: inference.Model, data_dir: str, split: str, *,
   return {"cases": rows, "overall": summarize(rows), "failures": []}
 
 
-def _check_split_model(model: inference.LoadedModel, manifest: dict[str, Any], data_dir: str, size: int) -> None:
+def _check_split_model(model, manifest: dict[str, Any], data_dir: str, size: int) -> None:
   """Refuses a model that cannot score the converted squares of `data_dir` as stored."""
   where = model.path
   if "segment_examples" not in model.module.signatures:

@@ -91,7 +91,7 @@ def main(argv):
           x, "percentile", off, sc), geo, size, preprocess.pad_value("percentile", off, sc)))
     squares.append(tf.constant(np.stack(fitted)[..., None]))
   raw_t = [tf.constant(b[..., None]) for b in raw]
-  serve = loaded.signatures["serving_default"]
+  serve = loaded.module.signatures["serving_default"]
   saved_name = "SavedModel serving_default (raw pixels in)"
   rates = {
       saved_name: _rate(lambda b: serve(images=b), raw_t),
@@ -161,7 +161,8 @@ def main(argv):
       "--save_probabilities": seconds_per_volume(vol_dir / "v.nii.gz",
                                                  save_probabilities=True),
       "ensemble of 2 (--saved_model=A,B)": seconds_per_volume(
-          vol_dir / "v.nii.gz", [loaded, inference.load_saved_model(export_dir)]),
+          vol_dir / "v.nii.gz",
+          inference.Ensemble((loaded, inference.load_saved_model(export_dir)))),
       "--postprocess": seconds_per_volume(vol_dir / "v.nii.gz", postprocess=True),
       # overwrite=True replaces the previous timing run's report folder each time.
       "--report (QC page)": seconds_per_volume(

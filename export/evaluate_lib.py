@@ -13,8 +13,9 @@ voxels of all cases at once.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import tensorflow as tf
@@ -51,7 +52,34 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
   return out
 
 
-def evaluate_folders(model, images_dir: str, masks_dir: str, *,
+@dataclasses.dataclass(frozen=True)
+class _FolderJob:
+  """The settings of one `evaluate_folders` call that its steps share (see its Args)."""
+  model: inference.Model
+  label_map: dict[int, int]
+  spacing_2d_mm: tuple[float, float] | None
+  tta: bool
+  postprocess: bool
+  within_levels: bool
+
+
+@dataclasses.dataclass
+class _Scores:
+  """What one `evaluate_folders` run has scored so far.
+
+  Attributes:
+    bar: the progress bar, one step per pair scored or failed.
+    failures: one message per orphan and per failed pair.
+    rows: one `_case_row` per scored case.
+    truth_2d: image path -> ground truth [H, W] of a 2D case waiting for its batch.
+  """
+  bar: fileio.Progress
+  failures: list[str]
+  rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  truth_2d: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+def evaluate_folders(model: inference.Model, images_dir: str, masks_dir: str, *,
                      label_map: dict[int, int] | None = None, batch_size: int = 8,
                      progress: bool = True,
                      spacing_2d_mm: tuple[float, float] | None = None,
@@ -61,8 +89,8 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
 
   Predictions are in each input's own geometry (a model trained at a target spacing
   resamples with the NIfTI affine's spacing, or `spacing_2d_mm` for 2D files, which such
-  a model refuses without it). `model`: one model or an ensemble (a list: the mean of
-  the members' probabilities). `tta`: scale test-time augmentation
+  a model refuses without it). `model`: one model or an `inference.Ensemble` (the mean
+  of the members' probabilities). `tta`: scale test-time augmentation
   (`inference.TTA_SCALES`), only for models with a target spacing. `postprocess`:
   masks cleaned as spine-predict --postprocess (`inference.labels`). `within_levels`:
   each class scored only within the rows its ground truth covers
@@ -80,51 +108,60 @@ def evaluate_folders(model, images_dir: str, masks_dir: str, *,
   if tta:
     inference.check_tta(model)
   pairs, orphans = readers.pair_files(images_dir, masks_dir)
-  failures = [f"{path}: {reason}" for path, reason in orphans]
-  rows: list[dict[str, Any]] = []
-  bar = fileio.Progress(len(pairs), "spine-evaluate", unit="cases", enabled=progress)
-  gt_masks: dict[str, np.ndarray] = {}
-
-  def predicted(probs: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    pred = inference.labels(probs, postprocess)
-    return metrics.within_labelled_levels(pred, gt) if within_levels else pred
-
-  def cases_2d():
-    for case_id, image_path, mask_path in pairs:
-      try:
-        case = readers.read_case(image_path, mask_path, spacing_2d=spacing_2d_mm)
-        gt = schema.apply_label_map(case.mask, label_map or {}, mask_path)
-        spacing = inference.spacing_for(model, case)
-        if case.kind == "2d":
-          gt_masks[image_path] = gt[0]
-          yield case
-          continue
-        pred = predicted(
-            inference.volume_probabilities(model, case.image, spacing, tta), gt)
-        spacing = orientation.display_voxel_sizes(case.affine, case.transform)
-        rows.append(_case_row(case_id, "3d", metrics.counts(pred, gt),
-                              metrics.hd95_per_class(pred, gt, spacing)))
-      except Exception as e:  # Keep going; failures are listed at the end.
-        failures.append(str(e) if image_path in str(e) or mask_path in str(e)
-                        else f"{image_path}: {type(e).__name__}: {e}")
-      bar.step()
-
-  for case, probs in inference.cases_2d_probabilities(model, cases_2d(), batch_size, tta):
-    gt = gt_masks.pop(case.image_path)
-    pred = predicted(probs, gt)
-    rows.append(_case_row(case.case_id, "2d", metrics.counts(pred, gt), None))
-    bar.step()
-  rows.sort(key=lambda r: readers.natural_key(r["case_id"]))
-  return {"cases": rows, "overall": summarize(rows), "failures": failures}
+  job = _FolderJob(model, label_map or {}, spacing_2d_mm, tta, postprocess, within_levels)
+  scores = _Scores(
+      fileio.Progress(len(pairs), "spine-evaluate", unit="cases", enabled=progress),
+      [f"{path}: {reason}" for path, reason in orphans])
+  for case, probs in inference.cases_2d_probabilities(
+      model, _score_volumes_pass_on_2d(job, scores, pairs), batch_size, tta):
+    gt = scores.truth_2d.pop(case.image_path)
+    pred = _predicted(job, probs, gt)
+    scores.rows.append(_case_row(case.case_id, "2d", metrics.counts(pred, gt), None))
+    scores.bar.step()
+  rows = sorted(scores.rows, key=lambda r: readers.natural_key(r["case_id"]))
+  return {"cases": rows, "overall": summarize(rows), "failures": scores.failures}
 
 
-def evaluate_split(model, data_dir: str, split: str, *,
+def _predicted(job: _FolderJob, probs: np.ndarray, gt: np.ndarray) -> np.ndarray:
+  """The mask scored against `gt`: `inference.labels` of `probs`, within the labelled
+  levels with `job.within_levels`."""
+  pred = inference.labels(probs, job.postprocess)
+  return metrics.within_labelled_levels(pred, gt) if job.within_levels else pred
+
+
+def _score_volumes_pass_on_2d(job: _FolderJob, scores: _Scores,
+                              pairs: list[tuple[str, str, str]]
+                              ) -> Iterable[readers.Case]:
+  """Reads every pair: scores each volume at once (Dice and HD95), and yields each 2D
+  case for batching, its ground truth kept in `scores.truth_2d`. A failing pair is a
+  failure of that pair only."""
+  for case_id, image_path, mask_path in pairs:
+    try:
+      case = readers.read_case(image_path, mask_path, spacing_2d=job.spacing_2d_mm)
+      gt = schema.apply_label_map(case.mask, job.label_map, mask_path)
+      spacing = inference.spacing_for(job.model, case)
+      if case.kind == "2d":
+        scores.truth_2d[image_path] = gt[0]
+        yield case
+        continue
+      pred = _predicted(job, job.model.probabilities(
+          case.image, spacing, kind=inference.VOLUME, tta=job.tta), gt)
+      spacing = orientation.display_voxel_sizes(case.affine, case.transform)
+      scores.rows.append(_case_row(case_id, "3d", metrics.counts(pred, gt),
+                                   metrics.hd95_per_class(pred, gt, spacing)))
+    except Exception as e:  # Keep going; failures are listed at the end.
+      scores.failures.append(str(e) if image_path in str(e) or mask_path in str(e)
+                             else f"{image_path}: {type(e).__name__}: {e}")
+    scores.bar.step()
+
+
+def evaluate_split(model: inference.Model, data_dir: str, split: str, *,
                    batch_size: int = 8) -> dict[str, Any]:
   """Scores the model on a converted split in the stored square geometry.
 
   Slices are pooled per case id; padding pixels (IGNORE_LABEL after parsing) are not
   counted. No HD95: a converted split holds the kept slices only, not whole volumes.
-  `model`: one model or an ensemble (a list: the mean of the members' square
+  `model`: one model or an `inference.Ensemble` (the mean of the members' square
   probabilities; every member must match the dataset's image size and target spacing).
 
   Raises:
@@ -137,7 +174,7 @@ def evaluate_split(model, data_dir: str, split: str, *,
     raise ValueError(f"{manifest_lib.path_of(data_dir)}: split {split!r} has no shards; "
                      f"found splits {sorted(manifest.splits)}")
   size = manifest.image_size
-  for member in inference.members(model):
+  for member in model.members:
     _check_split_model(member, manifest, data_dir, size)
 
   def parse(serialized):
@@ -149,9 +186,7 @@ def evaluate_split(model, data_dir: str, split: str, *,
   counts: dict[str, np.ndarray] = {}
   slices: dict[str, int] = {}
   for serialized, gt, case_ids in ds.batch(batch_size):
-    probs = inference.member_mean(
-        model, lambda m: m.signatures["segment_examples"](examples=serialized)[
-            "probabilities"].numpy())
+    probs = model.probabilities(serialized, kind=inference.EXAMPLES)
     pred = inference.labels(probs)  # as spine-predict's mean
     for p, g, cid in zip(pred, gt.numpy(), case_ids.numpy()):
       cid = cid.decode("utf-8")
@@ -165,16 +200,16 @@ def evaluate_split(model, data_dir: str, split: str, *,
 def _check_split_model(model, manifest: manifest_lib.Manifest, data_dir: str,
                        size: int) -> None:
   """Refuses a model that cannot score the converted squares of `data_dir` as stored."""
-  where = getattr(model, "spineseg_path", "the SavedModel")
-  if "segment_examples" not in model.signatures:
+  where = model.path
+  if "segment_examples" not in model.module.signatures:
     raise ValueError(f"{where}: the SavedModel lacks the segment_examples signature")
-  model_size = getattr(model, "spineseg_image_size", None)
+  model_size = model.image_size
   if model_size is not None and int(model_size) != size:
     raise ValueError(f"{manifest_lib.path_of(data_dir)}: the dataset holds {size} px "
                      f"squares, the SavedModel {where} was exported for {model_size} px; "
                      "evaluate it on a dataset converted with --image_size="
                      f"{model_size}, or use --images_dir/--masks_dir")
-  model_target = getattr(model, "spineseg_target_spacing_mm", None)
+  model_target = model.target_spacing_mm
   data_target = manifest.target_spacing_mm
   if (model_target is None) != (data_target is None) or (
       model_target is not None and abs(model_target - data_target) > 1e-6):

@@ -8,23 +8,25 @@ converter computes them). A model trained at a target spacing (`spine-convert
 `segment_volume_spacing` (NIfTI: from the affine, in display order; 2D files: the
 caller's `--spacing_2d_mm`, without which a 2D input is refused for such a model).
 
-Test-time augmentation (`--tta`, scale TTA; `tta_probabilities`): for such a model each
+A loaded model is a `LoadedModel` (the SavedModel and its metadata, read once); an
+ensemble (`--saved_model=A,B,C`; `load_ensemble`) is an `Ensemble` of them. Both answer
+`probabilities(inputs, spacing, kind=SLICES | VOLUME | EXAMPLES, tta=...)`, the one way
+predict and evaluate run a model: an ensemble's is the mean of its members' (each member
+segments the input itself, at its own image size and target spacing, resampling inside
+its graph, and returns probabilities in the input's geometry). Every path takes the
+argmax of the probabilities once (`labels`): for one model this is exactly the graph's
+own `mask` (also the argmax of its probabilities).
+
+Test-time augmentation (`--tta`, scale TTA): for a model with a target spacing each
 input is segmented once per factor of `TTA_SCALES`, sending its true spacing times the
 factor (the model sees the field of view zoomed in or out); every call returns
-probabilities in the input's own geometry, their mean is taken and its argmax is the mask.
-A model without a target spacing ignores the spacing, so TTA would change nothing: it is
-refused (`check_tta`).
-
-Ensembles (`--saved_model=A,B,C`; `load_ensemble`): wherever a model is taken, a list of
-loaded models is too. Each member segments the input itself (its own image size and
-target spacing, resampling inside its graph) and returns probabilities in the input's
-geometry; their mean (with TTA: the mean over members and scales) is the prediction.
-Every path goes through probabilities (`slice_probabilities`, `volume_probabilities`,
-`cases_2d_probabilities`) and takes the argmax once (`labels`): for one model this is
-exactly the graph's own `mask` (also the argmax of its probabilities).
+probabilities in the input's own geometry, their mean is taken and its argmax is the mask
+(with an ensemble: the mean over members and scales). A model without a target spacing
+ignores the spacing, so TTA would change nothing: it is refused (`check_tta`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -48,6 +50,12 @@ METADATA_FILE = "assets.extra/spineseg.json"
 # Scale TTA: the factors multiplying an input's true in-plane spacing, one model call
 # each; the mean of the probabilities is segmented. 1.0 is the plain prediction.
 TTA_SCALES = (0.85, 1.0, 1.15)
+# What `LoadedModel.probabilities` is given, and its signatures for that: (without a
+# spacing, with one; None: the kind takes no spacing).
+SLICES, VOLUME, EXAMPLES = "slices", "volume", "examples"
+_SIGNATURES = {SLICES: ("serving_default", "segment_spacing"),
+               VOLUME: ("segment_volume", "segment_volume_spacing"),
+               EXAMPLES: ("segment_examples", None)}
 
 
 # One error type for every unusable input, whichever module detects it.
@@ -124,16 +132,125 @@ def _target_spacing(loaded: Any, metadata: dict[str, Any],
   return None
 
 
-def load_saved_model(path: str | os.PathLike) -> Any:
-  """Loads an exported spineseg SavedModel.
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoadedModel:
+  """An exported spineseg SavedModel and what its metadata says, read once at loading.
 
-  Besides its signatures the returned object carries `spineseg_metadata` (the dict of
-  `assets.extra/spineseg.json`, {} if absent), `spineseg_image_size` (the square side
-  in pixels the model was exported for, or None if unknown), so that callers can refuse
-  data prepared at another size, and `spineseg_target_spacing_mm` (mm per pixel the
-  model was trained at, or None: it fits slices by their longer side), and
-  `spineseg_path` (the folder, for messages), and `spineseg_num_classes` (the length of
-  the probabilities' last axis).
+  Attributes:
+    module: the object `tf.saved_model.load` returned (its signatures).
+    path: the SavedModel folder, for messages.
+    metadata: the dict of `assets.extra/spineseg.json`, {} if absent.
+    image_size: the square side in pixels the model was exported for, or None if unknown
+      (callers refuse data prepared at another size).
+    target_spacing_mm: mm per pixel the model was trained at, or None: it fits slices by
+      their longer side.
+    num_classes: the length of the probabilities' last axis, or None if unknown.
+  """
+  module: Any
+  path: str
+  metadata: dict[str, Any]
+  image_size: int | None
+  target_spacing_mm: float | None
+  num_classes: int | None
+
+  @property
+  def members(self) -> tuple[LoadedModel, ...]:
+    """The models whose probabilities are averaged: this one alone."""
+    return (self,)
+
+  def probabilities(self, inputs: Any, spacing: tuple[float, float] | None = None, *,
+                    kind: str = SLICES, tta: bool = False) -> np.ndarray:
+    """Probabilities float32 [N, H, W, C] of one batch of inputs; see `_SIGNATURES`.
+
+    Args:
+      inputs: SLICES: raw slices [N, H, W] sharing one size; VOLUME: one volume's
+        display-order slices [S, H, W] (statistics over the volume; memory: 12 bytes per
+        voxel for 3 classes); EXAMPLES: serialized converted examples [N] (tf.string),
+        answered in their stored squares.
+      spacing: the (row, column) mm per pixel of the slices (`spacing_for`); None: the
+        signature without spacing, which takes them to be at the target spacing.
+        EXAMPLES take none (an example stores its geometry).
+      kind: SLICES, VOLUME or EXAMPLES.
+      tta: scale TTA: the mean over one call per factor of `TTA_SCALES`, each sent
+        `spacing` times the factor (every call returns probabilities in the input's
+        geometry, so the mean has it too).
+
+    Raises:
+      InputError: `tta` for a model without a target spacing (`check_tta`), without a
+        spacing, or lacking the spacing signature.
+      ValueError: an unknown `kind`, or EXAMPLES with a spacing or `tta`.
+    """
+    plain, with_spacing = _signature_names(self, kind, spacing, tta)
+    signatures = self.module.signatures
+    if kind == EXAMPLES:
+      return signatures[plain](examples=inputs)["probabilities"].numpy()
+    x = tf.constant(np.asarray(inputs, dtype=np.float32)[..., None])
+    if tta:
+      if with_spacing not in signatures:
+        raise InputError(f"{self.path}: --tta needs the {with_spacing} signature; "
+                         "re-export the model with spine-export")
+      total = None
+      for factor in TTA_SCALES:
+        scaled = tf.constant([float(v) * factor for v in spacing], tf.float32)
+        p = signatures[with_spacing](images=x, spacing=scaled)["probabilities"].numpy()
+        total = p if total is None else total + p
+      return total / np.float32(len(TTA_SCALES))
+    # Exports before spacing inputs had no target spacing either: nothing to resample.
+    if spacing is None or with_spacing not in signatures:
+      return signatures[plain](images=x)["probabilities"].numpy()
+    return signatures[with_spacing](
+        images=x, spacing=tf.constant(spacing, tf.float32))["probabilities"].numpy()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Ensemble:
+  """Models whose mean probabilities are the prediction (`--saved_model=A,B,C`).
+
+  Each member segments the input itself (its own image size and target spacing,
+  resampling inside its graph), so only the classes must agree.
+
+  Attributes:
+    members: the loaded models, in the order given.
+
+  Raises:
+    InputError: at construction, naming the first member whose number of classes
+      differs from the first member's.
+    ValueError: no members.
+  """
+  members: tuple[LoadedModel, ...]
+
+  def __post_init__(self):
+    if not self.members:
+      raise ValueError("an ensemble needs at least one model")
+    first = self.members[0]
+    for m in self.members[1:]:
+      if m.num_classes != first.num_classes:
+        raise InputError(f"{m.path}: ensemble members must give the same classes: "
+                         f"{first.num_classes} in {first.path}, found {m.num_classes}")
+
+  def probabilities(self, inputs: Any, spacing: tuple[float, float] | None = None, *,
+                    kind: str = SLICES, tta: bool = False) -> np.ndarray:
+    """The mean of the members' `LoadedModel.probabilities` (same arguments): THE
+    ensemble rule of predict and evaluate (with TTA: the mean over members and scales).
+
+    Raises:
+      InputError, ValueError: as `LoadedModel.probabilities`, checked for every member
+        before any call.
+    """
+    _signature_names(self, kind, spacing, tta)
+    total = None
+    for m in self.members:
+      p = m.probabilities(inputs, spacing, kind=kind, tta=tta)
+      total = p if total is None else total + p  # one running sum: memory of two outputs
+    return total / np.float32(len(self.members))  # .numpy() arrays may be read-only
+
+
+# One model or an ensemble: whatever predict and evaluate are given.
+Model = LoadedModel | Ensemble
+
+
+def load_saved_model(path: str | os.PathLike) -> LoadedModel:
+  """Loads an exported spineseg SavedModel with its metadata (`LoadedModel`).
 
   Raises:
     InputError: the folder is missing, holds no SavedModel, cannot be loaded, lacks
@@ -153,13 +270,11 @@ def load_saved_model(path: str | os.PathLike) -> Any:
   if missing:
     raise InputError(f"{path}: SavedModel lacks signatures {missing}; found "
                      f"{sorted(loaded.signatures)} (export it with spine-export)")
-  loaded.spineseg_path = str(path)
-  loaded.spineseg_metadata = _read_metadata(path)
-  loaded.spineseg_image_size = _image_size(loaded, loaded.spineseg_metadata, path)
-  loaded.spineseg_target_spacing_mm = _target_spacing(loaded, loaded.spineseg_metadata,
-                                                      path)
-  loaded.spineseg_num_classes = _num_classes(loaded, loaded.spineseg_metadata)
-  return loaded
+  metadata = _read_metadata(path)
+  return LoadedModel(module=loaded, path=str(path), metadata=metadata,
+                     image_size=_image_size(loaded, metadata, path),
+                     target_spacing_mm=_target_spacing(loaded, metadata, path),
+                     num_classes=_num_classes(loaded, metadata))
 
 
 def _num_classes(loaded: Any, metadata: dict[str, Any]) -> int | None:
@@ -168,11 +283,6 @@ def _num_classes(loaded: Any, metadata: dict[str, Any]) -> int | None:
     return metadata["num_classes"]
   shape = loaded.signatures["serving_default"].structured_outputs["probabilities"].shape
   return int(shape[-1]) if shape.rank and shape[-1] is not None else None
-
-
-def members(model: Any) -> list[Any]:
-  """The models of an ensemble (a list or tuple of loaded models), or [model]."""
-  return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
 def parse_model_list(value: str) -> list[str]:
@@ -188,33 +298,15 @@ def parse_model_list(value: str) -> list[str]:
   return paths
 
 
-def check_ensemble(models: Sequence[Any]) -> None:
-  """Returns if the members can be averaged: they give the same classes.
-
-  Image size and target spacing may differ: each member resamples the input itself.
+def load_ensemble(paths: Sequence[str | os.PathLike]) -> Model:
+  """Loads one model (a single path: exactly `load_saved_model`) or an `Ensemble`.
 
   Raises:
-    InputError: naming the first member whose number of classes differs from the first.
-  """
-  first = models[0]
-  for m in models[1:]:
-    if m.spineseg_num_classes != first.spineseg_num_classes:
-      raise InputError(f"{m.spineseg_path}: ensemble members must give the same classes: "
-                       f"{first.spineseg_num_classes} in {first.spineseg_path}, found "
-                       f"{m.spineseg_num_classes}")
-
-
-def load_ensemble(paths: Sequence[str | os.PathLike]) -> Any:
-  """Loads one model (a single path: exactly `load_saved_model`) or an ensemble (a list).
-
-  Raises:
-    InputError: as `load_saved_model` for any member, or `check_ensemble`.
+    InputError: as `load_saved_model` for any member, or `Ensemble` (other classes).
   """
   if len(paths) == 1:
     return load_saved_model(paths[0])
-  models = [load_saved_model(p) for p in paths]
-  check_ensemble(models)
-  return models
+  return Ensemble(tuple(load_saved_model(p) for p in paths))
 
 
 def list_inputs(path: str | os.PathLike) -> list[pathlib.Path]:
@@ -287,7 +379,7 @@ def read_input(path: str | os.PathLike,
   return readers.read_image(path, spacing_2d)
 
 
-def spacing_for(model: Any, case: readers.Case) -> tuple[float, float] | None:
+def spacing_for(model: Model, case: readers.Case) -> tuple[float, float] | None:
   """The spacing to send with a case's slices, or None when the model needs none.
 
   `model`: one model or an ensemble, which needs the spacing if ANY member has a target
@@ -297,20 +389,19 @@ def spacing_for(model: Any, case: readers.Case) -> tuple[float, float] | None:
     InputError: a model (member) works at a target spacing and the case is a 2D file
       whose spacing was not given (`--spacing_2d_mm`): guessing would mis-scale it.
   """
-  for m in members(model):
-    target = getattr(m, "spineseg_target_spacing_mm", None)
-    if target is None:
+  for m in model.members:
+    if m.target_spacing_mm is None:
       continue  # fitted by the longer side: the spacing changes nothing
     if not case.spacing_known:
-      where = f" ({m.spineseg_path})" if isinstance(model, (list, tuple)) else ""
+      where = f" ({m.path})" if isinstance(model, Ensemble) else ""
       raise InputError(f"{case.image_path}: a 2D image carries no pixel spacing and the "
-                       f"model{where} works at {target:g} mm per pixel; pass "
+                       f"model{where} works at {m.target_spacing_mm:g} mm per pixel; pass "
                        f"--spacing_2d_mm ({readers.SPACING_HELP})")
     return tuple(float(v) for v in case.spacing)
   return None
 
 
-def check_tta(model: Any) -> None:
+def check_tta(model: Model) -> None:
   """Returns if `model` (every member of an ensemble) can take scale TTA: it works at a
   target spacing.
 
@@ -318,39 +409,32 @@ def check_tta(model: Any) -> None:
     InputError: a model has no target spacing, so it ignores the spacing it is sent
       and every TTA call would give the same answer; names that model's folder.
   """
-  for m in members(model):
-    if getattr(m, "spineseg_target_spacing_mm", None) is None:
-      path = getattr(m, "spineseg_path", None)
-      where = f" ({path} has none)" if path else ""
+  for m in model.members:
+    if m.target_spacing_mm is None:
       raise InputError("--tta needs a model exported with --target_spacing_mm "
                        "(spine-convert --target_spacing_mm, then spine-train and "
                        "spine-export): a model without one ignores the spacing that "
-                       f"scale TTA varies{where}")
+                       f"scale TTA varies ({m.path} has none)")
 
 
-def tta_probabilities(model: Any, images: np.ndarray, spacing: tuple[float, float], *,
-                      volume: bool = False) -> np.ndarray:
-  """Scale TTA: mean probabilities float32 [N, H, W, C] of raw slices [N, H, W].
-
-  One call of `segment_spacing` (`volume`: `segment_volume_spacing`, the slices of one
-  volume) per factor of `TTA_SCALES`, with `spacing` (row, column mm) times the factor;
-  each returns probabilities in the input's geometry, so the mean has it too.
+def _signature_names(model: Model, kind: str, spacing: tuple[float, float] | None,
+                     tta: bool) -> tuple[str, str | None]:
+  """The signatures of `kind` (`_SIGNATURES`), once the request is checked.
 
   Raises:
-    InputError: the model has no target spacing (`check_tta`) or lacks the signature.
+    InputError: `tta` for a model without a target spacing, or without a spacing.
+    ValueError: an unknown `kind`, or EXAMPLES with a spacing or `tta`.
   """
-  check_tta(model)
-  name = "segment_volume_spacing" if volume else "segment_spacing"
-  if name not in model.signatures:
-    raise InputError(f"{getattr(model, 'spineseg_path', 'the SavedModel')}: --tta needs "
-                     f"the {name} signature; re-export the model with spine-export")
-  x = tf.constant(np.asarray(images, dtype=np.float32)[..., None])
-  total = None
-  for factor in TTA_SCALES:
-    scaled = tf.constant([float(v) * factor for v in spacing], tf.float32)
-    p = model.signatures[name](images=x, spacing=scaled)["probabilities"].numpy()
-    total = p if total is None else total + p
-  return total / np.float32(len(TTA_SCALES))
+  if kind not in _SIGNATURES:
+    raise ValueError(f"kind must be one of {sorted(_SIGNATURES)}, found {kind!r}")
+  if kind == EXAMPLES and (spacing is not None or tta):
+    raise ValueError("converted examples store their geometry: no spacing, no --tta")
+  if tta:
+    check_tta(model)
+    if spacing is None:  # a caller that skipped `spacing_for`
+      raise InputError("--tta needs each input's spacing (NIfTI: the affine; 2D: "
+                       "--spacing_2d_mm)")
+  return _SIGNATURES[kind]
 
 
 def labels(probabilities: np.ndarray, postprocess: bool = False) -> np.ndarray:
@@ -367,93 +451,13 @@ def labels(probabilities: np.ndarray, postprocess: bool = False) -> np.ndarray:
   return mask
 
 
-def _probabilities(model: Any, plain: str, with_spacing: str, images: np.ndarray,
-                   spacing: tuple[float, float] | None, tta: bool = False) -> np.ndarray:
-  """Mean probabilities float32 [N, H, W, C] over the members (and TTA scales)."""
-  if tta and spacing is None:  # a caller that skipped `spacing_for`
-    check_tta(model)
-    raise InputError("--tta needs each input's spacing (NIfTI: the affine; 2D: "
-                     "--spacing_2d_mm)")
-  x = tf.constant(np.asarray(images, dtype=np.float32)[..., None])
-
-  def one(m):
-    if tta:
-      return tta_probabilities(m, images, spacing,
-                               volume=with_spacing == "segment_volume_spacing")
-    # Exports before spacing inputs had no target spacing either: nothing to resample.
-    if spacing is None or with_spacing not in m.signatures:
-      return m.signatures[plain](images=x)["probabilities"].numpy()
-    return m.signatures[with_spacing](
-        images=x, spacing=tf.constant(spacing, tf.float32))["probabilities"].numpy()
-
-  return member_mean(model, one)
-
-
-def member_mean(model: Any, probabilities_of) -> np.ndarray:
-  """The mean of `probabilities_of(member)` over an ensemble's members (THE ensemble
-  rule of predict and evaluate); one model: its own probabilities."""
-  total = None
-  for m in members(model):
-    p = probabilities_of(m)
-    total = p if total is None else total + p  # one running sum: memory of two outputs
-  if isinstance(model, (list, tuple)):
-    total = total / np.float32(len(model))  # .numpy() arrays may be read-only
-  return total
-
-
-def slice_probabilities(model: Any, images: np.ndarray,
-                        spacing: tuple[float, float] | None = None,
-                        tta: bool = False) -> np.ndarray:
-  """Probabilities float32 [N, H, W, C] of raw slices [N, H, W] sharing one size.
-
-  `model`: one model or an ensemble (mean over members). `spacing`: their (row, column)
-  mm per pixel (`spacing_for`); None: `serving_default`, which takes them to be at the
-  model's target spacing. `tta`: scale TTA over `TTA_SCALES` (needs target-spacing
-  models and a spacing).
-  """
-  return _probabilities(model, "serving_default", "segment_spacing", images, spacing, tta)
-
-
-def volume_probabilities(model: Any, volume: np.ndarray,
-                         spacing: tuple[float, float] | None = None,
-                         tta: bool = False) -> np.ndarray:
-  """Probabilities float32 [S, H, W, C] of one volume's display-order slices [S, H, W].
-
-  As `slice_probabilities`, through `segment_volume` (statistics over the volume).
-  Memory: 12 bytes per voxel for 3 classes (twice that while an ensemble sums).
-  """
-  return _probabilities(model, "segment_volume", "segment_volume_spacing", volume,
-                        spacing, tta)
-
-
-def segment_slices(model: Any, images: np.ndarray,
-                   spacing: tuple[float, float] | None = None,
-                   tta: bool = False) -> np.ndarray:
-  """Label masks uint8 [N, H, W]: `labels` of `slice_probabilities` (same arguments)."""
-  return labels(slice_probabilities(model, images, spacing, tta))
-
-
-def segment_volume(model: Any, volume: np.ndarray,
-                   spacing: tuple[float, float] | None = None,
-                   tta: bool = False) -> np.ndarray:
-  """Label mask uint8 [S, H, W]: `labels` of `volume_probabilities` (same arguments)."""
-  return labels(volume_probabilities(model, volume, spacing, tta))
-
-
 def orientation_back(case: readers.Case, mask: np.ndarray) -> np.ndarray:
   """A display-order [S, H, W] prediction of a NIfTI case, in the file's voxel order."""
   return orientation.from_display(mask, case.transform)
 
 
-def segment_cases_2d(model: Any, cases: Iterable[readers.Case], batch_size: int,
-                     tta: bool = False) -> Iterable[tuple[readers.Case, np.ndarray]]:
-  """Yields (case, mask [H, W]): `labels` of `cases_2d_probabilities` (same arguments)."""
-  for case, probs in cases_2d_probabilities(model, cases, batch_size, tta):
-    yield case, labels(probs)
-
-
 def cases_2d_probabilities(
-    model: Any, cases: Iterable[readers.Case], batch_size: int,
+    model: Model, cases: Iterable[readers.Case], batch_size: int,
     tta: bool = False) -> Iterable[tuple[readers.Case, np.ndarray]]:
   """Yields (case, probabilities [H, W, C]) for 2D cases, batching equal sizes together.
 
@@ -461,13 +465,13 @@ def cases_2d_probabilities(
   signature call takes one size and one spacing); leftovers are flushed at the end.
   Order of the results is therefore not the input order. Check each case with
   `spacing_for` before: here an unknown spacing fails the whole batch. `model`: one model
-  or an ensemble; `tta`: scale TTA (`slice_probabilities`).
+  or an ensemble; `tta`: scale TTA (`LoadedModel.probabilities`).
   """
   buckets: dict[tuple, list[readers.Case]] = {}
 
   def flush(key):
     batch = buckets.pop(key)
-    probs = slice_probabilities(model, np.stack([c.image[0] for c in batch]), key[2], tta)
+    probs = model.probabilities(np.stack([c.image[0] for c in batch]), key[2], tta=tta)
     yield from zip(batch, probs)
 
   for case in cases:

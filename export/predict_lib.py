@@ -20,6 +20,7 @@ folder, ...) stops the run, since every later input would fail the same way.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import sys
@@ -193,16 +194,71 @@ def prepare_output_dir(output_dir: str | os.PathLike) -> pathlib.Path:
   return out
 
 
-def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
-            batch_size: int = 8, overlay: bool = False, overwrite: bool = False,
-            progress: bool = True, spacing_2d_mm: tuple[float, float] | None = None,
-            tta: bool = False, save_probabilities: bool = False, postprocess: bool = False,
+@dataclasses.dataclass(frozen=True)
+class _Job:
+  """The settings of one `predict` call that its steps share (see `predict`'s Args)."""
+  model: inference.Model
+  batch_size: int
+  spacing_2d_mm: tuple[float, float] | None
+  tta: bool
+  postprocess: bool
+  report: predict_report.Options | None
+
+
+@dataclasses.dataclass
+class _Run:
+  """What one `predict` run has done so far; only its methods change it.
+
+  Attributes:
+    bar: the progress bar, one step per input written or failed.
+    targets: input path -> its output files (`output_paths`), for the inputs to segment,
+      in input order.
+    written: the files completely written.
+    failures: (input path, message) per failed input, in the order they failed.
+    finished: the inputs written or failed.
+    entries: input path -> its report entry, for the inputs written.
+  """
+  bar: fileio.Progress
+  targets: dict[str, dict[str, pathlib.Path]] = dataclasses.field(default_factory=dict)
+  written: list[pathlib.Path] = dataclasses.field(default_factory=list)
+  failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  finished: set[str] = dataclasses.field(default_factory=set)
+  entries: dict[str, predict_report.Entry] = dataclasses.field(default_factory=dict)
+
+  def fail(self, path: str, message: str) -> None:
+    self.failures.append((path, message))
+    self.finished.add(path)
+    self.bar.step()
+
+  def done(self, path: str, files: list[pathlib.Path],
+           entry: predict_report.Entry | None) -> None:
+    self.written.extend(files)
+    self.finished.add(path)
+    if entry is not None:
+      self.entries[path] = entry
+    self.bar.step()
+
+  def unfinished(self) -> list[str]:
+    """The inputs to segment that were neither written nor failed, in input order."""
+    return [p for p in self.targets if p not in self.finished]
+
+  def end_progress_line(self) -> None:
+    # A bar stopped short has no newline yet: the error lines must not join it.
+    if self.bar.enabled and self.bar.done < self.bar.total:
+      sys.stderr.write("\n")
+
+
+def predict(model: inference.Model, input_path: str | os.PathLike,
+            output_dir: str | os.PathLike, *, batch_size: int = 8, overlay: bool = False,
+            overwrite: bool = False, progress: bool = True,
+            spacing_2d_mm: tuple[float, float] | None = None, tta: bool = False,
+            save_probabilities: bool = False, postprocess: bool = False,
             report: predict_report.Options | None = None
             ) -> tuple[list[pathlib.Path], list[tuple[str, str]]]:
   """Segments every input and writes the masks.
 
   Args:
-    model: a SavedModel from `inference.load_saved_model`, or an ensemble (a list from
+    model: a model from `inference.load_saved_model`, or an `inference.Ensemble` (from
       `inference.load_ensemble`): the mean of the members' probabilities decides.
     input_path: a file or a folder of files.
     output_dir: folder for the outputs (created).
@@ -242,133 +298,170 @@ def predict(model, input_path: str | os.PathLike, output_dir: str | os.PathLike,
     inference.check_tta(model)  # before any output: refused, not silently a no-op
   files = inference.list_inputs(input_path)
   output_dir = prepare_output_dir(output_dir)
-  written: list[pathlib.Path] = []
-  failures: list[tuple[str, str]] = []
-  finished: set[str] = set()  # inputs written completely or failed
-  bar = fileio.Progress(len(files), "spine-predict", unit="inputs", enabled=progress)
+  job = _Job(model, batch_size, spacing_2d_mm, tta, postprocess, report)
+  run = _Run(fileio.Progress(len(files), "spine-predict", unit="inputs",
+                             enabled=progress))
+  _claim_outputs(run, files, output_dir, overlay, save_probabilities, overwrite)
+  _segment_inputs(job, run, len(files))
+  if report is not None:
+    _write_report(job, run, files, input_path, output_dir, overwrite)
+  return run.written, run.failures
 
-  def fail(path: str, message: str) -> None:
-    failures.append((path, message))
-    finished.add(path)
-    bar.step()
 
-  entries: dict[str, predict_report.Entry] = {}  # input path -> its report entry
+def _claim_outputs(run: _Run, files: list[pathlib.Path], output_dir: pathlib.Path,
+                   overlay: bool, probabilities: bool, overwrite: bool) -> None:
+  """Fills `run.targets` with the inputs whose outputs are free; fails the others.
 
-  def summarize(case, mask) -> None:
-    if report is not None:
-      entries[case.image_path] = predict_report.summarize(
-          case, mask, min_slices=report.min_slices, max_components=report.max_components)
-
-  def commit(path: str, items: list[Item]) -> None:
-    try:
-      write_together(path, items)
-    except _WriteFailed:
-      raise  # stops the run
-    except Exception as e:  # e.g. an array a writer refuses: this input only
-      entries.pop(path, None)
-      fail(path, f"{path}: {type(e).__name__}: {e}")
-      return
-    written.extend(final for final, _ in items)
-    finished.add(path)
-    bar.step()
-
-  targets: dict[str, dict[str, pathlib.Path]] = {}
+  An input fails when one of its outputs is another input's (e.g. `a.png` and `a.npy`)
+  or exists already without `overwrite`.
+  """
   claimed: dict[pathlib.Path, str] = {}
   for f in files:
-    paths = output_paths(f, output_dir, overlay, save_probabilities)
+    paths = output_paths(f, output_dir, overlay, probabilities)
     clash = [claimed[p] for p in paths.values() if p in claimed]
     existing = [str(p) for p in paths.values() if p.exists()]
     if clash:
-      fail(str(f), f"{f}: its outputs clash with those of {clash[0]}")
+      run.fail(str(f), f"{f}: its outputs clash with those of {clash[0]}")
     elif existing and not overwrite:
-      fail(str(f), f"{f}: output {existing[0]} exists; pass --overwrite")
+      run.fail(str(f), f"{f}: output {existing[0]} exists; pass --overwrite")
     else:
-      targets[str(f)] = paths
+      run.targets[str(f)] = paths
       claimed.update({p: str(f) for p in paths.values()})
 
-  def cases_2d():
-    for path, paths in targets.items():
-      try:
-        case = inference.read_input(path, spacing_2d_mm)
-        spacing = inference.spacing_for(model, case)
-      except inference.InputError as e:
-        fail(path, str(e))
-        continue
-      if case.kind != "3d":
-        yield case
-        continue
-      try:
-        probs = inference.volume_probabilities(model, case.image, spacing, tta)
-        mask = inference.labels(probs, postprocess)
-        label_image = _nifti_like(inference.orientation_back(case, mask), case)
-        items = [(paths["nifti"], lambda p, im=label_image: _write_nifti(p, im))]
-        if "probabilities" in paths:
-          prob_image = _probabilities_like(
-              inference.orientation_back(case, probs), label_image)
-          items.append((paths["probabilities"],
-                        lambda p, im=prob_image: _write_nifti(p, im)))
-        del probs  # 12 bytes per voxel: only the image to write (if any) keeps them
-        if "overlay" in paths:
-          mid = case.image.shape[0] // 2
-          rgb = overlay_lib.overlay_rgb(case.image[mid], mask[mid])
-          items.append((paths["overlay"], lambda p, a=rgb: _write_png(p, a)))
-        summarize(case, mask)
-      except Exception as e:  # Keep going in folder mode; report at the end.
-        fail(path, f"{path}: {type(e).__name__}: {e}")
-        continue
-      commit(path, items)  # outside the try: a write error must stop the run
 
-  def items_2d(case, probs) -> list[Item]:
-    paths = targets[case.image_path]
-    mask = inference.labels(probs, postprocess)
-    items = [(paths["png"], lambda p: _write_png(p, mask)),
-             (paths["npy"], lambda p: _write_npy(p, mask))]
-    if "probabilities" in paths:
-      items.append((paths["probabilities"],
-                    lambda p: _write_npy(p, probs.astype(np.float32))))
-    if "overlay" in paths:
-      rgb = overlay_lib.overlay_rgb(case.image[0], mask)
-      items.append((paths["overlay"], lambda p: _write_png(p, rgb)))
-    summarize(case, mask)
-    return items
+def _segment_inputs(job: _Job, run: _Run, num_inputs: int) -> None:
+  """Segments and writes every input of `run.targets`, recording each in `run`.
 
-  def end_progress_line() -> None:
-    # A bar stopped short has no newline yet: the error lines must not join it.
-    if progress and bar.done < bar.total:
-      sys.stderr.write("\n")
+  Volumes are written as they are read; 2D inputs wait for a batch of their size
+  (`inference.cases_2d_probabilities`).
 
+  Raises:
+    OutputError: an OS error while writing stopped the run (`_WriteFailed`).
+  """
   try:
-    for case, probs in inference.cases_2d_probabilities(model, cases_2d(), batch_size,
-                                                        tta):
-      commit(case.image_path, items_2d(case, probs))
+    for case, probs in inference.cases_2d_probabilities(
+        job.model, _write_volumes_pass_on_2d(job, run), job.batch_size, job.tta):
+      # Outside any per-input try: a failure here fails every input not yet written.
+      items, mask = _slice_outputs(job, case, probs, run.targets[case.image_path])
+      _commit(run, case.image_path, items, _report_entry(job, case, mask))
   except _WriteFailed as e:
-    end_progress_line()
+    run.end_progress_line()
     reason = str(e)
-    failures.append((e.input_path, f"{e.input_path}: not written: {reason}"))
-    finished.add(e.input_path)
-    failures.extend((p, f"{p}: not written: the run stopped at the write error before "
-                     "this input") for p in targets if p not in finished)
+    run.failures.append((e.input_path, f"{e.input_path}: not written: {reason}"))
+    run.finished.add(e.input_path)
+    run.failures.extend((p, f"{p}: not written: the run stopped at the write error "
+                         "before this input") for p in run.unfinished())
     raise OutputError(f"{reason}; the run stopped, "
-                      f"{len(failures)} of {len(files)} input(s) not written:",
-                      written, failures) from e
+                      f"{len(run.failures)} of {num_inputs} input(s) not written:",
+                      run.written, run.failures) from e
   except Exception as e:  # A failed 2D batch: name every input it left unwritten.
-    end_progress_line()
+    run.end_progress_line()
     error = f"{type(e).__name__}: {e}"
-    failures.extend((p, f"{p}: not written: a 2D batch failed: {error}")
-                    for p in targets if p not in finished)
-  if report is not None:
-    order = {str(f): i for i, f in enumerate(files)}  # the page lists inputs in input order
-    settings = {"models": ", ".join(getattr(m, "spineseg_path", "?")
-                                    for m in inference.members(model)),
-                "input": str(input_path), "output": str(output_dir), "tta": tta,
-                "postprocess": postprocess, "min slices": report.min_slices,
-                "max pieces": report.max_components}
+    run.failures.extend((p, f"{p}: not written: a 2D batch failed: {error}")
+                        for p in run.unfinished())
+
+
+def _write_volumes_pass_on_2d(job: _Job, run: _Run) -> Iterable[readers.Case]:
+  """Reads every input of `run.targets`: segments and writes each volume (NIfTI, DICOM)
+  at once, and yields each 2D case for batching. An unreadable input, or one failing
+  before its write, is a failure of that input only."""
+  for path, paths in run.targets.items():
     try:
-      predict_report.write(
-          report.folder, [entries[p] for p in sorted(entries, key=order.get)],
-          sorted(failures, key=lambda f: order.get(f[0], len(order))),
-          title="spine-predict report", settings=settings, overwrite=overwrite)
-    except OSError as e:  # the masks are written; say so with the reason
-      raise OutputError(f"{report.folder}: report not written: "
-                        f"{inference.os_reason(e)}", written, []) from e
-  return written, failures
+      case = inference.read_input(path, job.spacing_2d_mm)
+      spacing = inference.spacing_for(job.model, case)
+    except inference.InputError as e:
+      run.fail(path, str(e))
+      continue
+    if case.kind != "3d":
+      yield case
+      continue
+    try:
+      items, mask = _volume_outputs(job, case, spacing, paths)
+      entry = _report_entry(job, case, mask)
+    except Exception as e:  # Keep going in folder mode; report at the end.
+      run.fail(path, f"{path}: {type(e).__name__}: {e}")
+      continue
+    _commit(run, path, items, entry)  # outside the try: a write error must stop the run
+
+
+def _volume_outputs(job: _Job, case: readers.Case, spacing: tuple[float, float] | None,
+                    paths: dict[str, pathlib.Path]) -> tuple[list[Item], np.ndarray]:
+  """Segments a volume: (its outputs to write, its display-order mask [S, H, W])."""
+  probs = job.model.probabilities(case.image, spacing, kind=inference.VOLUME,
+                                  tta=job.tta)
+  mask = inference.labels(probs, job.postprocess)
+  label_image = _nifti_like(inference.orientation_back(case, mask), case)
+  items = [(paths["nifti"], lambda p, im=label_image: _write_nifti(p, im))]
+  if "probabilities" in paths:
+    prob_image = _probabilities_like(inference.orientation_back(case, probs), label_image)
+    items.append((paths["probabilities"], lambda p, im=prob_image: _write_nifti(p, im)))
+  del probs  # 12 bytes per voxel: only the image to write (if any) keeps them
+  if "overlay" in paths:
+    mid = case.image.shape[0] // 2
+    rgb = overlay_lib.overlay_rgb(case.image[mid], mask[mid])
+    items.append((paths["overlay"], lambda p, a=rgb: _write_png(p, a)))
+  return items, mask
+
+
+def _slice_outputs(job: _Job, case: readers.Case, probs: np.ndarray,
+                   paths: dict[str, pathlib.Path]) -> tuple[list[Item], np.ndarray]:
+  """The outputs of a 2D case from its probabilities [H, W, C], and its mask [H, W]."""
+  mask = inference.labels(probs, job.postprocess)
+  items = [(paths["png"], lambda p: _write_png(p, mask)),
+           (paths["npy"], lambda p: _write_npy(p, mask))]
+  if "probabilities" in paths:
+    items.append((paths["probabilities"],
+                  lambda p: _write_npy(p, probs.astype(np.float32))))
+  if "overlay" in paths:
+    rgb = overlay_lib.overlay_rgb(case.image[0], mask)
+    items.append((paths["overlay"], lambda p: _write_png(p, rgb)))
+  return items, mask
+
+
+def _report_entry(job: _Job, case: readers.Case,
+                  mask: np.ndarray) -> predict_report.Entry | None:
+  """The report's entry of a case (None without `job.report`)."""
+  if job.report is None:
+    return None
+  return predict_report.summarize(case, mask, min_slices=job.report.min_slices,
+                                  max_components=job.report.max_components)
+
+
+def _commit(run: _Run, path: str, items: list[Item],
+            entry: predict_report.Entry | None) -> None:
+  """Writes one input's outputs together (`write_together`) and records the outcome.
+
+  Raises:
+    _WriteFailed: an OS error while writing, which stops the run.
+  """
+  try:
+    write_together(path, items)
+  except _WriteFailed:
+    raise
+  except Exception as e:  # e.g. an array a writer refuses: this input only
+    run.fail(path, f"{path}: {type(e).__name__}: {e}")
+    return
+  run.done(path, [final for final, _ in items], entry)
+
+
+def _write_report(job: _Job, run: _Run, files: list[pathlib.Path],
+                  input_path: str | os.PathLike, output_dir: pathlib.Path,
+                  overwrite: bool) -> None:
+  """Writes the QC page of the inputs written, in input order, with the failures.
+
+  Raises:
+    OutputError: an OS error while writing the page (the masks are written).
+  """
+  order = {str(f): i for i, f in enumerate(files)}  # the page lists inputs in input order
+  settings = {"models": ", ".join(m.path for m in job.model.members),
+              "input": str(input_path), "output": str(output_dir), "tta": job.tta,
+              "postprocess": job.postprocess, "min slices": job.report.min_slices,
+              "max pieces": job.report.max_components}
+  try:
+    predict_report.write(
+        job.report.folder, [run.entries[p] for p in sorted(run.entries, key=order.get)],
+        sorted(run.failures, key=lambda f: order.get(f[0], len(order))),
+        title="spine-predict report", settings=settings, overwrite=overwrite)
+  except OSError as e:  # the masks are written; say so with the reason
+    raise OutputError(f"{job.report.folder}: report not written: "
+                      f"{inference.os_reason(e)}", run.written, []) from e

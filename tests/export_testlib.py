@@ -96,12 +96,11 @@ def threshold_probabilities(image, thresholds: tuple[float, float] = THRESHOLDS,
 def export_and_load(model_dir: pathlib.Path, export_dir: pathlib.Path):
   """Exports `model_dir` to `export_dir` and loads it as the binaries do.
 
-  The loaded model's `.path` is the export folder (what spine-predict/evaluate receive).
+  Returns:
+    the `inference.LoadedModel`; its `.path` is the export folder (what
+    spine-predict/evaluate receive).
   """
-  export_dir = serving.export(model_dir, export_dir)
-  loaded = inference.load_saved_model(export_dir)
-  loaded.path = export_dir
-  return loaded
+  return inference.load_saved_model(serving.export(model_dir, export_dir))
 
 
 # Side of the square of `export_portable`'s model: each group statistic then sums ~260k

@@ -43,7 +43,7 @@ def exported(tmp_path_factory):
 
 def _compare(exported, images: np.ndarray) -> None:
   _, _, saved, runner = exported
-  ref = saved.signatures["serving_default"](images=tf.constant(images))
+  ref = saved.module.signatures["serving_default"](images=tf.constant(images))
   out = runner(images=images)
   assert out["mask"].dtype == np.uint8 and out["mask"].shape == images.shape[:3]
   assert out["probabilities"].shape == images.shape[:3] + (3,)

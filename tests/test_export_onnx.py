@@ -46,7 +46,7 @@ def exported(tmp_path_factory):
 
 def _compare(exported, images: np.ndarray, prob_tol: float = PROB_TOL) -> None:
   _, saved, session = exported
-  ref = saved.signatures["serving_default"](images=tf.constant(images))
+  ref = saved.module.signatures["serving_default"](images=tf.constant(images))
   names = [o.name for o in session.get_outputs()]
   out = dict(zip(names, session.run(None, {"images": images})))
   assert out["mask"].dtype == np.uint8 and out["mask"].shape == images.shape[:3]

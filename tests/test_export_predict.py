@@ -127,7 +127,8 @@ def test_nifti_in_scanner_order_and_ras_give_the_same_mask(model, tmp_path):
   back = np.asarray(out_ipr.as_reoriented(to_ras).dataobj)
   np.testing.assert_array_equal(back, pred_ras)
   # And it is the display-order prediction put back where each slice came from.
-  expected = inference.segment_volume(model, display).transpose(0, 2, 1)[:, ::-1, ::-1]
+  expected = inference.labels(model.probabilities(display, kind=inference.VOLUME))
+  expected = expected.transpose(0, 2, 1)[:, ::-1, ::-1]
   np.testing.assert_array_equal(pred_ras, expected)
   assert len(np.unique(pred_ras)) >= 2  # not a constant mask that would agree trivially
   assert (tmp_path / "out" / "ras_overlay.png").is_file()
@@ -161,7 +162,7 @@ def test_folder_mode_reports_bad_inputs_and_keeps_going(model, tmp_path):
   mask = np.asarray(Image.open(out / "good_mask.png"))
   assert mask.shape == (200, 310) and mask.dtype == np.uint8 and mask.max() <= 2
   np.testing.assert_array_equal(np.load(out / "good_mask.npy"), mask)
-  np.testing.assert_array_equal(mask, inference.segment_slices(model, good[None])[0])
+  np.testing.assert_array_equal(mask, inference.labels(model.probabilities(good[None]))[0])
   assert np.load(out / "slice_mask.npy").shape == (37, 53)
   assert np.asarray(Image.open(out / "good_overlay.png")).shape == (200, 310, 3)
   # Existing outputs are kept without overwrite, replaced with it.
@@ -209,8 +210,8 @@ def test_threshold_model_labels_are_known_in_advance(threshold):
   image[0, :6] = [0, 85, 86, 170, 171, 255]  # both sides of each threshold
   expected = threshold_labels(image)
   assert set(np.unique(expected)) == {0, 1, 2}
-  np.testing.assert_array_equal(inference.segment_slices(threshold, image[None])[0],
-                                expected)
+  np.testing.assert_array_equal(
+      inference.labels(threshold.probabilities(image[None]))[0], expected)
 
 
 def test_evaluate_2d_folders_against_known_truth(threshold, tmp_path):
@@ -280,27 +281,29 @@ def test_spacing_changes_nothing_for_a_model_without_target_spacing(model):
   # Fitted by the longer side, as its dataset was: a spacing is accepted and ignored, and
   # 2D inputs need none (tests/test_spacing.py covers models with a target spacing).
   rng = np.random.default_rng(2)
-  assert model.spineseg_target_spacing_mm is None
+  assert model.target_spacing_mm is None
   images = rng.integers(0, 256, (2, 30, 50)).astype(np.uint8)
-  plain = inference.segment_slices(model, images)
-  np.testing.assert_array_equal(inference.segment_slices(model, images, (0.4, 0.9)), plain)
+  plain = inference.labels(model.probabilities(images))
+  np.testing.assert_array_equal(
+      inference.labels(model.probabilities(images, (0.4, 0.9))), plain)
   volume = _volume(rng)
-  np.testing.assert_array_equal(inference.segment_volume(model, volume, (0.5, 2.0)),
-                                inference.segment_volume(model, volume))
+  np.testing.assert_array_equal(
+      inference.labels(model.probabilities(volume, (0.5, 2.0), kind=inference.VOLUME)),
+      inference.labels(model.probabilities(volume, kind=inference.VOLUME)))
   unknown = readers.Case(case_id="x", image=images[:1], mask=None, spacing=(1.0, 1.0),
                          image_path="x.png", spacing_known=False)
   assert inference.spacing_for(model, unknown) is None  # not refused: nothing to resample
 
 
 def test_saved_model_reports_its_image_size(model, tmp_path):
-  assert model.spineseg_image_size == S
-  assert model.spineseg_metadata["normalization"]["method"] == "percentile"
+  assert model.image_size == S
+  assert model.metadata["normalization"]["method"] == "percentile"
   # An export without the metadata file: the size comes from the graph.
   bare = tmp_path / "bare"
   shutil.copytree(model.path, bare)
   (bare / serving.METADATA_FILE).unlink()
   loaded = inference.load_saved_model(bare)
-  assert loaded.spineseg_metadata == {} and loaded.spineseg_image_size == S
+  assert loaded.metadata == {} and loaded.image_size == S
   (bare / serving.METADATA_FILE).write_text("{not json")
   with pytest.raises(inference.InputError, match="spineseg.json: unreadable"):
     inference.load_saved_model(bare)

@@ -23,7 +23,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import types
 
 import nibabel as nib
 import numpy as np
@@ -137,13 +136,12 @@ def test_ensemble_is_the_mean_of_the_members(model_a, model_b, tmp_path):
   expected_3d = _reference(vol, THRESHOLDS_A, THRESHOLDS_B)
   # Neither member alone: the mean must decide some pixels differently.
   assert not np.array_equal(expected_2d.argmax(-1), export_testlib.threshold_labels(png))
-  ensemble = [model_a, model_b]
+  ensemble = inference.Ensemble((model_a, model_b))
   np.testing.assert_allclose(
-      inference.slice_probabilities(ensemble, png[None].astype(np.float32))[0],
-      expected_2d, atol=1e-5)
+      ensemble.probabilities(png[None].astype(np.float32))[0], expected_2d, atol=1e-5)
   display = readers.read_image(str(tmp_path / "in" / "vol.nii.gz")).image  # [S, H, W]
   np.testing.assert_allclose(
-      inference.volume_probabilities(ensemble, display),
+      ensemble.probabilities(display, kind=inference.VOLUME),
       _reference(display, THRESHOLDS_A, THRESHOLDS_B), atol=1e-5)
 
   out = tmp_path / "out"
@@ -163,12 +161,13 @@ def test_ensemble_is_the_mean_of_the_members(model_a, model_b, tmp_path):
 
 def test_same_model_twice_equals_it_alone(spaced):
   x = np.random.default_rng(2).integers(0, 256, (2, S, S)).astype(np.float32)
-  alone = inference.slice_probabilities(spaced, x, (1.0, 1.0))
+  alone = spaced.probabilities(x, (1.0, 1.0))
   np.testing.assert_allclose(alone, _reference(x, THRESHOLDS_A), atol=1e-5)
+  twice = inference.Ensemble((spaced, spaced))
   for tta in (False, True):
-    np.testing.assert_allclose(
-        inference.slice_probabilities([spaced, spaced], x, (1.0, 1.0), tta),
-        inference.slice_probabilities(spaced, x, (1.0, 1.0), tta), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(twice.probabilities(x, (1.0, 1.0), tta=tta),
+                               spaced.probabilities(x, (1.0, 1.0), tta=tta),
+                               rtol=0, atol=1e-7)
 
 
 def test_evaluate_scores_the_ensemble(model_a, model_b, tmp_path):
@@ -183,8 +182,8 @@ def test_evaluate_scores_the_ensemble(model_a, model_b, tmp_path):
       _reference(png, THRESHOLDS_A, THRESHOLDS_B).argmax(-1), gt_2d).tolist(),
               "vol": metrics.counts(
       _reference(vol, THRESHOLDS_A, THRESHOLDS_B).argmax(-1), gt_3d).tolist()}
-  report = evaluate_lib.evaluate_folders([model_a, model_b], tmp_path / "images", masks,
-                                         progress=False)
+  report = evaluate_lib.evaluate_folders(inference.Ensemble((model_a, model_b)),
+                                         tmp_path / "images", masks, progress=False)
   assert not report["failures"]
   assert {r["case_id"]: r["counts"] for r in report["cases"]} == expected
   out_json = tmp_path / "scores.json"
@@ -254,12 +253,14 @@ def test_predict_and_evaluate_postprocess(model_a, tmp_path):
 
 
 def test_check_ensemble_refuses_other_classes():
-  a = types.SimpleNamespace(spineseg_num_classes=3, spineseg_path="runs/a/1")
-  b = types.SimpleNamespace(spineseg_num_classes=2, spineseg_path="runs/b/1")
-  inference.check_ensemble([a, a])
+  def model(path, num_classes):
+    return inference.LoadedModel(module=None, path=path, metadata={}, image_size=None,
+                                 target_spacing_mm=None, num_classes=num_classes)
+  a, b = model("runs/a/1", 3), model("runs/b/1", 2)
+  assert inference.Ensemble((a, a)).members == (a, a)
   with pytest.raises(inference.InputError, match=r"^runs/b/1: ensemble members must "
                      r"give the same classes: 3 in runs/a/1, found 2$"):
-    inference.check_ensemble([a, b])
+    inference.Ensemble((a, b))
 
 
 @pytest.mark.parametrize("value", ["", "a,", ",a", "a,,b", "a, ,b"])
@@ -274,9 +275,9 @@ def test_ensemble_with_a_spaced_member_needs_a_2d_spacing(model_a, spaced, tmp_p
   case = inference.read_input(tmp_path / "a.png")
   assert inference.spacing_for(model_a, case) is None
   with pytest.raises(inference.InputError, match=f"{spaced.path}.*--spacing_2d_mm"):
-    inference.spacing_for([model_a, spaced], case)
+    inference.spacing_for(inference.Ensemble((model_a, spaced)), case)
   known = inference.read_input(tmp_path / "a.png", (0.5, 0.5))
-  assert inference.spacing_for([model_a, spaced], known) == (0.5, 0.5)
+  assert inference.spacing_for(inference.Ensemble((model_a, spaced)), known) == (0.5, 0.5)
 
 
 def test_cli_refusals_are_one_line(model_a, spaced, tmp_path):

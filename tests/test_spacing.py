@@ -334,35 +334,36 @@ def _expected_3d() -> np.ndarray:
 
 
 def test_export_records_the_target_spacing(erosion, tmp_path):
-  assert erosion.spineseg_target_spacing_mm == TARGET
-  assert erosion.spineseg_metadata["target_spacing_mm"] == TARGET
+  assert erosion.target_spacing_mm == TARGET
+  assert erosion.metadata["target_spacing_mm"] == TARGET
   for name in ("segment_spacing", "segment_volume_spacing"):
-    assert name in erosion.signatures
+    assert name in erosion.module.signatures
   # Without assets.extra the loader reads it from the graph's variable.
   bare = tmp_path / "bare"
   shutil.copytree(erosion.path, bare)
   (bare / serving.METADATA_FILE).unlink()
-  assert inference.load_saved_model(bare).spineseg_target_spacing_mm == TARGET
+  assert inference.load_saved_model(bare).target_spacing_mm == TARGET
 
 
 def test_2d_prediction_resamples_and_maps_back(erosion):
   shape, rows, cols = SLICE_2D
   image = _square(shape, rows, cols)
   x = tf.constant(image[None, :, :, None].astype(np.float32))
-  out = erosion.signatures["segment_spacing"](images=x, spacing=tf.constant([0.5, 0.5]))
+  signatures = erosion.module.signatures
+  out = signatures["segment_spacing"](images=x, spacing=tf.constant([0.5, 0.5]))
   assert out["probabilities"].shape == (1, 40, 40, 3)
   np.testing.assert_array_equal(out["mask"].numpy()[0], _box_mask(shape, *EXPECTED_2D))
   # serving_default takes the pixels to be at the target spacing already: 20 px = 20 mm,
   # eroded by 2 px, a different mask (so the one above is not the model's only answer).
-  plain = erosion.signatures["serving_default"](images=x)["mask"].numpy()[0]
+  plain = signatures["serving_default"](images=x)["mask"].numpy()[0]
   np.testing.assert_array_equal(plain, _box_mask(shape, (12, 28), (12, 28)))
   # So do the other pixel signatures (on a canvas grown to 64 x 64 for 40 px).
-  u8 = erosion.signatures["segment_uint8"](images=tf.constant(image[None, :, :, None]))
+  u8 = signatures["segment_uint8"](images=tf.constant(image[None, :, :, None]))
   np.testing.assert_array_equal(u8["mask"].numpy()[0], plain)
-  png = erosion.signatures["segment_png"](png=tf.stack([tf.io.encode_png(image[..., None])]))
+  png = signatures["segment_png"](png=tf.stack([tf.io.encode_png(image[..., None])]))
   np.testing.assert_array_equal(png["mask"].numpy()[0], plain)
   with pytest.raises(tf.errors.InvalidArgumentError, match="positive"):
-    erosion.signatures["segment_spacing"](images=x, spacing=tf.constant([0.5, 0.0]))
+    signatures["segment_spacing"](images=x, spacing=tf.constant([0.5, 0.0]))
 
 
 def test_predict_cli_keeps_geometry_and_puts_the_mask_in_place(erosion, tmp_path):
@@ -425,7 +426,7 @@ def test_evaluate_volume_and_converted_examples_in_original_geometry(erosion, tm
                                image_size=SIZE, normalization="divide255",
                                required_labels=[], label_map={}, target_spacing_mm=TARGET)
   assert not result.error and not result.fatal and len(result.examples) == 2
-  out = erosion.signatures["segment_examples"](
+  out = erosion.module.signatures["segment_examples"](
       examples=tf.constant([b for _, b in result.examples]))
   f = schema.parse_example(result.examples[0][1], SIZE)
   assert f["geometry"].numpy().tolist() == [100, 40, 50, 20, -9, 6]

@@ -85,7 +85,7 @@ def _squares(shape, seed=0) -> np.ndarray:
 def _reference(model, images, spacing, name):
   """Mean probabilities and the three single-factor masks, from the signatures."""
   x = tf.constant(images.astype(np.float32)[..., None])
-  probs = [model.signatures[name](images=x, spacing=tf.constant(
+  probs = [model.module.signatures[name](images=x, spacing=tf.constant(
       [spacing[0] * f, spacing[1] * f], tf.float32))["probabilities"].numpy()
            for f in SCALES]
   return np.mean(probs, axis=0), [p.argmax(-1) for p in probs]
@@ -110,17 +110,18 @@ def test_tta_is_the_mean_of_three_scaled_calls(window, volume):
   spacing = (0.7, 0.9)
   name = "segment_volume_spacing" if volume else "segment_spacing"
   expected, singles = _reference(window, images, spacing, name)
-  got = inference.tta_probabilities(window, images, spacing, volume=volume)
+  kind = inference.VOLUME if volume else inference.SLICES
+  got = window.probabilities(images, spacing, kind=kind, tta=True)
   assert got.shape == (3, 40, 56, 3)
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
-  segment = inference.segment_volume if volume else inference.segment_slices
-  mask = segment(window, images, spacing, tta=True)
+  mask = inference.labels(got)
   assert mask.dtype == np.uint8
   np.testing.assert_array_equal(mask, expected.argmax(-1))
   # The scales matter for this model: a TTA equal to one call would be no test.
   assert not np.array_equal(singles[0], singles[2])
   assert not np.array_equal(mask, singles[1])
-  np.testing.assert_array_equal(segment(window, images, spacing), singles[1])
+  np.testing.assert_array_equal(
+      inference.labels(window.probabilities(images, spacing, kind=kind)), singles[1])
 
 
 def test_predict_cli_tta_keeps_geometry(window, tmp_path):

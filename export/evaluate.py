@@ -10,6 +10,9 @@ the affine's voxel sizes). Converted mode reads the split's TFRecords and scores
 `segment_examples` masks in the stored square geometry, pooling the slices of each case.
 Classes absent from a case's ground truth are reported as "absent". "mean" rows average
 the cases where the class is present; "pooled" rows count all voxels of all cases at once.
+A case that cannot be scored (an image without mask, an unreadable pair) is listed after
+the scores of the others, and the run exits 1 with `spine-evaluate: error: N of M cases
+failed`.
 --tta (folder mode, off by default; about 3x the time): scale test-time augmentation as
 spine-predict --tta, for a model with a target spacing.
 --saved_model=A,B (both modes): an ensemble, as spine-predict's. --postprocess (folder
@@ -152,7 +155,7 @@ def main(argv):
   except tf.errors.OpError as e:  # the graph refused the data (e.g. another square size)
     first_line = (e.message.strip().splitlines() or [type(e).__name__])[0]
     cli.fail(f"the SavedModel {_SAVED_MODEL.value} failed on the data: "
-          f"{type(e).__name__}: {first_line}")
+             f"{type(e).__name__}: {first_line}")
   print(evaluate_lib.format_table(report))
   if out_json:
     try:

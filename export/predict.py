@@ -21,7 +21,7 @@ back. `--output` is a folder; for each input `NAME.ext` it receives
           NIfTI: NAME_probabilities.nii.gz [X, Y, Z, 3], the input's voxel order and
           affine.
 A bad input is reported with its file name; the others are still processed, and the run
-exits non-zero listing the failures. Existing outputs are kept unless --overwrite. An
+exits non-zero listing the failures, then `spine-predict: error: N of M inputs failed`. Existing outputs are kept unless --overwrite. An
 input's outputs appear all together or not at all; an OS error while writing (full disk,
 read-only folder) stops the run with one line naming the file and the reason, followed by
 every input not written.

@@ -53,7 +53,7 @@ from absl import flags
 _SHORT_HELP = ("--help", "-help", "-?", "--helpshort", "-helpshort")
 _FULL_HELP = ("--helpfull", "-helpfull")
 
-TF_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL"
+_TF_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL"
 # FATAL only: the ERROR on GPU-less machines (`failed call to cuInit`) comes at every start.
 _DEFAULT_TF_LOG_LEVEL = "3"
 # A line of absl's C++ log: severity letter, MMDD, time (before the log is set up: 00:00 and
@@ -109,6 +109,7 @@ def fail_if_any(failures: Sequence[str], total: int, unit: str = "inputs") -> No
 def _flag_error(error: flags.Error) -> str:
   """absl's flag error as one line, a missing required flag said plainly."""
   message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+  message = message.removeprefix("ERROR:: ")  # absl's prefix for an unreadable flagfile
   missing = re.fullmatch(r"flag --(\w+)=None: Flag --\1 must have a value other than "
                          r"None\.", message)
   if missing:
@@ -205,11 +206,12 @@ def _native_stderr_filtered(level: int):
   the native log lines under `level`: C++ writes there directly, past `sys.stderr`."""
   sys.stderr.flush()
   try:
+    held = tempfile.TemporaryFile()
     saved = os.dup(2)
-  except OSError:  # no stderr at all: nothing to filter
+  except OSError:  # no stderr, or no room for the file (a full /tmp): nothing filtered
     yield
     return
-  with tempfile.TemporaryFile() as held:
+  with held:
     os.dup2(held.fileno(), 2)
     try:
       yield
@@ -250,7 +252,7 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
 
 def _quiet_tensorflow() -> None:
   """Sets the default TF_CPP_MIN_LOG_LEVEL and filters the lines logged before it counts."""
-  value = os.environ.setdefault(TF_LOG_LEVEL, _DEFAULT_TF_LOG_LEVEL)
+  value = os.environ.setdefault(_TF_LOG_LEVEL, _DEFAULT_TF_LOG_LEVEL)
   try:
     level = int(value)
   except ValueError:

@@ -63,24 +63,32 @@ _PRE_INIT_WARNING = "WARNING: All log messages before absl::InitializeLog() is c
 _SEVERITY = {"I": 0, "W": 1, "E": 2, "F": 3}
 
 
+# The module of the running binary's `main` (`run` records it): names the command.
+_main_module = "__main__"
+
+
 @functools.lru_cache(maxsize=None)
 def command_name() -> str:
   """The name the user runs this command by, e.g. "spine-predict", for its messages.
 
-  A console script runs under its own name (`sys.argv[0]`); `python -m export.predict`
-  gets the console script that setup.py declares for its module, and a module without
-  one (`python -m trainer.data_service`) its last component ("data_service").
+  A console script runs under its own name (`sys.argv[0]`). Otherwise the name is the
+  console script that setup.py declares for the module of the binary's `main`
+  (`python -m export.predict`: "spine-predict"), or the module's last component when it
+  has none (`python -m trainer.data_service`: "data_service").
   """
   script = os.path.basename(sys.argv[0] if sys.argv else "")
   if script.startswith("spine-"):
     return script
-  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-  if spec is None:  # a file run as a script
-    return os.path.splitext(script)[0] or "spineseg"
+  module = _main_module
+  if module == "__main__":  # `python -m MODULE`: its __spec__ has the dotted name
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is None:  # a file run as a script
+      return os.path.splitext(script)[0] or "spineseg"
+    module = spec.name
   for entry in importlib.metadata.entry_points(group="console_scripts"):
-    if entry.value.split(":")[0] == spec.name:
+    if entry.value.split(":")[0] == module:
       return entry.name
-  return spec.name.rsplit(".", 1)[-1]
+  return module.rsplit(".", 1)[-1]
 
 
 def fail(message: str) -> NoReturn:
@@ -167,6 +175,8 @@ def run(main: Callable[[list[str]], Any]) -> None:
   # A native crash (SIGSEGV, SIGABRT, ...) inside TensorFlow then prints every Python
   # thread's stack on stderr: where it happened, instead of a bare "Segmentation fault".
   faulthandler.enable()
+  global _main_module
+  _main_module = main.__module__
   adopt_flags(main.__module__)
   wanted = _help_requested(sys.argv)
   if wanted:

@@ -34,7 +34,8 @@ from typing import Any, Optional
 
 from absl import app, flags
 
-from data_prep import cli, readers, schema, writer
+from data_prep import cli  # first: it quiets TensorFlow before anything loads it
+from data_prep import readers, schema, writer
 from data_prep import options as options_lib
 
 # Required unless --verify (checked in main: absl's required=True cannot be conditional).
@@ -120,18 +121,13 @@ _RUNNER = _OPTION_FLAGS["runner"]
 flags.mark_flags_as_mutual_exclusive(["num_shards", "examples_per_shard"])
 
 
-def _fail(message: str) -> None:
-  """User errors: one clear line, no traceback, non-zero exit."""
-  sys.exit(f"spine-convert: error: {message}")
-
-
 def _verify(data_dir: str) -> None:
   try:
     count, problems = writer.verify_dataset(data_dir, progress=sys.stderr.isatty())
   except writer.ConversionError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   for problem in problems:  # one line per bad shard, each naming its file
-    print(f"spine-convert: error: {problem}", file=sys.stderr)
+    print(f"{cli.command_name()}: error: {problem}", file=sys.stderr)
   if problems:
     sys.exit(1)
   print(f"{data_dir}: {count} shards verified, all intact")
@@ -146,14 +142,15 @@ def main(argv: list[str]) -> None:
   if _VERIFY.value is not None:
     given = [f"--{f.name}" for f in own if f.present]
     if given:
-      _fail(f"--verify checks an existing dataset and takes no conversion flags; found "
-            f"{', '.join(given)}")
+      cli.fail(f"--verify checks an existing dataset and takes no conversion flags; "
+               f"found {', '.join(given)}")
     _verify(_VERIFY.value)
     return
   missing = [f"--{h.name}" for h in (_IMAGES_DIR, _MASKS_DIR, _OUTPUT_DIR) if not h.value]
   if missing:
-    _fail(f"missing {', '.join(missing)}: --images_dir, --masks_dir and --output_dir are "
-          "required to convert (or pass only --verify=DIR to check a converted dataset)")
+    cli.fail(f"missing {', '.join(missing)}: --images_dir, --masks_dir and --output_dir "
+             "are required to convert (or pass only --verify=DIR to check a converted "
+             "dataset)")
   try:
     required = (None if _REQUIRED_LABELS.value is None
                 else [int(x) for x in _REQUIRED_LABELS.value if x.strip()])
@@ -172,7 +169,7 @@ def main(argv: list[str]) -> None:
         progress=sys.stderr.isatty())  # no bar in logs and captured output
   except (readers.InputError, schema.LabelError, writer.ConversionError, ValueError,
           OSError) as e:
-    _fail(str(e))
+    cli.fail(str(e))
   print(writer.format_summary(result))
   if result["dry_run"]:
     print(json.dumps(result["splits"], indent=2))

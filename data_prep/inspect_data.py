@@ -18,7 +18,8 @@ import sys
 
 from absl import app, flags
 
-from data_prep import cli, inspect_lib
+from data_prep import cli  # first: it quiets TensorFlow before anything loads it
+from data_prep import inspect_lib
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, help="Converted dataset (the --output_dir of spine-convert).",
@@ -37,11 +38,6 @@ _MAX_TILES = flags.DEFINE_integer(
     help="Slices per mosaic PNG; more make more PNGs, so a large dataset stays viewable.")
 
 
-def _fail(message: str) -> None:
-  """User errors: one clear line, no traceback, non-zero exit."""
-  sys.exit(f"spine-inspect: error: {message}")
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -51,9 +47,9 @@ def main(argv: list[str]) -> None:
         max_tiles_per_mosaic=_MAX_TILES.value, overwrite=_OVERWRITE.value,
         progress=sys.stderr.isatty())  # no bar in logs and captured output
   except (inspect_lib.InspectError, ValueError, OSError) as e:
-    _fail(str(e))
+    cli.fail(str(e))
   for warning in result["warnings"]:
-    print(f"spine-inspect: warning: {warning}", file=sys.stderr)
+    print(f"{cli.command_name()}: warning: {warning}", file=sys.stderr)
   print(f"{result['cases']} cases, {result['tiles']} slices drawn in "
         f"{result['seconds']:.1f} s; report: {result['output']}/index.html")
 

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import sys
 
 import numpy as np
 
@@ -457,6 +456,7 @@ def _define_flags() -> dict:
 
 def main(argv, holders: dict) -> None:
   from absl import app  # pylint: disable=g-import-not-at-top
+  from data_prep import cli  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   v = {k: h.value for k, h in holders.items()}
@@ -469,7 +469,7 @@ def main(argv, holders: dict) -> None:
       ids = write_3d_dataset(v["output_dir"], v["num_cases"], v["seed"], size=v["size"],
                              num_slices=v["num_slices"], overwrite=v["overwrite"])
   except (OSError, ValueError) as e:  # FileExistsError (not empty) is an OSError
-    sys.exit(f"spine-phantom: error: {e}")
+    cli.fail(str(e))
   print(f"wrote {len(ids)} {v['format']} cases to {v['output_dir']}/images and "
         f"{v['output_dir']}/masks")
 

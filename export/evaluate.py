@@ -10,6 +10,9 @@ the affine's voxel sizes). Converted mode reads the split's TFRecords and scores
 `segment_examples` masks in the stored square geometry, pooling the slices of each case.
 Classes absent from a case's ground truth are reported as "absent". "mean" rows average
 the cases where the class is present; "pooled" rows count all voxels of all cases at once.
+A case that cannot be scored (an image without mask, an unreadable pair) is listed after
+the scores of the others, and the run exits 1 with `spine-evaluate: error: N of M cases
+failed`.
 --tta (folder mode, off by default; about 3x the time): scale test-time augmentation as
 spine-predict --tta, for a model with a target spacing.
 --saved_model=A,B (both modes): an ensemble, as spine-predict's. --postprocess (folder
@@ -29,6 +32,8 @@ import sys
 
 from absl import app
 from absl import flags
+
+from data_prep import cli  # first: it quiets TensorFlow before anything loads it
 
 _SAVED_MODEL = flags.DEFINE_string(
     "saved_model", None, help="SavedModel version folder written by spine-export, or a "
@@ -67,12 +72,6 @@ _WITHIN_LEVELS = flags.DEFINE_bool(
     "predictions of it above or below become background (--images_dir only). For masks "
     "labelled at some levels only, e.g. vertebral bodies T11-L5, where a predicted "
     "sacrum is unknown, not wrong. A diagnostic: the default scores every pixel.")
-
-
-def _fail(message: str) -> None:
-  """One line on stderr and exit 1: no traceback for a user's error."""
-  print(f"spine-evaluate: error: {message}", file=sys.stderr)
-  sys.exit(1)
 
 
 def _unwritable(path: pathlib.Path) -> str | None:
@@ -114,20 +113,20 @@ def main(argv):
   try:
     spacing_2d = readers.parse_spacing_mm(_SPACING_2D_MM.value)
   except ValueError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   if _BATCH_SIZE.value < 1:
     raise app.UsageError(f"--batch_size must be >= 1, found {_BATCH_SIZE.value}")
   from data_prep import fileio  # pylint: disable=g-import-not-at-top
   out_json = fileio.path(_OUTPUT_JSON.value) if _OUTPUT_JSON.value else None
   if out_json and out_json.is_dir():  # --overwrite would not help: say what is wrong
-    _fail(f"--output_json={out_json}: expected a file, found a folder")
+    cli.fail(f"--output_json={out_json}: expected a file, found a folder")
   if out_json and out_json.exists() and not _OVERWRITE.value:
     raise app.UsageError(f"{out_json} exists; pass --overwrite to replace it")
   if out_json:
     # Before the (long) evaluation: a JSON that cannot be written is found out now.
     problem = _unwritable(out_json)
     if problem:
-      _fail(problem)
+      cli.fail(problem)
   # Imported here so that --help and flag errors do not pay for loading TensorFlow.
   from data_prep import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
   from export import evaluate_lib, inference  # pylint: disable=g-import-not-at-top
@@ -144,30 +143,32 @@ def main(argv):
           model, _IMAGES_DIR.value, _MASKS_DIR.value, label_map=label_map,
           batch_size=_BATCH_SIZE.value, spacing_2d_mm=spacing_2d,
           tta=_TTA.value, postprocess=_POSTPROCESS.value is not False,
-          within_levels=_WITHIN_LEVELS.value)
+          within_levels=_WITHIN_LEVELS.value,
+          progress=sys.stderr.isatty())  # no bar in logs and captured output
     else:
       report = evaluate_lib.evaluate_split(model, _DATA_DIR.value, _SPLIT.value,
                                            batch_size=_BATCH_SIZE.value)
   except ValueError as e:  # InputError is a ValueError; ours name the file.
-    _fail(str(e))
+    cli.fail(str(e))
   except OSError as e:  # e.g. an unreadable folder: one line, not a traceback
-    _fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
+    cli.fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
   except tf.errors.OpError as e:  # the graph refused the data (e.g. another square size)
     first_line = (e.message.strip().splitlines() or [type(e).__name__])[0]
-    _fail(f"the SavedModel {_SAVED_MODEL.value} failed on the data: "
-          f"{type(e).__name__}: {first_line}")
+    cli.fail(f"the SavedModel {_SAVED_MODEL.value} failed on the data: "
+             f"{type(e).__name__}: {first_line}")
   print(evaluate_lib.format_table(report))
   if out_json:
     try:
       manifest_lib.write_json_atomic(out_json, evaluate_lib.json_safe(report))
     except OSError as e:  # atomic: the old file (or none) is left, never half a JSON
-      _fail(f"cannot write {out_json}: {e.strerror or e}")
+      cli.fail(f"cannot write {out_json}: {e.strerror or e}")
     print(f"spine-evaluate: wrote {out_json}")
-  inference.exit_if_failures("spine-evaluate", report["failures"])
+  # Each failure is one case (an orphan file, or a pair that could not be scored).
+  cli.fail_if_any(report["failures"], len(report["cases"]) + len(report["failures"]),
+                  unit="cases")
 
 
 def run():
-  from data_prep import cli  # pylint: disable=g-import-not-at-top
   cli.run(main)  # --help lists this module's flags, also as a console script
 
 

@@ -13,11 +13,12 @@ signature rebuilt without float64 ops, for LiteRT), there too.
 from __future__ import annotations
 
 import pathlib
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+
+from data_prep import cli  # first: it quiets TensorFlow before anything loads it
 
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None, help="Trained model directory holding best.keras and dataset.json.",
@@ -65,8 +66,7 @@ def main(argv):
       message = f"{e.filename or _EXPORT_DIR.value}: {e.strerror}"
     else:
       message = str(e)
-    print(f"spine-export: error: {message}", file=sys.stderr)
-    sys.exit(1)
+    cli.fail(message)
   print(f"spine-export: wrote SavedModel to {out} (signatures: "
         f"{', '.join(serving.SIGNATURES)})")
   if onnx is not None:
@@ -76,7 +76,6 @@ def main(argv):
 
 
 def run():
-  from data_prep import cli  # pylint: disable=g-import-not-at-top
   cli.run(main)  # --help lists this module's flags, also as a console script
 
 

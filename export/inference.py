@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import sys
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -67,16 +66,6 @@ def os_reason(error: BaseException) -> str:
   if isinstance(error, OSError) and error.strerror:
     return error.strerror
   return str(error) or type(error).__name__
-
-
-def exit_if_failures(program: str, messages: list[str]) -> None:
-  """Lists failed inputs on stderr and exits 1; returns when there are none."""
-  if not messages:
-    return
-  print(f"{program}: {len(messages)} input(s) failed:", file=sys.stderr)
-  for message in messages:
-    print(f"  {message}", file=sys.stderr)
-  sys.exit(1)
 
 
 def _read_metadata(path: pathlib.Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ back. `--output` is a folder; for each input `NAME.ext` it receives
           NIfTI: NAME_probabilities.nii.gz [X, Y, Z, 3], the input's voxel order and
           affine.
 A bad input is reported with its file name; the others are still processed, and the run
-exits non-zero listing the failures. Existing outputs are kept unless --overwrite. An
+exits non-zero listing the failures, then `spine-predict: error: N of M inputs failed`. Existing outputs are kept unless --overwrite. An
 input's outputs appear all together or not at all; an OS error while writing (full disk,
 read-only folder) stops the run with one line naming the file and the reason, followed by
 every input not written.
@@ -43,6 +43,8 @@ import sys
 
 from absl import app
 from absl import flags
+
+from data_prep import cli  # first: it quiets TensorFlow before anything loads it
 
 _SAVED_MODEL = flags.DEFINE_string(
     "saved_model", None, help="SavedModel version folder written by spine-export, or a "
@@ -96,8 +98,7 @@ def main(argv):
   try:
     spacing_2d = readers.parse_spacing_mm(_SPACING_2D_MM.value)
   except ValueError as e:  # one line, as every other fault
-    print(f"spine-predict: error: {e}", file=sys.stderr)
-    sys.exit(1)
+    cli.fail(str(e))
   # Imported here so that --help and flag errors do not pay for loading TensorFlow.
   from export import inference, predict_lib, predict_report  # pylint: disable=g-import-not-at-top
   report = None
@@ -111,28 +112,28 @@ def main(argv):
         model, _INPUT.value, _OUTPUT.value, batch_size=_BATCH_SIZE.value,
         overlay=_OVERLAY.value, overwrite=_OVERWRITE.value, spacing_2d_mm=spacing_2d,
         tta=_TTA.value, save_probabilities=_SAVE_PROBABILITIES.value,
-        postprocess=_POSTPROCESS.value, report=report)
+        postprocess=_POSTPROCESS.value, report=report,
+        progress=sys.stderr.isatty())  # no bar in logs and captured output
+    # The inputs counted again only to say "N of M failed" (a folder listing).
+    total = len(inference.list_inputs(_INPUT.value)) if failures else 0
   except predict_lib.OutputError as e:
     if e.written:
-      print(f"spine-predict: wrote {len(e.written)} files to {_OUTPUT.value}")
-    print(f"spine-predict: error: {e}", file=sys.stderr)
+      print(f"spine-predict: wrote {len(e.written)} files to {_OUTPUT.value}", flush=True)
+    # The error first: its message ends with ":" and announces the inputs listed below.
+    print(f"{cli.command_name()}: error: {e}", file=sys.stderr)
     for _, message in e.failures:
       print(f"  {message}", file=sys.stderr)
     sys.exit(1)
   except inference.InputError as e:
-    print(f"spine-predict: error: {e}", file=sys.stderr)
-    sys.exit(1)
+    cli.fail(str(e))
   except OSError as e:  # e.g. an unreadable input folder: one line, not a traceback
-    print(f"spine-predict: error: {e.filename or _INPUT.value}: {inference.os_reason(e)}",
-          file=sys.stderr)
-    sys.exit(1)
+    cli.fail(f"{e.filename or _INPUT.value}: {inference.os_reason(e)}")
   print(f"spine-predict: wrote {len(written)} files to {_OUTPUT.value}")
   if report is not None:
     print(f"spine-predict: QC report: {fileio.path(report.folder) / 'index.html'}")
-  inference.exit_if_failures("spine-predict", [message for _, message in failures])
+  cli.fail_if_any([message for _, message in failures], total)
 
 def run():
-  from data_prep import cli  # pylint: disable=g-import-not-at-top
   cli.run(main)  # --help lists this module's flags, also as a console script
 
 

@@ -192,7 +192,9 @@ def test_predict_cli_exits_non_zero_listing_failures(model, tmp_path):
        f"--input={tmp_path}", f"--output={tmp_path / 'out'}"], cwd=REPO, env=ENV,
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1
-  assert "1 input(s) failed" in proc.stderr and "rgb.png" in proc.stderr
+  assert proc.stderr.splitlines()[-1] == (
+      "spine-predict: error: 1 of 2 inputs failed (listed above)")
+  assert "rgb.png" in proc.stderr
   assert (tmp_path / "out" / "ok_mask.png").is_file()
 
 

@@ -4,7 +4,6 @@
 # Run from the repository root (`make demo` does). Rerunning starts the stages afresh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 BIN=.venv/bin
 OUT="${DEMO_OUT:-demo_out}"
 TRAIN_CASES="${DEMO_TRAIN_CASES:-80}"
@@ -12,10 +11,8 @@ IMAGE_SIZE="${DEMO_IMAGE_SIZE:-96}"
 MODEL="$OUT/export/spineseg/1"
 
 step() { printf '\n== %s  (%s)\n' "$1" "$(date +%H:%M:%S)"; }
-# TensorFlow's C++ start-up chatter (oneDNN, CUDA probing, signature renames) hides the
-# demo's own output; drop it from stderr, keep everything else. Exit codes are kept.
-NOISE='^[IW][0-9]{4} |^E[0-9]{4} .*(cuInit|cuda)|^WARNING: All log messages before absl'
-quiet() { "$@" 2> >(grep --line-buffered -Ev "$NOISE" >&2); }
+# The commands hide TensorFlow's C++ start-up lines themselves (TF_CPP_MIN_LOG_LEVEL=0
+# shows them).
 start=$(date +%s)
 
 # Each stage owns one folder; clearing them makes a rerun start from scratch instead of
@@ -33,30 +30,30 @@ $BIN/python -m data_prep.phantom --output_dir="$OUT/heldout/3d" --format=3d \
   --num_cases=2 --seed=2 --size=128 --num_slices=16
 
 step "2/6 spine-convert -> $OUT/data, spine-inspect -> $OUT/inspect"
-quiet $BIN/spine-convert --images_dir="$OUT/raw/images" --masks_dir="$OUT/raw/masks" \
+$BIN/spine-convert --images_dir="$OUT/raw/images" --masks_dir="$OUT/raw/masks" \
   --output_dir="$OUT/data" --image_size="$IMAGE_SIZE" --val_fraction=0.2 \
   --test_fraction=0.0 --seed=0 --num_workers=2 --overwrite
-quiet $BIN/spine-inspect --data_dir="$OUT/data" --output="$OUT/inspect"
+$BIN/spine-inspect --data_dir="$OUT/data" --output="$OUT/inspect"
 
 step "3/6 spine-train (experiments/demo.flags) -> $OUT/model"
-quiet $BIN/spine-train --data_dir="$OUT/data" --model_dir="$OUT/model" \
+$BIN/spine-train --data_dir="$OUT/data" --model_dir="$OUT/model" \
   --flagfile=experiments/demo.flags
 
 step "4/6 spine-export -> $MODEL"
-quiet $BIN/spine-export --model_dir="$OUT/model" --export_dir="$MODEL" --overwrite
+$BIN/spine-export --model_dir="$OUT/model" --export_dir="$MODEL" --overwrite
 
 step "5/6 spine-predict on held-out cases -> $OUT/predictions"
-quiet $BIN/spine-predict --saved_model="$MODEL" --input="$OUT/heldout/2d/images" \
+$BIN/spine-predict --saved_model="$MODEL" --input="$OUT/heldout/2d/images" \
   --output="$OUT/predictions/2d" --overlay --overwrite
-quiet $BIN/spine-predict --saved_model="$MODEL" --input="$OUT/heldout/3d/images" \
+$BIN/spine-predict --saved_model="$MODEL" --input="$OUT/heldout/3d/images" \
   --output="$OUT/predictions/3d" --overlay --report --overwrite
 
 step "6/6 spine-evaluate -> $OUT/eval"
-quiet $BIN/spine-evaluate --saved_model="$MODEL" --data_dir="$OUT/data" --split=val \
+$BIN/spine-evaluate --saved_model="$MODEL" --data_dir="$OUT/data" --split=val \
   --output_json="$OUT/eval/val.json" --overwrite
-quiet $BIN/spine-evaluate --saved_model="$MODEL" --images_dir="$OUT/heldout/2d/images" \
+$BIN/spine-evaluate --saved_model="$MODEL" --images_dir="$OUT/heldout/2d/images" \
   --masks_dir="$OUT/heldout/2d/masks" --output_json="$OUT/eval/heldout_2d.json" --overwrite
-quiet $BIN/spine-evaluate --saved_model="$MODEL" --images_dir="$OUT/heldout/3d/images" \
+$BIN/spine-evaluate --saved_model="$MODEL" --images_dir="$OUT/heldout/3d/images" \
   --masks_dir="$OUT/heldout/3d/masks" --output_json="$OUT/eval/heldout_3d.json" --overwrite
 
 step "done in $(( $(date +%s) - start )) s"

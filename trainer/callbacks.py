@@ -6,6 +6,7 @@ import collections
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -297,11 +298,17 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
                           f"is {float(loss)}")
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be saved (full disk, read-only folder, ...); the message names
+  the folder, the reason and the checkpoint that a rerun resumes from."""
+
+
 class Checkpoint(keras.callbacks.Callback):
   """Saves model, optimizer, completed epoch count and best Dice after every epoch.
 
-  `tf.train.CheckpointManager` writes the files first and the `checkpoint` index last,
-  so a `kill -9` mid-save leaves the previous checkpoint as the latest.
+  `tf.train.CheckpointManager` writes the files first (under `ckpt-N_temp/`, renamed when
+  complete) and the `checkpoint` index last, so a `kill -9` or a failure mid-save leaves
+  the previous checkpoint as the latest; a failed save raises `CheckpointError`.
   """
 
   def __init__(self, manager: tf.train.CheckpointManager, epoch: tf.Variable):
@@ -311,7 +318,26 @@ class Checkpoint(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     self._epoch.assign(epoch + 1)
-    self._manager.save(checkpoint_number=epoch + 1)
+    try:
+      self._manager.save(checkpoint_number=epoch + 1)
+    except (tf.errors.OpError, OSError) as e:
+      # A full disk surfaces as ResourceExhaustedError from the SaveV2 op.
+      kept = self._manager.latest_checkpoint
+      resume = (f"a rerun of the same command resumes from {os.path.basename(kept)}"
+                if kept else "no checkpoint was saved before it: a rerun starts afresh")
+      raise CheckpointError(f"{self._manager.directory}: cannot save the checkpoint of "
+                            f"epoch {epoch + 1}: {_save_failure(e)}; {resume}") from None
+
+
+def _save_failure(error: BaseException) -> str:
+  """The reason of a failed save in the OS's words where there are some ("No space left on
+  device"), without TF's function-node prefix, temporary file name and op suffix."""
+  if isinstance(error, OSError):
+    return error.strerror or str(error)
+  lines = (error.message or "").strip().splitlines() or [type(error).__name__]
+  text = re.sub(r"^\{\{.*?\}\}\s*|\s*\[Op:\w+\]$", "", lines[0])
+  where, semicolon, reason = text.rpartition("; ")
+  return reason if semicolon and "/" in where else text
 
 
 class HistoryFile(keras.callbacks.Callback):

@@ -137,7 +137,8 @@ class TrainConfig:
   num_overlays: int = _setting(
       4, "Validation slices drawn as prediction overlays in TensorBoard each epoch.")
   verbose: int = _setting(1, "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line "
-                          "per epoch.")
+                          "per epoch. Unset, spine-train draws the bar (1) on a terminal "
+                          "and writes one line per epoch (2) when its output is not one.")
 
 
 def split_list(text: str) -> list[str]:

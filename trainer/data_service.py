@@ -14,11 +14,11 @@ with one line `data_service: error: ...` and exit status 1.
 """
 import signal
 import socket
-import sys
 import threading
 
 from absl import flags
 
+from data_prep import cli  # first: it quiets TensorFlow before anything loads it
 from trainer import data_service_lib
 
 _PORT = flags.DEFINE_integer(
@@ -41,14 +41,14 @@ _WORK_DIR = flags.DEFINE_string(
 
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}; settings are --flags")
+    cli.fail(f"unexpected arguments {argv[1:]}; settings are --flags")
   if _DISPATCHER.value:
     try:
       data_service_lib.check_address(_DISPATCHER.value)
     except ValueError as e:
-      _fail(f"--dispatcher={_DISPATCHER.value}: {e}")
+      cli.fail(f"--dispatcher={_DISPATCHER.value}: {e}")
   if _DISPATCHER.value and _WORK_DIR.value:
-    _fail("--work_dir is the dispatcher's journal; workers (--dispatcher) have none")
+    cli.fail("--work_dir is the dispatcher's journal; workers (--dispatcher) have none")
   # Ctrl-C or SIGTERM (a container's stop) from here on only asks for a clean stop: a
   # KeyboardInterrupt raised between two statements could escape the loop below.
   stop = threading.Event()
@@ -61,7 +61,7 @@ def main(argv):
                                      workers=_WORKERS.value, host=_HOST.value,
                                      work_dir=_WORK_DIR.value)
   except ValueError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   if servers.dispatcher is not None:
     print(f"data_service: dispatcher at {servers.address} with {len(servers.workers)} "
           f"local worker(s); train with spine-train --data_service={servers.address}; "
@@ -75,13 +75,7 @@ def main(argv):
   print("data_service: stopped", flush=True)
 
 
-def _fail(message: str) -> None:
-  print(f"data_service: error: {message}", file=sys.stderr, flush=True)
-  sys.exit(1)
-
-
 def run():
-  from data_prep import cli  # pylint: disable=g-import-not-at-top
   cli.run(main)
 
 

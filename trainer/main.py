@@ -8,8 +8,10 @@ Rerunning the same command after a crash or `kill -9` resumes from the last comp
 epoch. Several machines: set TF_CONFIG on each and run the same command. The flags are
 generated from `trainer.config.TrainConfig` (defaults: the recommended settings, as in
 experiments/default.flags); every one of them is recorded in MODEL_DIR/config.json.
-Faults (bad settings or data, a busy model_dir, a non-finite loss) end it with one line
-`spine-train: error: ...` and exit status 1.
+Faults (bad settings or data, a busy model_dir, a non-finite loss, a checkpoint that
+cannot be saved) end it with one line `spine-train: error: ...` and exit status 1.
+Without --verbose, the progress bar is drawn on a terminal only; redirected output gets
+one line per epoch (--verbose=2).
 """
 import dataclasses
 import sys
@@ -18,6 +20,8 @@ import typing
 from absl import flags
 from absl import logging
 
+from data_prep import cli  # first: it quiets TensorFlow before anything loads it
+from trainer import callbacks
 from trainer import train
 
 
@@ -62,29 +66,26 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> train.Trai
 define_flags()
 
 
-def _fail(message: str) -> None:
-  print(f"spine-train: error: {message}", file=sys.stderr, flush=True)
-  sys.exit(1)
-
-
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # TF's per-checkpoint INFO lines drown the bar.
   try:
     if len(argv) > 1:
       raise train.ConfigError(f"unexpected arguments {argv[1:]}; settings are --flags")
     config = config_from_flags()
+    if not flags.FLAGS["verbose"].present and not sys.stdout.isatty():
+      # Keras' bar redraws itself with escape codes: noise in a log file.
+      config = dataclasses.replace(config, verbose=2)
     result = train.train_and_evaluate(config)
-  except (train.ConfigError, train.TrainingError) as e:
-    _fail(str(e))
+  except (train.ConfigError, train.TrainingError, callbacks.CheckpointError) as e:
+    cli.fail(str(e))
   except OSError as e:
     # A model_dir that fills up or turns read-only mid-run, and the like.
-    _fail(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+    cli.fail(f"{e.filename}: {e.strerror}" if e.filename else str(e))
   summary = {k: v for k, v in result.items() if k != "history"}
   print(f"spine-train: done: {summary}; model in {config.model_dir}", flush=True)
 
 
 def run():
-  from data_prep import cli  # pylint: disable=g-import-not-at-top
   cli.run(main)  # --help lists this module's flags, also as a console script
 
 

@@ -56,11 +56,11 @@ def test_volume_sizes_slices_and_pieces_match_the_planted_mask():
   mask = np.zeros(case.image.shape, np.uint8)
   mask[3:6, 2:6, 2:8] = 1  # one disc block: 3 slices x 4 x 6 = 72 voxels
   mask[3:6, 10:14, 2:8] = 1  # a second disc, apart from the first
-  mask[2:8, 16:19, 10:19] = 2  # one vertebra: 6 x 3 x 9 = 162 voxels
+  mask[2:8, 12:19, 10:19] = 2  # one vertebra: 6 x 7 x 9 = 378 voxels
   entry = predict_report.summarize(case, mask)
   voxel = 2.0 * 1.0 * 1.5
   assert entry.unit == "mm^3"
-  assert entry.size == {1: pytest.approx(144 * voxel), 2: pytest.approx(162 * voxel)}
+  assert entry.size == {1: pytest.approx(144 * voxel), 2: pytest.approx(378 * voxel)}
   assert entry.slices == {1: 3, 2: 6}
   assert entry.components == {1: 2, 2: 1}
   assert entry.flags == []
@@ -73,18 +73,23 @@ def test_flags_empty_few_slices_and_fragmented():
   mask = np.zeros(case.image.shape, np.uint8)
   mask[4, 5, 5] = 2  # vertebra in one slice only
   entry = predict_report.summarize(case, mask, min_slices=3)
+  # 20 rows of 1 mm, 9 slices of 2 mm: minima 126 and 34 mm^3/mm x 20 mm x 18/50.
   assert entry.flags == ["empty: no disc predicted",
-                         "few slices: vertebra in 1 sagittal slice(s), expected >= 3"]
+                         "few slices: vertebra in 1 sagittal slice(s), expected >= 3",
+                         "small for field of view: vertebra 3 mm^3, expected >= 907 mm^3 "
+                         "for 20 mm superior-inferior"]
   # 5 x 5 isolated voxels (one apart) in each of 2 slices: 50 face-connected pieces.
   mask = np.zeros(case.image.shape, np.uint8)
   mask[1, 0:10:2, 0:10:2] = 1
   mask[2, 1:11:2, 1:11:2] = 1  # diagonal to the first: still separate pieces
-  mask[0:9, 15:18, 15:18] = 2
+  mask[0:9, 10:20, 15:20] = 2
   entry = predict_report.summarize(case, mask, min_slices=2, max_components=30)
   assert entry.components[1] == 50
-  assert entry.flags == ["fragmented: disc in 50 pieces, expected <= 30"]
+  small_disc = ("small for field of view: disc 150 mm^3, expected >= 245 mm^3 for 20 mm "
+                "superior-inferior")  # speckle is small too
+  assert entry.flags == ["fragmented: disc in 50 pieces, expected <= 30", small_disc]
   assert predict_report.summarize(case, mask, min_slices=2,
-                                  max_components=50).flags == []
+                                  max_components=50).flags == [small_disc]
 
 
 def test_2d_units_follow_the_known_spacing():
@@ -102,11 +107,89 @@ def test_2d_units_follow_the_known_spacing():
     predict_report.summarize(_2d_case(), mask[:10])
 
 
+DATA = REPO.parent / "shared" / "data"
+
+
+def test_volume_small_for_its_field_of_view_is_flagged_with_the_reason():
+  # 20 slices of 2.5 mm (50 mm, the reference width), 88 rows of 4 mm (352 mm S-I):
+  # minima 126 x 352 = 44352 mm^3 (vertebra) and 34 x 352 = 11968 mm^3 (disc).
+  case = _volume_case(shape=(20, 88, 40), zooms=(2.5, 4.0, 4.0))
+  voxel = 2.5 * 4.0 * 4.0
+  minimum, extent = predict_report.minimum_sizes(case)
+  assert extent == pytest.approx(352.0)
+  assert minimum == {1: pytest.approx(11968.0), 2: pytest.approx(44352.0)}
+  mask = np.zeros(case.image.shape, np.uint8)
+  for top in range(5, 85, 16):  # five discs of 6 x 2 x 10 voxels (4800 mm^3 each)
+    mask[7:13, top:top + 2, 10:20] = 1
+  mask[8:13, 20:31, 12:13] = 2  # 55 voxels: 2200 mm^3, 5% of the vertebra minimum
+  entry = predict_report.summarize(case, mask)
+  assert entry.size[2] == pytest.approx(55 * voxel)
+  assert entry.flags == ["small for field of view: vertebra 2200 mm^3, expected >= "
+                         "44352 mm^3 for 352 mm superior-inferior"]
+  assert entry.notes == []
+  # Full-size bodies between the discs: 5 x 10 x 8 x 20 voxels = 256000 mm^3.
+  for top in range(7, 85, 16):
+    mask[5:15, top:top + 8, 5:25] = 2
+  assert predict_report.summarize(case, mask).flags == []
+  # A slab half the reference width holds half as much: the same bodies cut to 25 mm
+  # (128000 mm^3) pass, the minimum halved to 22176 mm^3.
+  thin = _volume_case(shape=(10, 88, 40), zooms=(2.5, 4.0, 4.0))
+  assert predict_report.minimum_sizes(thin)[0][2] == pytest.approx(44352.0 / 2)
+  assert predict_report.summarize(thin, mask[5:15]).flags == []
+
+
+def test_2d_small_for_its_field_of_view_needs_a_known_spacing():
+  # 256 rows of 1.1 mm (281.6 mm S-I): minima 1.31 and 0.42 mm^2 per mm, i.e. 368.9 and
+  # 118.3 mm^2.
+  mask = np.zeros((256, 256), np.uint8)
+  for top in range(40, 240, 40):
+    mask[top:top + 8, 100:130] = 1  # five discs of 240 px (290.4 mm^2 each)
+  mask[100:110, 100:118] = 2  # 180 px = 217.8 mm^2: too small a vertebra
+  spaced = predict_report.summarize(_2d_case((1.1, 1.1), (256, 256)), mask)
+  assert spaced.flags == ["small for field of view: vertebra 218 mm^2, expected >= "
+                          "369 mm^2 for 282 mm superior-inferior"]
+  assert spaced.notes == []
+  mask[60:75, 100:130] = 2  # one body more: 630 px = 762.3 mm^2
+  assert predict_report.summarize(_2d_case((1.1, 1.1), (256, 256)), mask).flags == []
+  # Unknown spacing: not judged, and the entry says so.
+  mask[60:75, 100:130] = 0
+  plain = predict_report.summarize(_2d_case(None, (256, 256)), mask)
+  assert predict_report.minimum_sizes(_2d_case(None, (256, 256))) is None
+  assert plain.flags == []
+  assert plain.notes == ["size for the field of view not checked: pixel spacing unknown "
+                         "(--spacing_2d_mm)"]
+
+
+def test_labelled_cases_pass_the_minimum_four_times_over_and_the_repro_does_not():
+  # The constants are a quarter of the smallest labelled case: every label of the shared
+  # data holds at least 4x its minimum; vb1_10 at the 21000 of its 244989 mm^3 of
+  # vertebral body that a model found is flagged.
+  masks = sorted(DATA.glob("spine3d*/masks/*.nii.gz"))
+  if not masks:
+    pytest.skip(f"no labelled volumes under {DATA}")
+  for path in masks:
+    case = readers.read_image(path)
+    minimum, _ = predict_report.minimum_sizes(case)
+    voxel = abs(np.linalg.det(case.affine[:3, :3]))
+    labels = np.rint(case.image)
+    for c in (1, 2):
+      size = float((labels == c).sum()) * voxel
+      assert size == 0 or size >= 4 * minimum[c], (path.name, c, size, minimum[c])
+    if path.name == "vb1_10.nii.gz":
+      assert 21000 < minimum[2] < 244989 / 4
+  for path in sorted(DATA.glob("spine2d/masks/*.npy")):
+    labels = np.load(path)
+    minimum, _ = predict_report.minimum_sizes(_2d_case((1.1, 1.1), labels.shape))
+    for c in (1, 2):
+      size = float((labels == c).sum()) * 1.1 * 1.1
+      assert size == 0 or size >= 4 * minimum[c] - 1e-6, (path.name, c, size, minimum[c])
+
+
 def test_report_page_lists_flagged_inputs_first_and_renders(tmp_path):
   case = _volume_case()
   good = np.zeros(case.image.shape, np.uint8)
   good[2:7, 2:6, 2:8] = 1
-  good[2:7, 10:14, 2:8] = 2
+  good[2:7, 10:20, 2:14] = 2
   entries = [predict_report.summarize(case, good),
              predict_report.summarize(_2d_case(), np.zeros((24, 30), np.uint8))]
   out = predict_report.write(tmp_path / "report", entries,
@@ -116,6 +199,7 @@ def test_report_page_lists_flagged_inputs_first_and_renders(tmp_path):
   html = (out / "index.html").read_text()
   assert html.index("/data/s.png") < html.index("/data/v.nii.gz")  # flagged first
   assert "empty: no disc predicted" in html and "/data/bad.png: unreadable" in html
+  assert "not checked: pixel spacing unknown" in html  # the slice's note
   assert sorted(p.name for p in out.glob("*.png")) == ["0001_v.nii.gz.png",
                                                        "0002_s.png.png"]
   with pytest.raises(FileExistsError, match="--overwrite"):

@@ -11,7 +11,7 @@ but one of them (measured: Dice 0.56 -> 0.29 for discs). Keeping only the larges
 component of the whole foreground (the spine column) was measured too: it helps most
 volumes but one model's largest component was a false region, and vb2_05's vertebra Dice
 fell from 0.72 to 0. The relative-size rule removes the small islands of both failure
-modes and never deleted a true disc or vertebra in those measurements (README, "Predict
+modes and never deleted a true disc or vertebra in those measurements (docs/inference.md, "Predict
 options").
 """
 from __future__ import annotations

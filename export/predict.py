@@ -33,7 +33,8 @@ member resamples the input itself, so image sizes and target spacings may differ
 --postprocess (on by default; --nopostprocess): per class, connected components smaller
 than 10% of that class's largest are set to background (3D for a volume, per slice for 2D).
 --report: a QC page in OUTPUT/report/ (index.html + PNG mosaics): outlines, class sizes
-(mm^3 for volumes), and flags for empty, thin or fragmented classes.
+(mm^3 for volumes), and flags for empty, thin, fragmented or implausibly small classes
+(for the input's superior-inferior field of view).
 
   spine-predict --saved_model=a/1,b/1 --input=scans/ --output=out/ --save_probabilities
 """
@@ -75,7 +76,7 @@ _POSTPROCESS = flags.DEFINE_bool(
     "postprocess", True, help="Remove islands: per class, connected components smaller "
     "than 10 percent of the class's largest become background (3D for a volume, per "
     "slice for 2D). Probabilities are saved before it. On by default: it raised every "
-    "measured volume's Dice (README, Predict options); --nopostprocess turns it off.")
+    "measured volume's Dice (docs/inference.md, Predict options); --nopostprocess turns it off.")
 _REPORT = flags.DEFINE_bool(
     "report", False, help="Also write a QC page of the run to OUTPUT/report/ (index.html "
     "and one PNG mosaic per input): per input the outlined slice (a volume: its middle "

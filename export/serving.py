@@ -370,7 +370,7 @@ def protocol_head(model: keras.Model, manifest: manifest_lib.Manifest,
   if len(names) == 1:
     return model, protocol
   head = model.get_layer(schema.head_layer(protocol)).output
-  return keras.Model(model.inputs, head, name=f"{model.name}_{protocol}"), protocol
+  return keras.Model(model.input, head, name=f"{model.name}_{protocol}"), protocol
 
 
 def load_model_dir(model_dir: str | os.PathLike, protocol: str | None = None

@@ -126,7 +126,8 @@ def make_dataset(files: Sequence[str] | Sequence[Sequence[str]], *,
     match = tf.equal(tf.constant(list(protocols)), example["protocol"])
     check = tf.debugging.assert_equal(
         tf.reduce_any(match), True,
-        message=f"an example's protocol is none of the model's heads {list(protocols)}")
+        message=f"the protocol of an example is none of the model heads "
+                f"{', '.join(protocols)}")
     with tf.control_dependencies([check]):
       head = tf.cast(tf.argmax(tf.cast(match, tf.int32)), tf.uint8)
     mask = example["mask"]

@@ -373,9 +373,9 @@ def parse_example(serialized: tf.Tensor, image_size: int | None = None) -> Mappi
     slice; on a partially annotated slice the unlabelled pixels hold the set label of
     background and the unannotated classes; IGNORE_LABEL in the padding), "valid" bool
     [H, W, 1] (the slice, not the padding), "annotated" bool [NUM_CLASSES], "protocol"
-    string (DEFAULT_PROTOCOL for shards without one), "case_id" string, "slice_index" int64, "source" string, "geometry" int64 [6] ordered as the fields of
-    `Geometry`, "spacing" float32 [2], "norm_method" string, "norm_offset" and
-    "norm_scale" float32.
+    string (DEFAULT_PROTOCOL for shards without one), "case_id" string, "slice_index"
+    int64, "source" string, "geometry" int64 [6] ordered as the fields of `Geometry`,
+    "spacing" float32 [2], "norm_method" string, "norm_offset" and "norm_scale" float32.
   """
   f = tf.io.parse_single_example(serialized, _FEATURES)
   shape = tf.stack([f[HEIGHT], f[WIDTH], tf.constant(1, tf.int64)])

@@ -184,7 +184,8 @@ def test_the_pipeline_carries_each_examples_head(two_protocols):
   (_, masks), = input_pipeline.make_dataset(val_b, image_size=32, compression="",
                                             global_batch_size=2, protocols=["vb"])
   assert masks.shape == (2, 32, 32, 1)
-  with pytest.raises(tf.errors.InvalidArgumentError, match="none of the model heads full, thin"):
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="none of the model heads full, thin"):
     list(input_pipeline.make_dataset(val_b, image_size=32, compression="",
                                      global_batch_size=2, protocols=["full", "thin"]))
 
@@ -244,7 +245,13 @@ def test_two_protocols_train_with_a_head_each_validated_on_its_own(two_protocols
 
 
 def test_folders_of_one_protocol_must_label_alike(two_protocols, tmp_path):
-  _, a, _ = two_protocols
+  _, a, b = two_protocols
+  with pytest.raises(train.ConfigError, match=(
+      rf"--dataset_weights=1,0: the labelling protocol\(s\) \['vb'\] of {b} would get "
+      "an output head that nothing trains")):
+    train.train_and_evaluate(train.TrainConfig(
+        data_dir=f"{a},{b}", model_dir=str(tmp_path / "m"), epochs=1, dataset_weights="1,0",
+        **TINY))
   vb_only = trainer_testdata.write_dataset(tmp_path / "vb_only", num_train=2, num_val=1,
                                            annotated=(2,), protocol="full")
   config = train.TrainConfig(data_dir=f"{a},{vb_only}", model_dir=str(tmp_path / "m"),

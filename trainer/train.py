@@ -20,8 +20,9 @@ Labelling protocols: the folders' manifests name the protocol their masks follow
 single protocol, nothing else changes. Several: one shared body and one output head per
 protocol, sorted by name (`unet.build_unet(protocols=...)`); each training slice is scored
 on its own protocol's head only (still marginal over the classes its folder does not
-annotate), and each folder is validated on its own head. Folders of one protocol must
-annotate the same classes with the same label map.
+annotate), and each folder is validated on its own head. Folders of one named protocol
+must annotate the same classes with the same label map (folders converted without
+--protocol share the default one, whatever each annotates, as before).
 
 Faults end the run with a `ConfigError` (settings, data, model_dir: before training) or a
 `TrainingError` (a non-finite loss, a shard that cannot be read), each one line naming
@@ -41,6 +42,7 @@ from typing import Any
 
 from data_prep import fileio
 from data_prep import manifest as manifest_lib
+from data_prep import schema
 from trainer import augment as augment_lib
 from trainer import data_service_lib
 from trainer import run_dir
@@ -124,9 +126,10 @@ def load_datasets(config: TrainConfig) -> list[Source]:
   """Every --data_dir folder, loaded and checked; they must agree on what the model sees.
 
   Raises:
-    ConfigError: a folder that cannot be trained on, or two folders with another
+    ConfigError: a folder that cannot be trained on, two folders with another
       image_size, normalization method or target spacing (both folders and values
-      named).
+      named), two folders of one labelling protocol that annotate other classes or map
+      labels otherwise, or a protocol whose folders all have weight 0.
   """
   folders = data_dirs(config)
   sources = [Source(folder, name, load_data_manifest(folder, config))
@@ -141,15 +144,29 @@ def load_datasets(config: TrainConfig) -> list[Source]:
             f"--data_dir: {other.data_dir} has {what} {value(other.manifest)!r}, "
             f"{first.data_dir} has {value(first.manifest)!r}; one model reads one "
             f"{what}: convert them alike")
-  _check_protocols(sources)
+  _check_protocols(config, sources)
   return sources
 
 
-def _check_protocols(sources: list[Source]) -> None:
-  """Refuses folders that share a protocol name but label differently (ConfigError
-  naming both folders): one head cannot learn two ways of drawing."""
+def _check_protocols(config: TrainConfig, sources: list[Source]) -> None:
+  """Refuses folders that share a protocol name (other than the default) but label
+  differently (one head cannot learn two ways of drawing), and a protocol head no folder
+  trains (--dataset_weights 0 for all of its folders): ConfigError naming the folders."""
+  heads = protocols(sources)
+  trained = {s.manifest.protocol
+             for s, w in zip(sources, sampling_weights(config, sources)) if w > 0}
+  untrained = [h for h in heads if h not in trained]
+  if len(heads) > 1 and untrained:
+    folders = [s.data_dir for s in sources if s.manifest.protocol in untrained]
+    raise ConfigError(
+        f"--dataset_weights={config.dataset_weights}: the labelling protocol(s) "
+        f"{untrained} of {', '.join(folders)} would get an output head that nothing "
+        "trains; give one of their folders a weight > 0, or convert them with the "
+        "--protocol of a trained folder")
   first_of: dict[str, Source] = {}
-  for source in sources:
+  # Folders converted without a --protocol have declared none: they share one head with
+  # whatever classes each annotates, as before protocols existed (marginal losses).
+  for source in (s for s in sources if s.manifest.protocol != schema.DEFAULT_PROTOCOL):
     first = first_of.setdefault(source.manifest.protocol, source)
     for what, value in (("annotated labels", lambda m: sorted(m.annotated_labels)),
                         ("label map", lambda m: m.label_map)):
@@ -454,7 +471,8 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
     val_ds = next(iter(val.values())) if len(sources) == 1 else val
     cbs.append(callbacks_lib.SplitDice(
         val_ds, num_classes=num_classes, best_path=best_path, best_value=best_var,
-        heads={s.name: heads.index(s.manifest.protocol) for s in sources} if heads else None,
+        heads=({s.name: heads.index(s.manifest.protocol) for s in sources} if heads
+               else None),
         image_dir=str(model_dir / "logs" / "images") if is_chief else None,
         num_images=config.num_overlays))
   elif is_chief:

@@ -18,6 +18,9 @@ Keys every reader may rely on:
 Optional (absent from older manifests, which mean null):
   target_spacing_mm  float: mm per stored pixel (slices resampled, then centred in the
                      square); null: each slice fitted by its longer side.
+  protocol           the labelling protocol the masks follow (`spine-convert
+                     --protocol`, schema.check_protocol); absent: schema.DEFAULT_PROTOCOL
+                     (the converter writes it only for another name).
 The converter adds more (flags, annotated labels, class frequencies, intensity statistics,
 cases, skipped inputs); manifests written by hand (tests, benchmarks) may lack them.
 """
@@ -89,6 +92,17 @@ class Manifest:
   def annotated_labels(self) -> list[int]:
     """Class ids the source folder outlines (every class when absent)."""
     return self.raw.get("annotated_labels", list(range(schema.NUM_CLASSES)))
+
+  @property
+  def protocol(self) -> str:
+    """The labelling protocol of the masks (`schema.DEFAULT_PROTOCOL` when absent)."""
+    return self.raw.get("protocol", schema.DEFAULT_PROTOCOL)
+
+  @property
+  def label_map(self) -> dict[int, int]:
+    """{source id: class id} the converter applied (`schema.parse_label_map` of its
+    --label_map; {} when none was given or not recorded)."""
+    return schema.parse_label_map(self.raw.get("flags", {}).get("label_map") or "")
 
   @property
   def normalization(self) -> dict[str, Any]:
@@ -230,6 +244,11 @@ def validate(manifest: dict[str, Any], where: str = schema.MANIFEST_NAME) -> Non
                              or not target > 0 or target == float("inf")):
     raise ValueError(f"{where}: target_spacing_mm must be a positive number or null, found "
                      f"{target!r}")
+  if "protocol" in manifest:
+    try:
+      schema.check_protocol(manifest["protocol"])
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from None
   splits = manifest["splits"]
   unknown = sorted(set(splits) - set(schema.SPLITS)) if isinstance(splits, dict) else None
   if unknown is None or unknown:

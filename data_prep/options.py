@@ -37,8 +37,8 @@ class ConvertOptions:
   help text (metadata "help"); the field order is the flags' order.
 
   Raises (on construction):
-    ValueError: contradictory or unknown options (the message names them), a Beam
-      runner or option Beam does not know.
+    ValueError: contradictory or unknown options (the message names them), a malformed
+      protocol name, a Beam runner or option Beam does not know.
     schema.LabelError: a malformed `label_map`.
     re.error: a `case_id_regex` that does not compile.
     ConversionError: a Beam runner without Apache Beam installed.
@@ -54,6 +54,11 @@ class ConvertOptions:
   label_map: Optional[str] = _setting(
       None, "Collapse source label ids before filtering, e.g. '1-5:1,6-12:2' (0 maps to 0 "
       "unless listed). Unmapped values are an error.")
+  protocol: str = _setting(
+      schema.DEFAULT_PROTOCOL, "Name of the labelling protocol these masks follow (1-32 of "
+      "a-z, 0-9, _), recorded in dataset.json and every example: folders whose masks are "
+      "drawn alike (e.g. discs between the endplates) share a name, and spine-train gives "
+      "each protocol of its --data_dir list its own output head.")
   val_fraction: float = _setting(0.2, "Fraction of cases for val.")
   test_fraction: float = _setting(0.0, "Fraction of cases for test.")
   seed: int = _setting(0, "Seed of the split by case.")
@@ -130,6 +135,7 @@ class ConvertOptions:
     if self.spacing_2d_mm is not None:
       normalize("spacing_2d_mm", tuple(float(v) for v in self.spacing_2d_mm))
     schema.parse_label_map(self.label_map)
+    schema.check_protocol(self.protocol)
     if self.case_id_regex:
       re.compile(self.case_id_regex)
 
@@ -177,7 +183,8 @@ class ConvertOptions:
                 required_labels=list(self.required_labels),
                 label_map=schema.parse_label_map(self.label_map),
                 annotated_labels=list(self.annotated_labels),
-                target_spacing_mm=self.target_spacing_mm, spacing_2d_mm=self.spacing_2d_mm)
+                target_spacing_mm=self.target_spacing_mm, spacing_2d_mm=self.spacing_2d_mm,
+                protocol=self.protocol)
 
   def pipeline_options(self):
     """Beam's PipelineOptions for `runner` and `beam_args` (`beam_convert`)."""

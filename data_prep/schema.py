@@ -197,6 +197,36 @@ NORM_SCALE = "normalization/scale"
 # slice lacking a foreground class here are read back as the set label of background and
 # the missing classes. Absent from older shards: every class annotated.
 ANNOTATED = "labels/annotated"
+# The labelling protocol the slice's masks follow (`spine-convert --protocol`). Written
+# only for a protocol other than DEFAULT_PROTOCOL, so that a default conversion's shards
+# keep their bytes; absent (older shards, default conversions): DEFAULT_PROTOCOL.
+PROTOCOL = "labels/protocol"
+
+# Labelling protocols. Datasets outline the same class differently (thin or full discs,
+# vertebral bodies with or without the sacrum); folders drawn the same way share a
+# protocol name, and the trainer gives each protocol its own output head.
+DEFAULT_PROTOCOL = "default"
+_PROTOCOL_RE = re.compile(r"[a-z0-9_]{1,32}")
+# The model's output head of protocol P is the layer `logits_P` (`trainer.unet`); the
+# exporter finds the heads by these names without importing the trainer.
+HEAD_LAYER_PREFIX = "logits_"
+
+
+def check_protocol(name: str) -> str:
+  """Returns `name` if it is a valid protocol name: 1-32 of [a-z0-9_].
+
+  Raises:
+    ValueError: naming the value and the expected form.
+  """
+  if not isinstance(name, str) or not _PROTOCOL_RE.fullmatch(name):
+    raise ValueError(f"protocol {name!r}: expected a short name of 1-32 lowercase "
+                     "letters, digits or underscores, e.g. 'thin_discs'")
+  return name
+
+
+def head_layer(protocol: str) -> str:
+  """The name of the model's output layer for `protocol` (a model with several heads)."""
+  return HEAD_LAYER_PREFIX + protocol
 
 # Names of the split files and the manifest, shared by writer and readers.
 MANIFEST_NAME = "dataset.json"
@@ -244,7 +274,8 @@ def _floats(values: Sequence[float]) -> tf.train.Feature:
 def make_example(image: np.ndarray, mask: np.ndarray, *, case_id: str, slice_index: int,
                  source: str, geometry: Geometry, spacing: Sequence[float],
                  norm_method: str, norm_offset: float, norm_scale: float,
-                 annotated: Sequence[int] = tuple(range(NUM_CLASSES))) -> tf.train.Example:
+                 annotated: Sequence[int] = tuple(range(NUM_CLASSES)),
+                 protocol: str = DEFAULT_PROTOCOL) -> tf.train.Example:
   """Builds one tf.train.Example from a preprocessed slice.
 
   Args:
@@ -260,13 +291,17 @@ def make_example(image: np.ndarray, mask: np.ndarray, *, case_id: str, slice_ind
     norm_scale: divisor applied after the offset.
     annotated: the class ids the source folder outlines (background is always implied);
       the others are unknown, not background, on this slice's unlabelled pixels.
+    protocol: the labelling protocol the mask follows (`check_protocol`); stored only
+      when it is not DEFAULT_PROTOCOL.
 
   Returns:
     The example; serialize it with `.SerializeToString()`.
 
   Raises:
-    ValueError: if shapes disagree or the mask holds values outside 0..255.
+    ValueError: if shapes disagree, the mask holds values outside 0..255, or the
+      protocol name is malformed.
   """
+  check_protocol(protocol)
   image = np.asarray(image)
   mask = np.asarray(mask)
   if image.ndim != 2 or image.shape != mask.shape:
@@ -296,6 +331,8 @@ def make_example(image: np.ndarray, mask: np.ndarray, *, case_id: str, slice_ind
       ANNOTATED: _ints([int(c == 0 or c in set(int(a) for a in annotated))
                         for c in range(NUM_CLASSES)]),
   }
+  if protocol != DEFAULT_PROTOCOL:
+    feature[PROTOCOL] = _bytes(protocol.encode("utf-8"))
   return tf.train.Example(features=tf.train.Features(feature=feature))
 
 
@@ -319,6 +356,7 @@ _FEATURES = {
     NORM_SCALE: tf.io.FixedLenFeature([], tf.float32),
     ANNOTATED: tf.io.FixedLenFeature([NUM_CLASSES], tf.int64,
                                      default_value=[1] * NUM_CLASSES),
+    PROTOCOL: tf.io.FixedLenFeature([], tf.string, default_value=DEFAULT_PROTOCOL),
 }
 
 
@@ -334,11 +372,10 @@ def parse_example(serialized: tf.Tensor, image_size: int | None = None) -> Mappi
     A dict with "image" float32 [H, W, 1], "mask" uint8 [H, W, 1] (class ids inside the
     slice; on a partially annotated slice the unlabelled pixels hold the set label of
     background and the unannotated classes; IGNORE_LABEL in the padding), "valid" bool
-    [H, W, 1] (the slice, not the padding), "annotated" bool [NUM_CLASSES], "case_id"
-    string,
-    "slice_index" int64, "source" string, "geometry" int64 [6] ordered as the fields of
-    `Geometry`, "spacing" float32 [2], "norm_method" string, "norm_offset" and
-    "norm_scale" float32.
+    [H, W, 1] (the slice, not the padding), "annotated" bool [NUM_CLASSES], "protocol"
+    string (DEFAULT_PROTOCOL for shards without one), "case_id" string, "slice_index"
+    int64, "source" string, "geometry" int64 [6] ordered as the fields of `Geometry`,
+    "spacing" float32 [2], "norm_method" string, "norm_offset" and "norm_scale" float32.
   """
   f = tf.io.parse_single_example(serialized, _FEATURES)
   shape = tf.stack([f[HEIGHT], f[WIDTH], tf.constant(1, tf.int64)])
@@ -367,6 +404,7 @@ def parse_example(serialized: tf.Tensor, image_size: int | None = None) -> Mappi
       "mask": mask,
       "valid": valid,
       "annotated": annotated,
+      "protocol": f[PROTOCOL],
       "case_id": f[CASE_ID],
       "slice_index": f[SLICE_INDEX],
       "source": f[SOURCE],

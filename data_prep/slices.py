@@ -73,7 +73,8 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
                  required_labels: Sequence[int], label_map: dict[int, int],
                  annotated_labels: Sequence[int] = tuple(range(schema.NUM_CLASSES)),
                  target_spacing_mm: Optional[float] = None,
-                 spacing_2d_mm: Optional[tuple[float, float]] = None) -> CaseResult:
+                 spacing_2d_mm: Optional[tuple[float, float]] = None,
+                 protocol: str = schema.DEFAULT_PROTOCOL) -> CaseResult:
   """Reads one case and turns its kept slices into serialized examples.
 
   Args:
@@ -89,6 +90,7 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
     target_spacing_mm: resample every slice to this many mm per pixel before fitting
       it into the square (`preprocess.spacing_geometry`); None: fit by the longer side.
     spacing_2d_mm: (row, column) mm per pixel of 2D files (NIfTI: from the affine).
+    protocol: the labelling protocol of the masks, stored with every example.
 
   Returns:
     A CaseResult. Input problems are reported in `error` (the case is skipped), label
@@ -144,7 +146,8 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
     example = schema.make_example(
         image, fitted_mask, case_id=case.case_id, slice_index=index, source=image_path,
         geometry=geometry, spacing=case.spacing, norm_method=normalization,
-        norm_offset=offset, norm_scale=scale, annotated=annotated_labels)
+        norm_offset=offset, norm_scale=scale, annotated=annotated_labels,
+        protocol=protocol)
     # deterministic=True: map entries (the feature keys) are otherwise serialized in an
     # order that varies between processes, which breaks byte-identical shards.
     result.examples.append((index, example.SerializeToString(deterministic=True)))

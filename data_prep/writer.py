@@ -426,7 +426,8 @@ def convert_dataset(images_dir: str, masks_dir: str, output_dir: str,
     split_info, staged = _close_shards(shard_sets, acc, options.dry_run)
     manifest = acc.manifest(options.manifest_flags(images_dir, masks_dir, output_dir),
                             split_info, plan.orphans, plan.kind, options.image_size,
-                            options.normalization, options.compression)
+                            options.normalization, options.compression,
+                            options.protocol)
     if not options.dry_run:
       with shards.output_errors("write the dataset", out):
         _publish(out, tmp_dir, staged, manifest)
@@ -469,7 +470,7 @@ class _Accumulator:
         "normalization": {"offset": r.norm_offset, "scale": r.norm_scale}})
 
   def manifest(self, flags, split_info, orphans, kind, image_size, normalization,
-               compression) -> dict[str, Any]:
+               compression, protocol) -> dict[str, Any]:
     def freqs(counts):
       total = sum(counts)
       return [c / total if total else 0.0 for c in counts]
@@ -484,6 +485,8 @@ class _Accumulator:
         # mm per stored pixel (None: slices fitted by their longer side, any mm/pixel).
         "target_spacing_mm": flags["target_spacing_mm"],
         "annotated_labels": flags["annotated_labels"],
+        # Only another protocol is written: a default conversion keeps its bytes.
+        **({} if protocol == schema.DEFAULT_PROTOCOL else {"protocol": protocol}),
         "flags": flags,
         "class_pixel_counts": dict(self.class_counts, all=all_counts),
         "class_pixel_frequencies": {**{s: freqs(c) for s, c in self.class_counts.items()},
@@ -535,6 +538,8 @@ def format_summary(result: dict[str, Any]) -> str:
   lines = [f"{'would write' if result.get('dry_run') else 'wrote'} "
            f"{t['slices_written']} slices from {t['cases_converted']} cases "
            f"({t['slices_skipped']} slices pruned, {t['files_skipped']} files skipped)"]
+  if manifest.protocol != schema.DEFAULT_PROTOCOL:
+    lines.append(f"  labelling protocol: {manifest.protocol}")
   for split in manifest.splits:
     lines.append(f"  {split:5s}: {manifest.num_cases(split)} cases, "
                  f"{manifest.num_slices(split)} slices, "

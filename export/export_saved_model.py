@@ -3,12 +3,18 @@
   spine-export --model_dir=runs/seed --export_dir=models/spineseg/1
   spine-export --model_dir=runs/seed --export_dir=models/spineseg/1 --onnx  # + model.onnx
   spine-export --model_dir=runs/seed --export_dir=models/spineseg/1 --litert  # + .tflite
+  spine-export --model_dir=runs/heads --export_dir=models/thin_discs/1 --protocol=thin_discs
 
 `--export_dir` is a numbered version folder (TF Serving's layout: base path / version).
 The SavedModel needs only TensorFlow to load; see `export/serving.py` for its signatures.
 `--onnx` also writes `model.onnx` (its `serving_default`, for ONNX Runtime) into the
 version folder; see `export/portable.py`. `--litert` also writes `model.tflite` (the same
 signature rebuilt without float64 ops, for LiteRT), there too.
+A model trained on several labelling protocols (one output head each) is exported one
+protocol at a time: `--protocol=NAME` picks the head, and the SavedModel (and its ONNX
+and LiteRT twins) then segments as that protocol draws; the metadata
+(assets.extra/spineseg.json) records "protocol" and every one of the model's
+"protocols".
 """
 from __future__ import annotations
 
@@ -32,6 +38,10 @@ _OVERWRITE = flags.DEFINE_bool(
 _ONNX = flags.DEFINE_bool(
     "onnx", False, help="Also write model.onnx (the serving_default signature, converted "
     'by tf2onnx) into --export_dir; needs pip install -e ".[onnx]".')
+_PROTOCOL = flags.DEFINE_string(
+    "protocol", None, help="The labelling protocol (spine-convert --protocol) whose output "
+    "head to export, for a model trained with one head per protocol (required there; "
+    "an error lists the names). A one-protocol model needs none.")
 _LITERT = flags.DEFINE_bool(
     "litert", False, help="Also write model.tflite (the serving_default signature for "
     "LiteRT, builtin ops only) into --export_dir; needs pip install -e \".[litert]\".")
@@ -55,11 +65,13 @@ def main(argv):
     if _LITERT.value:
       portable.require_litert()
     from export import serving  # pylint: disable=g-import-not-at-top
-    out = serving.export(_MODEL_DIR.value, _EXPORT_DIR.value, overwrite=_OVERWRITE.value)
+    out = serving.export(_MODEL_DIR.value, _EXPORT_DIR.value, overwrite=_OVERWRITE.value,
+                         protocol=_PROTOCOL.value)
     if _ONNX.value:
       onnx = portable.to_onnx(out, overwrite=_OVERWRITE.value)
     if _LITERT.value:
-      litert = portable.to_litert(_MODEL_DIR.value, out, overwrite=_OVERWRITE.value)
+      litert = portable.to_litert(_MODEL_DIR.value, out, overwrite=_OVERWRITE.value,
+                                  protocol=_PROTOCOL.value)
   # Ours name the path; raw OS errors get it added.
   except (OSError, ValueError, portable.MissingExtraError) as e:
     if isinstance(e, OSError) and e.strerror:
@@ -67,7 +79,8 @@ def main(argv):
     else:
       message = str(e)
     cli.fail(message)
-  print(f"spine-export: wrote SavedModel to {out} (signatures: "
+  head = f"protocol {_PROTOCOL.value}, " if _PROTOCOL.value else ""
+  print(f"spine-export: wrote SavedModel to {out} ({head}signatures: "
         f"{', '.join(serving.SIGNATURES)})")
   if onnx is not None:
     print(f"spine-export: wrote {onnx} (serving_default: images -> probabilities, mask)")

@@ -135,7 +135,8 @@ def litert_path(export_dir: str | os.PathLike) -> "pathlib.Path | fileio.RemoteP
 
 
 def to_litert(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
-              overwrite: bool = False) -> "pathlib.Path | fileio.RemotePath":
+              overwrite: bool = False,
+              protocol: str | None = None) -> "pathlib.Path | fileio.RemotePath":
   """Writes `<export_dir>/model.tflite`: `serving_default` of `model_dir`, for LiteRT.
 
   LiteRT's builtin kernels have no float64 arithmetic and the Python interpreters link
@@ -151,6 +152,7 @@ def to_litert(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
     model_dir: the trained model directory `export_dir` was exported from.
     export_dir: a spine-export version folder.
     overwrite: replace an existing model.tflite.
+    protocol: the protocol head `export_dir` was exported with (`serving.export`).
 
   Returns:
     The path of model.tflite.
@@ -170,7 +172,7 @@ def to_litert(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
   from tensorflow.python.framework import convert_to_constants
   from export import serving
   # pylint: enable=g-import-not-at-top
-  model, manifest = serving.load_model_dir(model_dir)
+  model, manifest = serving.load_model_dir(model_dir, protocol)
   module = serving.SegmentationModule(
       model, image_size=manifest.image_size, norm_method=manifest.norm_method,
       num_classes=manifest.num_classes, target_spacing_mm=manifest.target_spacing_mm,

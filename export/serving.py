@@ -17,6 +17,11 @@ same canvas rule). For a model without a target spacing, slices are fitted into 
 square by their longer side, as the converter did, and a spacing input is ignored. The
 SavedModel's `target_spacing_mm` variable holds T (0: none).
 
+Protocols. A model trained with one output head per labelling protocol
+(`spine-convert --protocol`) is exported one head at a time (`export(protocol=...)`): a
+single-output model on the shared body, so every signature below is unchanged; the
+metadata names the protocol and all the model has.
+
 Signatures (inputs -> outputs):
   serving_default   images float32 [N,H,W,1] (any H, W; one size per call), statistics
                     per image -> probabilities float32 [N,H,W,3], mask uint8 [N,H,W].
@@ -40,7 +45,6 @@ Signatures (inputs -> outputs):
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import Any
@@ -320,15 +324,78 @@ def _check_keras_archive(model_path: pathlib.Path) -> None:
                      f"{bad} fails its CRC check){hint}")
 
 
-def load_model_dir(
-    model_dir: str | os.PathLike) -> tuple[keras.Model, manifest_lib.Manifest]:
+def model_protocols(model: keras.Model, manifest: manifest_lib.Manifest) -> list[str]:
+  """The labelling protocols `model` has an output head for, in head order (sorted).
+
+  A model trained on several protocols has one `schema.head_layer` per protocol; a
+  one-head model follows the protocol of its dataset manifest.
+  """
+  prefix = schema.HEAD_LAYER_PREFIX
+  heads = sorted(layer.name[len(prefix):] for layer in model.layers
+                 if layer.name.startswith(prefix))
+  return heads or [manifest.protocol]
+
+
+def protocol_head(model: keras.Model, manifest: manifest_lib.Manifest,
+                  protocol: str | None = None, where: str = "the model"
+                  ) -> tuple[keras.Model, str]:
+  """The model of one protocol's head: input image [N,H,W,1] -> logits [N,H,W,C].
+
+  A one-head model is returned as it is; of a model with several heads, the head of
+  `protocol` on the shared body (same weights, nothing copied).
+
+  Args:
+    model: the trained Keras model.
+    manifest: its dataset manifest (the protocol of a one-head model).
+    protocol: the protocol to keep; None: the model's only one.
+    where: names the model in errors (its model_dir).
+
+  Returns:
+    (the model, the protocol name).
+
+  Raises:
+    ValueError: no `protocol` for a model of several, or one it has no head for; the
+      message lists the names it has.
+  """
+  names = model_protocols(model, manifest)
+  if protocol is None:
+    if len(names) > 1:
+      raise ValueError(f"{where} has one head per labelling protocol ({', '.join(names)}); "
+                       "pass --protocol=NAME to export one of them")
+    return model, names[0]
+  if protocol not in names:
+    raise ValueError(f"--protocol={protocol}: {where} has no head for it; its "
+                     f"protocol{'s are' if len(names) > 1 else ' is'} {', '.join(names)}")
+  if len(names) == 1:
+    return model, protocol
+  head = model.get_layer(schema.head_layer(protocol)).output
+  return keras.Model(model.input, head, name=f"{model.name}_{protocol}"), protocol
+
+
+def load_model_dir(model_dir: str | os.PathLike, protocol: str | None = None
+                   ) -> tuple[keras.Model, manifest_lib.Manifest]:
   """Loads `best.keras` and the dataset manifest of a trained model directory.
+
+  Args:
+    model_dir: a spine-train output directory.
+    protocol: with a model of several protocol heads, the one to keep (`protocol_head`);
+      None: the model's only one.
+
+  Returns:
+    (the model of that protocol's head, the manifest).
 
   Raises:
     FileNotFoundError: the directory, its model or its dataset.json is missing.
-    ValueError: the manifest is invalid, or the model file is truncated, corrupt or not
-      loadable.
+    ValueError: the manifest is invalid, the model file is truncated, corrupt or not
+      loadable, or `protocol` does not pick one head (`protocol_head`).
   """
+  model, manifest = _load_full_model(model_dir)
+  return protocol_head(model, manifest, protocol, str(model_dir))[0], manifest
+
+
+def _load_full_model(
+    model_dir: str | os.PathLike) -> tuple[keras.Model, manifest_lib.Manifest]:
+  """`load_model_dir` with every head of the model."""
   model_dir = fileio.path(model_dir)
   if not model_dir.is_dir():
     raise FileNotFoundError(f"{model_dir}: no such model directory")
@@ -371,7 +438,7 @@ def _replace_dir(tmp: pathlib.Path, export_dir: pathlib.Path) -> None:
 
 
 def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
-           overwrite: bool = False) -> pathlib.Path:
+           overwrite: bool = False, protocol: str | None = None) -> pathlib.Path:
   """Exports the model of `model_dir` as a SavedModel in `export_dir` (a version folder).
 
   The SavedModel is written to a temporary sibling folder, made readable by others (0755
@@ -382,13 +449,17 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
     model_dir: a trained model directory (best.keras + dataset.json).
     export_dir: the target, e.g. `models/spineseg/1` (TF Serving's version layout).
     overwrite: replace an existing non-empty `export_dir`.
+    protocol: the labelling protocol whose head to export, for a model trained with one
+      head per protocol (required there); None: the model's only one. The metadata
+      records it ("protocol") and every protocol the model has ("protocols").
 
   Returns:
     The export directory.
 
   Raises:
     FileExistsError: `export_dir` exists, is not empty, and `overwrite` is False.
-    FileNotFoundError, ValueError: see `load_model_dir`.
+    FileNotFoundError, ValueError: see `load_model_dir` (a missing or unknown
+      `protocol` included).
     ExportError: the SavedModel cannot be written (read-only or full disk, a file in the
       way, ...), naming `export_dir` and the reason.
   """
@@ -397,7 +468,9 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
     if not overwrite:
       raise FileExistsError(f"{export_dir}: exists and is not empty; pass --overwrite "
                             "to replace it")
-  model, manifest = load_model_dir(model_dir)
+  full, manifest = _load_full_model(model_dir)
+  names = model_protocols(full, manifest)
+  model, protocol = protocol_head(full, manifest, protocol, str(model_dir))
   module = SegmentationModule(model, image_size=manifest.image_size,
                               norm_method=manifest.norm_method,
                               num_classes=manifest.num_classes,
@@ -413,6 +486,7 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
                 "target_spacing_mm": manifest.target_spacing_mm,
                 "num_classes": manifest.num_classes, "labels": manifest.labels,
                 "volume_chunk": VOLUME_CHUNK, "signatures": list(SIGNATURES),
+                "protocol": protocol, "protocols": names,
                 "tensorflow_version": tf.__version__}
     (tmp / "assets.extra").mkdir(exist_ok=True)
     fileio.write_json_atomic(tmp / METADATA_FILE, metadata)

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from data_prep import fileio, manifest, preprocess, readers, schema, slices, writer
+from data_prep import fileio, manifest, preprocess, readers, schema, writer
 
 SIZE = 48
 
@@ -292,11 +292,13 @@ for f in fields:
   assert flag.default == default and flag.help.endswith(f.metadata["help"]), f.name
 flags.FLAGS(["spine-convert", "--label_map=1:1", "--val_fraction=0.3", "--seed=3",
              "--spacing_2d_mm=0.5,1", "--compression=gzip", "--num_shards=2", "--strict",
-             "--normalization=zscore", "--case_id_regex=^(p)", "--runner="])
+             "--normalization=zscore", "--case_id_regex=^(p)", "--runner=",
+             "--protocol=thin_discs"])
 print(convert._options([2], [1], []) == options.ConvertOptions(
     label_map="1:1", val_fraction=0.3, seed=3, spacing_2d_mm=(0.5, 1.0),
     compression="gzip", num_shards=2, strict=True, normalization="zscore",
-    case_id_regex="^(p)", required_labels=[2], annotated_labels=[1], runner=""),
+    case_id_regex="^(p)", required_labels=[2], annotated_labels=[1], runner="",
+    protocol="thin_discs"),
     len(fields))
 """
 
@@ -304,7 +306,7 @@ print(convert._options([2], [1], []) == options.ConvertOptions(
 def test_every_option_is_a_flag_with_its_default_and_help():
   proc = _binary([], code=_FLAGS_OF_OPTIONS)
   assert proc.returncode == 0, proc.stderr
-  assert proc.stdout.split() == ["True", "19"]
+  assert proc.stdout.split() == ["True", "20"]
 
 
 def test_label_map_parsing_and_regex_errors(tmp_path):

@@ -15,7 +15,6 @@ import json
 import os
 import pathlib
 import re
-import shlex
 import subprocess
 import sys
 

@@ -19,7 +19,6 @@ import tensorflow as tf
 
 from data_prep import fileio
 from data_prep import inspect_lib
-from data_prep import manifest as manifest_lib
 from data_prep import phantom
 from data_prep import readers
 from data_prep import writer

@@ -6,14 +6,12 @@ padding), exports it, scores the val split with the SavedModel, and compares the
 figures with the trainer's history for the epoch whose model was kept.
 """
 import json
-import pathlib
 
 import numpy as np
 import pytest
 
 from data_prep import metrics
 from data_prep import phantom
-from data_prep import schema
 from data_prep import writer
 from export import evaluate_lib
 from export import inference

@@ -32,7 +32,8 @@ def write_dataset(out_dir, *, num_train: int = 6, num_val: int = 3, image_size: 
                   compression: str = "none", train_shards: int = 2, seed: int = 0,
                   train_image_value: float | None = None, image_offset: float = 0.0,
                   annotated: Sequence[int] = (0, 1, 2),
-                  normalization: str = "percentile") -> str:
+                  normalization: str = "percentile",
+                  protocol: str = schema.DEFAULT_PROTOCOL) -> str:
   """Writes train/val shards and a manifest as spine-convert would; returns the dir.
 
   Every shard's SHA-256 is recorded, as the converter does. `train_image_value` (e.g.
@@ -42,6 +43,8 @@ def write_dataset(out_dir, *, num_train: int = 6, num_val: int = 3, image_size: 
   `annotated` (the classes the masks outline) makes a partially labelled dataset: the
   other foreground classes are left unlabelled in the masks, as spine-convert
   --annotated_labels stores them. `normalization` is the method the manifest names.
+  `protocol` is the labelling protocol of the examples and the manifest (written as
+  spine-convert --protocol writes it: only when not the default).
   """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +71,7 @@ def write_dataset(out_dir, *, num_train: int = 6, num_val: int = 3, image_size: 
           example = schema.make_example(
               image, mask, case_id=f"{split}{i}", slice_index=0, source=f"{split}{i}.png",
               geometry=geometry, spacing=[1.0, 1.0], norm_method=normalization,
-              norm_offset=0.0, norm_scale=1.0, annotated=annotated)
+              norm_offset=0.0, norm_scale=1.0, annotated=annotated, protocol=protocol)
           writer.write(example.SerializeToString())
       sha256 = hashlib.sha256((out / name).read_bytes()).hexdigest()
       entries.append({"file": name, "examples": len(indices), "sha256": sha256})
@@ -76,5 +79,6 @@ def write_dataset(out_dir, *, num_train: int = 6, num_val: int = 3, image_size: 
   manifest.write_json_atomic(out / schema.MANIFEST_NAME, manifest.make(
       image_size=image_size, normalization=normalization, per="image",
       compression=compression, splits=splits,
-      extra={"annotated_labels": sorted({0, *annotated})}))
+      extra={"annotated_labels": sorted({0, *annotated}),
+             **({} if protocol == schema.DEFAULT_PROTOCOL else {"protocol": protocol})}))
   return str(out)

@@ -539,7 +539,8 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor,
 
   Args:
     images: float32 [B, H, W, 1] normalized slices.
-    masks: integer [B, H, W, 1] class ids.
+    masks: integer [B, H, W, 1] class ids; [B, H, W, 1 + K]: channel 0 the class ids,
+      the others per-sample values (a protocol head index) passed through untouched.
     seed: int [2] stateless seed; equal seeds give equal outputs.
     config: the ranges.
     static_shapes: no data-dependent shapes (needed inside an XLA-compiled train step;
@@ -548,6 +549,9 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor,
   Returns:
     (images, masks) with the input shapes and dtypes.
   """
+  if masks.shape[-1] is not None and masks.shape[-1] > 1:
+    images, classes = augment_batch(images, masks[..., :1], seed, config, static_shapes)
+    return images, tf.concat([classes, masks[..., 1:]], axis=-1)
   seed = tf.cast(seed, tf.int64)
   geo_seed, int_seed, elastic_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 3))

@@ -21,6 +21,7 @@ from tensorflow.core.framework import summary_pb2
 from data_prep import fileio
 from data_prep import metrics
 from data_prep import overlay
+from trainer import losses
 
 
 class SplitDice(keras.callbacks.Callback):
@@ -40,14 +41,18 @@ class SplitDice(keras.callbacks.Callback):
   and the model is selected by `val_dice_mean_datasets` (`SELECTION_KEY`), the mean over
   datasets of each one's `dice_mean` (absent ones skipped), so a small dataset counts as
   much as a large one. A class a dataset does not annotate is absent from its figures.
+  With protocol heads (`heads`: {name: head index}), each dataset is scored on its own
+  protocol's head (`losses.head_logits`).
   """
 
   SELECTION_KEY = "dice_mean_datasets"
 
   def __init__(self, dataset: tf.data.Dataset | Mapping[str, tf.data.Dataset], *,
                num_classes: int, best_path: str | None, best_value: tf.Variable,
-               image_dir: str | None = None, num_images: int = 4):
+               image_dir: str | None = None, num_images: int = 4,
+               heads: Mapping[str, int] | None = None):
     super().__init__()
+    self._heads = heads
     self._several = isinstance(dataset, Mapping)
     self._datasets = dict(dataset) if self._several else {"": dataset}
     self._num_classes = num_classes
@@ -57,21 +62,25 @@ class SplitDice(keras.callbacks.Callback):
     self._num_images = num_images
     self._step = None
 
-  def _counts(self, dataset: tf.data.Dataset):
+  def _counts(self, dataset: tf.data.Dataset, head: int | None = None):
     if self._step is None:
       model, num_classes = self.model, self._num_classes
 
       @tf.function
-      def step(images, masks):
+      def step(images, masks, head=None):
         logits = model(images, training=False)
+        if head is not None:
+          logits = losses.head_logits(logits, tf.fill(tf.shape(images)[:1], head),
+                                      num_classes)
         predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
         return metrics.tf_counts(masks[..., 0], predictions, num_classes), predictions
 
       self._step = step
     total = np.zeros((self._num_classes, 3), np.int64)
     shown = []
+    args = () if head is None else (tf.constant(head, tf.int32),)
     for images, masks in dataset:
-      counts, predictions = self._step(images, masks)
+      counts, predictions = self._step(images, masks, *args)
       total += counts.numpy()
       if len(shown) < self._num_images:
         shown.append((images.numpy(), masks.numpy()[..., 0], predictions.numpy()))
@@ -82,7 +91,7 @@ class SplitDice(keras.callbacks.Callback):
     pooled = np.zeros((self._num_classes, 3), np.int64)
     means = []
     for name, dataset in self._datasets.items():
-      total, shown = self._counts(dataset)
+      total, shown = self._counts(dataset, self._heads[name] if self._heads else None)
       pooled += total
       if self._several:
         summary = metrics.dice(total)

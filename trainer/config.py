@@ -69,7 +69,8 @@ class TrainConfig:
   data_dir: str = dataclasses.field(metadata={
       "help": "Output directory of spine-convert; several, comma-separated, train one "
               "model on all of them (same image_size and normalization; see "
-              "--dataset_weights and --steps_per_epoch)."})
+              "--dataset_weights and --steps_per_epoch). Folders converted with other "
+              "spine-convert --protocol names get one output head per protocol."})
   model_dir: str = dataclasses.field(metadata={
       "help": "Where checkpoints, best.keras, logs and the run record go; rerun the same "
               "command to resume. One run at a time (MODEL_DIR/.lock)."})

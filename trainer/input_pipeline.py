@@ -78,7 +78,8 @@ def make_dataset(files: Sequence[str] | Sequence[Sequence[str]], *,
                  image_size: int, compression: str | Sequence[str],
                  global_batch_size: int, training: TrainingOptions | None = None,
                  input_context: tf.distribute.InputContext | None = None,
-                 on_batch: Callable[[], None] | None = None) -> tf.data.Dataset:
+                 on_batch: Callable[[], None] | None = None,
+                 protocols: Sequence[str] = ()) -> tf.data.Dataset:
   """Builds the dataset of (image float32 [B, S, S, 1], mask int32 [B, S, S, 1]).
 
   Args:
@@ -98,6 +99,11 @@ def make_dataset(files: Sequence[str] | Sequence[Sequence[str]], *,
     on_batch: training only: called (through `tf.py_function`) when a batch leaves the
       pipeline, before prefetch; the trainer uses it to time how long steps wait for
       input.
+    protocols: the model's protocol heads in order (`unet.build_unet`). With two or
+      more, each mask gets a second channel holding the index in `protocols` of its
+      example's protocol (`schema.PROTOCOL`): masks int32 [B, S, S, 2], what
+      `losses.make_loss(num_heads=...)` reads. An example of another protocol fails
+      the read. Fewer than two: masks as above.
 
   Returns:
     A tf.data.Dataset.
@@ -113,7 +119,19 @@ def make_dataset(files: Sequence[str] | Sequence[Sequence[str]], *,
 
   def parse(serialized):
     example = schema.parse_example(serialized, image_size)
-    return example["image"], example["mask"]
+    if len(protocols) < 2:
+      return example["image"], example["mask"]
+    # The head index rides along as a mask channel: every step of the pipeline (cache,
+    # shuffle, the draw between datasets, batch, augmentation) already carries masks.
+    match = tf.equal(tf.constant(list(protocols)), example["protocol"])
+    check = tf.debugging.assert_equal(
+        tf.reduce_any(match), True,
+        message=f"the protocol of an example is none of the model heads "
+                f"{', '.join(protocols)}")
+    with tf.control_dependencies([check]):
+      head = tf.cast(tf.argmax(tf.cast(match, tf.int32)), tf.uint8)
+    mask = example["mask"]
+    return example["image"], tf.concat([mask, tf.fill(tf.shape(mask), head)], axis=-1)
 
   if training is None:
     return _evaluation_batches(*sources[0], parse=parse, batch_size=batch_size)

@@ -28,13 +28,17 @@ def _reduce_per_replica(values, strategy, reduction):
   return _original_reduce(values, strategy, reduction)
 
 
-def apply(model, strategy, per_replica_batch: int, image_size: int) -> None:
-  """Patches Keras for `model.fit` under a multi-worker `strategy` (no-op otherwise)."""
+def apply(model, strategy, per_replica_batch: int, image_size: int,
+          label_channels: int = 1) -> None:
+  """Patches Keras for `model.fit` under a multi-worker `strategy` (no-op otherwise).
+
+  `label_channels`: of the training masks (2 with protocol heads: `losses.make_loss`).
+  """
   if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
     return
   keras_tf_trainer.reduce_per_replica = _reduce_per_replica
   batch = (tf.zeros([per_replica_batch, image_size, image_size, 1], tf.float32),
-           tf.zeros([per_replica_batch, image_size, image_size, 1], tf.int32))
+           tf.zeros([per_replica_batch, image_size, image_size, label_channels], tf.int32))
 
   def build(iterator=None, data_batch=None):
     del iterator, data_batch  # The shapes are known; no collective reduce of data.

@@ -17,6 +17,11 @@ SAMPLE, shape [N]. Keras (`compile(loss=...)`) averages those over the replica's
 divides by the number of replicas before the gradients are summed across replicas, which
 equals the mean over the global batch. Two replicas thus give the loss and gradients of
 one replica on the same global batch (tests/test_trainer_distribute.py).
+
+A model with P protocol heads (`unet.build_unet(protocols=...)`) returns logits
+[N, H, W, P * C]; its labels [N, H, W, 2] carry each sample's head index in channel 1
+(`input_pipeline.make_dataset(protocols=...)`), and `make_loss(num_heads=P)` scores each
+sample on its own head only: the other heads get no gradient from it.
 """
 from __future__ import annotations
 
@@ -84,8 +89,24 @@ def cross_entropy_per_sample(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
       tf.reduce_sum(informative, axis=[1, 2]), 1.0)
 
 
+def head_logits(logits: tf.Tensor, heads: tf.Tensor, num_classes: int) -> tf.Tensor:
+  """Each sample's logits of its own head.
+
+  Args:
+    logits: [N, H, W, P * num_classes], head p in channels p*C..(p+1)*C-1.
+    heads: integer [N], the head of each sample (0..P-1).
+    num_classes: C.
+
+  Returns:
+    [N, H, W, num_classes]: a gather, so no gradient reaches another head.
+  """
+  shape = tf.shape(logits)
+  per_head = tf.reshape(logits, tf.concat([shape[:3], [-1, num_classes]], axis=0))
+  return tf.gather(per_head, tf.cast(heads, tf.int32), axis=3, batch_dims=1)
+
+
 def make_loss(name: str, *, num_classes: int, include_background: bool = False,
-              smooth: float = 1.0, ce_weight: float = 1.0) -> Callable:
+              smooth: float = 1.0, ce_weight: float = 1.0, num_heads: int = 1) -> Callable:
   """The per-sample loss function `fn(labels, logits) -> [N]` for `model.compile`.
 
   Args:
@@ -94,6 +115,9 @@ def make_loss(name: str, *, num_classes: int, include_background: bool = False,
     include_background: whether class 0 counts in the Dice mean.
     smooth: additive smoothing of numerator and denominator.
     ce_weight: weight of the cross-entropy term for "dice_ce".
+    num_heads: P, the protocol heads of the model. With P > 1 the labels are
+      [N, H, W, 2], channel 0 the mask and channel 1 the sample's head index (constant
+      over its pixels), and each sample is scored on its own head (`head_logits`).
 
   Raises:
     ValueError: for an unknown name.
@@ -102,6 +126,9 @@ def make_loss(name: str, *, num_classes: int, include_background: bool = False,
     raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
 
   def loss_fn(labels, logits):
+    if num_heads > 1:
+      labels, heads = labels[..., :1], labels[:, 0, 0, 1]
+      logits = head_logits(logits, heads, num_classes)
     loss = soft_dice_per_sample(labels, logits, num_classes=num_classes,
                                 include_background=include_background, smooth=smooth)
     if name == "dice_ce":

@@ -3,8 +3,8 @@
   .lock           flock'ed by the running chief (its pid and host inside): one run per dir
 A rerun into a model_dir resumes it only with the same settings (`RESUMABLE_CHANGES`
 aside) and the same dataset (`dataset.json`: the first --data_dir's manifest; with
-several folders `datasets.json` records every one); anything else is refused with the
-differences named.
+several folders `datasets.json` records every one), and so the same labelling protocols
+(the model's heads); anything else is refused with the differences named.
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def check(config: TrainConfig, manifest: manifest_lib.Manifest,
       else None.
 
   Raises:
-    ConfigError: naming the differing settings or the folder whose data changed.
+    ConfigError: naming the differing settings, protocols, or the folder whose data
+      changed.
   """
   model_dir = fileio.path(config.model_dir)
   old_config = model_dir / "config.json"
@@ -71,6 +72,7 @@ def check(config: TrainConfig, manifest: manifest_lib.Manifest,
           f"{old_config}: this model_dir was trained with other settings "
           f"({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in differ)}); "
           "use a new --model_dir")
+  _check_protocols(model_dir, _protocols(model_dir, manifest.raw, datasets))
   old_manifest = model_dir / "dataset.json"
   if old_manifest.is_file() and _read_json(old_manifest) != manifest.raw:
     raise ConfigError(f"{old_manifest}: this model_dir was trained on another dataset "
@@ -84,6 +86,34 @@ def check(config: TrainConfig, manifest: manifest_lib.Manifest,
         raise ConfigError(f"{old_datasets}: this model_dir was trained on other data than "
                           f"{entry['data_dir']} (its dataset.json changed since); use a "
                           "new --model_dir")
+
+
+def _protocols(where: pathlib.Path, manifest: Any, datasets: Any) -> list[str]:
+  """The labelling protocols of a run's records, sorted: those of its folders' manifests
+  (datasets.json's with several folders, else dataset.json's)."""
+  try:
+    if isinstance(datasets, dict) and "datasets" in datasets:
+      raws = [entry["manifest"] for entry in datasets["datasets"]]
+    else:
+      raws = [manifest]
+    return sorted({manifest_lib.Manifest(str(where), raw).protocol for raw in raws})
+  except (KeyError, TypeError, ValueError) as e:
+    raise ConfigError(f"{where}: unreadable run record ({e}); restore it or use a new "
+                      "--model_dir") from e
+
+
+def _check_protocols(model_dir: pathlib.Path, new: list[str]) -> None:
+  """Refuses a run whose protocol heads differ from the model_dir's (ConfigError): its
+  model would have other output layers than the checkpoint."""
+  old_manifest = model_dir / "dataset.json"
+  if not old_manifest.is_file():
+    return
+  old_datasets = model_dir / DATASETS_NAME
+  old = _protocols(model_dir, _read_json(old_manifest),
+                   _read_json(old_datasets) if old_datasets.is_file() else None)
+  if old != new:
+    raise ConfigError(f"{model_dir}: this model_dir was trained with the labelling "
+                      f"protocol(s) {old}, --data_dir now has {new}; use a new --model_dir")
 
 
 def _read_json(path: pathlib.Path) -> Any:

@@ -5,7 +5,8 @@
   dataset.json    copy of the converter manifest (image_size, normalization, labels); with
                   several --data_dir folders, the first one's (they share image_size and
                   normalization, all export needs)
-  datasets.json   several folders only: {"datasets": [{"name", "data_dir", "manifest"}]}
+  datasets.json   several folders only: {"datasets": [{"name", "data_dir", "manifest"}],
+                  "protocols": the model's protocol heads, sorted (see below)}
   best.keras      best model by whole-split val_dice_mean (last epoch's without a val split;
                   with several folders by val_dice_mean_datasets, the mean over folders)
   history.json    one entry per completed epoch (loss, val Dice, input wait, images/s,
@@ -13,6 +14,15 @@
   checkpoints/    tf.train checkpoints (model, optimizer, epoch, best) for resume
   logs/           TensorBoard: train/, validation/ scalars, images/ prediction overlays
   .lock           flock'ed by the running chief (its pid and host inside): one run per dir
+
+Labelling protocols: the folders' manifests name the protocol their masks follow
+(`spine-convert --protocol`). One protocol over all folders: the one-head model of a
+single protocol, nothing else changes. Several: one shared body and one output head per
+protocol, sorted by name (`unet.build_unet(protocols=...)`); each training slice is scored
+on its own protocol's head only (still marginal over the classes its folder does not
+annotate), and each folder is validated on its own head. Folders of one named protocol
+must annotate the same classes with the same label map (folders converted without
+--protocol share the default one, whatever each annotates, as before).
 
 Faults end the run with a `ConfigError` (settings, data, model_dir: before training) or a
 `TrainingError` (a non-finite loss, a shard that cannot be read), each one line naming
@@ -32,6 +42,7 @@ from typing import Any
 
 from data_prep import fileio
 from data_prep import manifest as manifest_lib
+from data_prep import schema
 from trainer import augment as augment_lib
 from trainer import data_service_lib
 from trainer import run_dir
@@ -115,9 +126,10 @@ def load_datasets(config: TrainConfig) -> list[Source]:
   """Every --data_dir folder, loaded and checked; they must agree on what the model sees.
 
   Raises:
-    ConfigError: a folder that cannot be trained on, or two folders with another
+    ConfigError: a folder that cannot be trained on, two folders with another
       image_size, normalization method or target spacing (both folders and values
-      named).
+      named), two folders of one labelling protocol that annotate other classes or map
+      labels otherwise, or a protocol whose folders all have weight 0.
   """
   folders = data_dirs(config)
   sources = [Source(folder, name, load_data_manifest(folder, config))
@@ -132,7 +144,44 @@ def load_datasets(config: TrainConfig) -> list[Source]:
             f"--data_dir: {other.data_dir} has {what} {value(other.manifest)!r}, "
             f"{first.data_dir} has {value(first.manifest)!r}; one model reads one "
             f"{what}: convert them alike")
+  _check_protocols(config, sources)
   return sources
+
+
+def _check_protocols(config: TrainConfig, sources: list[Source]) -> None:
+  """Refuses folders that share a protocol name (other than the default) but label
+  differently (one head cannot learn two ways of drawing), and a protocol head no folder
+  trains (--dataset_weights 0 for all of its folders): ConfigError naming the folders."""
+  heads = protocols(sources)
+  trained = {s.manifest.protocol
+             for s, w in zip(sources, sampling_weights(config, sources)) if w > 0}
+  untrained = [h for h in heads if h not in trained]
+  if len(heads) > 1 and untrained:
+    folders = [s.data_dir for s in sources if s.manifest.protocol in untrained]
+    raise ConfigError(
+        f"--dataset_weights={config.dataset_weights}: the labelling protocol(s) "
+        f"{untrained} of {', '.join(folders)} would get an output head that nothing "
+        "trains; give one of their folders a weight > 0, or convert them with the "
+        "--protocol of a trained folder")
+  first_of: dict[str, Source] = {}
+  # Folders converted without a --protocol have declared none: they share one head with
+  # whatever classes each annotates, as before protocols existed (marginal losses).
+  for source in (s for s in sources if s.manifest.protocol != schema.DEFAULT_PROTOCOL):
+    first = first_of.setdefault(source.manifest.protocol, source)
+    for what, value in (("annotated labels", lambda m: sorted(m.annotated_labels)),
+                        ("label map", lambda m: m.label_map)):
+      if value(source.manifest) != value(first.manifest):
+        raise ConfigError(
+            f"--data_dir: {source.data_dir} and {first.data_dir} share the labelling "
+            f"protocol {source.manifest.protocol!r} but differ in {what} "
+            f"({value(source.manifest)} vs {value(first.manifest)}); convert them with "
+            "the same --annotated_labels and --label_map, or give them other --protocol "
+            "names")
+
+
+def protocols(sources: list[Source]) -> list[str]:
+  """The labelling protocols of the folders, sorted: the model's heads in order."""
+  return sorted({s.manifest.protocol for s in sources})
 
 
 def sampling_weights(config: TrainConfig, sources: list[Source]) -> list[float]:
@@ -294,7 +343,8 @@ def _datasets_record(sources: list[Source]) -> dict[str, Any] | None:
   if len(sources) == 1:
     return None
   return {"datasets": [{"name": s.name, "data_dir": s.data_dir, "manifest": s.manifest.raw}
-                       for s in sources]}
+                       for s in sources],
+          "protocols": protocols(sources)}
 
 
 def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
@@ -322,15 +372,24 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
   trained = [(s, w) for s, w in zip(sources, shares) if w > 0]
   train_slices = sum(s.train_slices for s, _ in trained)
   has_val = any(s.files("val") for s in sources)
+  heads = protocols(sources)
+  if len(heads) > 1:
+    print(f"spine-train: {len(heads)} protocol heads: " + "; ".join(
+        f"{h} ({', '.join(s.name for s in sources if s.manifest.protocol == h)})"
+        for h in heads), flush=True)
+  else:
+    heads = []  # One protocol: the model of a single head, without names.
 
   with strategy.scope():
     model = unet.build_unet(num_classes=num_classes, base_filters=config.base_filters,
-                            depth=config.depth, dropout=config.dropout, norm=config.norm)
+                            depth=config.depth, dropout=config.dropout, norm=config.norm,
+                            protocols=heads)
     model.compile(optimizer=_optimizer(config, steps_per_epoch),
                   loss=losses.make_loss(config.loss, num_classes=num_classes,
                                         include_background=config.include_background,
                                         smooth=config.dice_smooth,
-                                        ce_weight=config.ce_weight),
+                                        ce_weight=config.ce_weight,
+                                        num_heads=max(1, len(heads))),
                   jit_compile=config.jit_compile)
     model.optimizer.build(model.trainable_variables)
   epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -386,15 +445,16 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
     seed = config.seed + 1000 * worker + 7919 * initial_epoch
     options = input_pipeline.TrainingOptions(
         augment=augment, seed=seed, shuffle_buffer=config.shuffle_buffer,
-        # Decoded slices: float32 image + uint8 mask, 5 bytes per pixel; every trained
-        # dataset together must fit.
+        # Decoded slices: float32 image + uint8 mask (+ uint8 head index with several
+        # heads), 5 or 6 bytes per pixel; every trained dataset together must fit.
         # (The service's workers read every pass instead.)
-        cache=not service and train_slices * image_size**2 * 5 <= config.cache_bytes,
+        cache=not service and (train_slices * image_size**2 * (6 if heads else 5)
+                               <= config.cache_bytes),
         deterministic=config.deterministic, **mix, **service)
     return input_pipeline.make_dataset(
         files, image_size=image_size, compression=compression,
         global_batch_size=config.global_batch_size, training=options,
-        input_context=input_context, on_batch=wait.batch_ready)
+        input_context=input_context, on_batch=wait.batch_ready, protocols=heads)
 
   train_ds = strategy.distribute_datasets_from_function(train_fn)
   history_path = str(model_dir / "history.json")
@@ -411,6 +471,8 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
     val_ds = next(iter(val.values())) if len(sources) == 1 else val
     cbs.append(callbacks_lib.SplitDice(
         val_ds, num_classes=num_classes, best_path=best_path, best_value=best_var,
+        heads=({s.name: heads.index(s.manifest.protocol) for s in sources} if heads
+               else None),
         image_dir=str(model_dir / "logs" / "images") if is_chief else None,
         num_images=config.num_overlays))
   elif is_chief:
@@ -421,7 +483,8 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
   cbs.append(callbacks_lib.Checkpoint(manager, epoch_var))
   if is_chief:
     cbs.append(callbacks_lib.TensorBoardScalars(str(model_dir / "logs")))
-  keras_workarounds.apply(model, strategy, config.global_batch_size // replicas, image_size)
+  keras_workarounds.apply(model, strategy, config.global_batch_size // replicas, image_size,
+                          label_channels=2 if heads else 1)
   if initial_epoch < config.epochs:
     try:
       model.fit(train_ds, epochs=config.epochs, initial_epoch=initial_epoch,

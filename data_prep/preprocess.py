@@ -26,8 +26,10 @@ then covers the same millimetres whatever the scanner's field of view. Sizes are
 from the spacing rounded to float32 (what the SavedModel's `spacing` input holds), so both
 twins round to the same pixel count. The serving graph does not crop: it grows the canvas
 to the next multiple of `size` along an axis the resampled slice exceeds
-(`grown_canvas`), since the U-Net is fully convolutional and a crop would label the cut
-away anatomy as background.
+(`grown_canvas`), since a crop would label the cut away anatomy as background, and
+segments that canvas as overlapping `size` x `size` tiles, each like a training square
+(`export.serving.sliding_window`; one pass over the whole canvas would give the U-Net's
+group normalization statistics it never saw in training).
 """
 from __future__ import annotations
 
@@ -165,7 +167,8 @@ def spacing_geometry(height: int, width: int, spacing, target_spacing: float,
 def grown_canvas(resized_height: int, resized_width: int, size: int) -> tuple[int, int]:
   """The serving canvas: the square, grown per axis to the next multiple of `size`.
 
-  Multiples of `size` stay divisible by the U-Net's 2**depth, as `size` is.
+  A multiple of `size` is tiled exactly by the serving graph's sliding window (tile
+  origins 0, size / 2, ..., side - size).
   """
   return (size * max(1, -(-int(resized_height) // size)),
           size * max(1, -(-int(resized_width) // size)))

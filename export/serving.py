@@ -11,9 +11,15 @@ Physical scale. A model converted with `--target_spacing_mm=T` saw T mm per pixe
 `*_spacing` signatures take the [row, column] mm per pixel of the slices they receive and
 resample them to T first (`preprocess.tf_spacing_geometry`); a resampled slice larger
 than the square is not cropped but gets a larger canvas (the next multiple of
-`image_size` per axis: the U-Net is fully convolutional), so every pixel gets a label.
-Every other pixel signature assumes its pixels are ALREADY at T mm (no resampling, the
-same canvas rule). For a model without a target spacing, slices are fitted into the
+`image_size` per axis), so every pixel gets a label. Such a canvas is segmented with a
+sliding window (`sliding_window`): overlapping `image_size` tiles at half-tile strides,
+each run exactly like a training square, their probabilities blended with Gaussian
+weights highest in the tile centre. Not in one pass over the canvas: the U-Net's group
+normalization takes statistics over its whole input, and training only saw squares
+(issue 19: one pass on a 351 mm field of view lost the vertebrae). A canvas that is the
+square is a single tile: the same one model call as without the window. Every other
+pixel signature assumes its pixels are ALREADY at T mm (no resampling, the same canvas
+rule, the same window). For a model without a target spacing, slices are fitted into the
 square by their longer side, as the converter did, and a spacing input is ignored. The
 SavedModel's `target_spacing_mm` variable holds T (0: none).
 
@@ -31,7 +37,8 @@ Signatures (inputs -> outputs):
   segment_uint16    same, for uint16 pixels (16-bit PNG/DICOM-like intensities).
   segment_volume    images float32 [S,H,W,1], the sagittal slices of ONE volume;
                     normalization statistics over the whole volume, as the converter does
-                    for NIfTI -> same outputs. The model runs in chunks of VOLUME_CHUNK.
+                    for NIfTI -> same outputs. The model runs in chunks of VOLUME_CHUNK
+                    squares (slices, or sliding-window tiles of a grown canvas).
   segment_volume_spacing  images float32 [S,H,W,1], spacing float32 [2] (the in-plane
                     spacing of the display-order slices) -> as segment_volume.
   segment_png       png string [N] of 1-channel (grayscale) 8- or 16-bit PNGs, sizes may
@@ -52,6 +59,7 @@ import zipfile
 import zlib
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from data_prep import fileio
@@ -67,6 +75,92 @@ MODEL_FILE = "best.keras"
 METADATA_FILE = "assets.extra/spineseg.json"
 SIGNATURES = ("serving_default", "segment_spacing", "segment_uint8", "segment_uint16",
               "segment_volume", "segment_volume_spacing", "segment_png", "segment_examples")
+
+
+def tile_weights(size: int) -> np.ndarray:
+  """float32 [size, size, 1]: each tile pixel's blending weight (sliding window).
+
+  A separable Gaussian of sigma size / 8 centred on the tile (nnU-Net's choice): highest
+  in the centre, where the model saw the most context, about 3e-4 of that at an edge and
+  1e-7 in a corner, never 0, so every canvas pixel has a positive summed weight.
+  """
+  axis = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+  gauss = np.exp(-0.5 * (axis / (size / 8.0)) ** 2)
+  return np.outer(gauss, gauss)[..., None].astype(np.float32)
+
+
+def _to_tiles(x: tf.Tensor, size: int) -> tf.Tensor:
+  """[N, A*size, B*size, C] -> its blocks [N*A*B, size, size, C] (row-major blocks).
+
+  Reshapes and a rank-4 transpose only: ONNX and LiteRT convert them (no extract_patches).
+  """
+  n, h, w = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
+  c = x.shape[-1] or tf.shape(x)[3]  # static where known: LiteRT's convolutions need it
+  a, b = h // size, w // size
+  x = tf.reshape(x, [n * a, size, b, size * c])
+  x = tf.transpose(x, [0, 2, 1, 3])
+  return tf.reshape(x, [n * a * b, size, size, c])
+
+
+def _from_tiles(tiles: tf.Tensor, n: tf.Tensor, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+  """Inverse of `_to_tiles`: [N*A*B, size, size, C] -> [N, A*size, B*size, C]."""
+  size, c = tiles.shape[1], tiles.shape[-1] or tf.shape(tiles)[3]
+  x = tf.reshape(tiles, [n * a, b, size, size * c])
+  x = tf.transpose(x, [0, 2, 1, 3])
+  return tf.reshape(x, [n, a * size, b * size, c])
+
+
+def sliding_window(probabilities: Any, canvas: tf.Tensor, size: int) -> tf.Tensor:
+  """Segments a grown canvas as overlapping training squares (nnU-Net's sliding window).
+
+  Tiles of size x size start at 0, h, size, size + h, ... per axis (h = size // 2: stride
+  size / 2; the last one ends at the canvas edge); their probabilities are blended with
+  `tile_weights`, normalized per pixel by the summed weights. Why not one pass over the
+  canvas: the U-Net normalizes groups over its whole input and training only saw size x
+  size squares; on a larger canvas the statistics and context differ and a class can
+  vanish (issue 19: vertebra Dice 0.03 on a 351 mm field of view, 0.86 cropped).
+
+  A canvas of one tile is exact: its weights over their own sum are 1.0 (x / x) and the
+  other tile grids are empty, so the result is `probabilities(canvas)` bit for bit.
+
+  Args:
+    probabilities: the model on training squares, [T, size, size, 1] -> [T, size, size,
+      C] float32; called once, on every tile of the batch.
+    canvas: [N, H, W, 1], H and W multiples of `size` (`preprocess.grown_canvas`).
+    size: the training square's side.
+
+  Returns:
+    float32 [N, H, W, C], the blended probabilities.
+  """
+  n, height, width = tf.shape(canvas)[0], tf.shape(canvas)[1], tf.shape(canvas)[2]
+  half = size // 2
+  # Two tile grids per axis: on multiples of size, and shifted by half (one tile fewer).
+  spans = [[(0, extent), (half, extent - size)] for extent in (height, width)]
+  grids = [(r, c) for r in spans[0] for c in spans[1]]
+  tiles = [_to_tiles(canvas[:, r0:r0 + rl, c0:c0 + cl], size)
+           for (r0, rl), (c0, cl) in grids]
+  probs = probabilities(tf.concat(tiles, 0))
+  weight = tf.constant(tile_weights(size))
+
+  def place(x, m, r0, rl, c0, cl):
+    """Tiles of one grid [M*A*B, size, size, C] -> the canvas [M, H, W, C], 0 elsewhere."""
+    pad = [[0, 0], [r0, height - r0 - rl], [c0, width - c0 - cl], [0, 0]]
+    return tf.pad(_from_tiles(x, m, rl // size, cl // size), pad)
+
+  # The summed weight of every canvas pixel, [1, H, W, 1].
+  total = tf.add_n([
+      place(tf.tile(weight[None], [(rl // size) * (cl // size), 1, 1, 1]), 1, r0, rl, c0,
+            cl)
+      for (r0, rl), (c0, cl) in grids])
+  out, start = [], 0
+  for ((r0, rl), (c0, cl)), grid_tiles in zip(grids, tiles):
+    count = tf.shape(grid_tiles)[0]
+    # Each tile's share of its pixels, then repeated for the N images (tile order n, a, b).
+    share = weight / _to_tiles(total[:, r0:r0 + rl, c0:c0 + cl], size)
+    share = tf.tile(share, [n, 1, 1, 1])
+    out.append(place(probs[start:start + count] * share, n, r0, rl, c0, cl))
+    start += count
+  return tf.add_n(out)
 
 
 def _pad_to(x: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
@@ -122,7 +216,7 @@ class SegmentationModule(tf.Module):
 
   def _probabilities_chunked(self, squares: tf.Tensor) -> tf.Tensor:
     n = tf.shape(squares)[0]
-    h, w = tf.shape(squares)[1], tf.shape(squares)[2]  # the square, or a grown canvas
+    h, w = tf.shape(squares)[1], tf.shape(squares)[2]  # the square, or window tiles
     k = VOLUME_CHUNK
     padded = tf.pad(squares, [[0, (n + k - 1) // k * k - n], [0, 0], [0, 0], [0, 0]])
     chunks = tf.reshape(padded, [-1, k, h, w, 1])
@@ -131,12 +225,22 @@ class SegmentationModule(tf.Module):
         fn_output_signature=tf.TensorSpec([k, None, None, self._classes], tf.float32))
     return tf.reshape(probs, [-1, h, w, self._classes])[:n]
 
+  def _probabilities(self, canvas: tf.Tensor, chunked: bool) -> tf.Tensor:
+    """Probabilities [N,h,w,C] of a preprocessed canvas; `chunked`: VOLUME_CHUNK squares
+    per model call (`segment_volume`), else one call for all."""
+    run = self._probabilities_chunked if chunked else self._probabilities_square
+    if self._target is None:  # the canvas is always the square
+      return run(canvas)
+    # A grown canvas is segmented tile-wise; the square alone is one tile, unchanged.
+    return sliding_window(run, canvas, self._size)
+
   def preprocess(self, images: tf.Tensor, per_image: bool = True,
                  spacing: tf.Tensor | None = None):
     """Raw [N,H,W,1] pixels -> (canvas [N,h,w,1] float32, geometry dict).
 
     The canvas is the S x S square, except for a model with a target spacing whose
-    resampled slice exceeds it (see the module docstring). `spacing` (float32 [2]) is
+    resampled slice exceeds it (a multiple of S per axis, segmented by `sliding_window`;
+    see the module docstring). `spacing` (float32 [2]) is
     used only by such a model; None means the pixels are already at its target spacing.
     """
     x = tf.cast(images, tf.float32)
@@ -163,11 +267,8 @@ class SegmentationModule(tf.Module):
   def _segment(self, images: tf.Tensor, per_image: bool = True,
                chunked: bool = False, spacing: tf.Tensor | None = None
                ) -> dict[str, tf.Tensor]:
-    squares, geometry = self.preprocess(images, per_image, spacing)
-    if chunked:
-      probs_square = self._probabilities_chunked(squares)
-    else:
-      probs_square = self._probabilities_square(squares)
+    canvas, geometry = self.preprocess(images, per_image, spacing)
+    probs_square = self._probabilities(canvas, chunked)
     # Bilinear resampling of probabilities keeps them summing to one (convex weights).
     probs = preprocess.tf_unfit(probs_square, geometry, tf.shape(images)[1],
                                 tf.shape(images)[2])

@@ -354,9 +354,34 @@ def exported_at_spacing(tmp_path_factory):
   return tf.saved_model.load(str(export_dir)), model
 
 
-def _spacing_reference(model, images, spacing, per_image=True):
+def _tile_weights(size):
+  """The blending weight of a tile pixel, written out (not read from serving): a
+  separable Gaussian of sigma size / 8 centred on the tile."""
+  axis = np.arange(size) - (size - 1) / 2.0
+  gauss = np.exp(-0.5 * (axis / (size / 8.0)) ** 2)
+  return np.outer(gauss, gauss)
+
+
+def _tiled_probs(model, canvas, size=S):
+  """NumPy reference of the sliding window: the Keras model on every size x size tile of
+  the canvas [N, H, W] at origins 0, size/2, ..., side - size per axis, one tile at a
+  time, the tiles' probabilities blended by `_tile_weights` over their summed weights."""
+  n, h, w = canvas.shape
+  weight = _tile_weights(size)
+  acc, total = np.zeros((n, h, w, 3)), np.zeros((h, w))
+  for r in range(0, h - size + 1, size // 2):
+    for c in range(0, w - size + 1, size // 2):
+      acc[:, r:r + size, c:c + size] += (_probs(model, canvas[:, r:r + size, c:c + size])
+                                         * weight[..., None])
+      total[r:r + size, c:c + size] += weight
+  return (acc / total[..., None]).astype(np.float32)
+
+
+def _spacing_reference(model, images, spacing, per_image=True, tiled=True):
   """NumPy twin of the spacing signatures: the converter's resampling on the serving
-  canvas (`grown_canvas`), the Keras model, then a NumPy crop-and-resize back."""
+  canvas (`grown_canvas`), the Keras model tile-wise (`_tiled_probs`; `tiled=False`: once
+  on the whole canvas, what the graph did before it had a sliding window), then a NumPy
+  crop-and-resize back."""
   method = "percentile"
   images = np.asarray(images, np.float32)
   h, w = images.shape[1:3]
@@ -369,7 +394,8 @@ def _spacing_reference(model, images, spacing, per_image=True):
       preprocess.fit_image(preprocess.apply_normalization(x, method, off, sc), geo, canvas,
                            preprocess.pad_value(method, off, sc))
       for x, (off, sc) in zip(images, stats)])
-  return _unfit(_probs(model, squares), geo), geo, canvas
+  probs = _tiled_probs(model, squares) if tiled else _probs(model, squares)
+  return _unfit(probs, geo), geo, canvas
 
 
 def test_spacing_signatures_match_the_converter_resampling(exported_at_spacing):
@@ -410,3 +436,66 @@ def test_keras_3_tfsm_layer_serves_the_export(exported):
   wrapped = keras.Model(inputs, layer(inputs)["mask"])
   np.testing.assert_array_equal(wrapped.predict(images[..., None], verbose=0),
                                 np.asarray(out["mask"]))
+
+
+# ------------------------------------------------------------------- sliding window
+
+@pytest.fixture(scope="module")
+def canvas_dependent(tmp_path_factory):
+  """A tiny model at TARGET_MM whose output depends on the size of its input: a group
+  normalization (statistics over the whole image) between two convolutions. Run once on
+  a grown canvas it differs from the tiles (the fault of issue 19)."""
+  root = tmp_path_factory.mktemp("canvas_dependent")
+  model_dir = root / "model"
+  model_dir.mkdir()
+  keras.utils.set_random_seed(7)
+  model = keras.Sequential([keras.Input((None, None, 1)),
+                            keras.layers.Conv2D(4, 3, padding="same"),
+                            keras.layers.GroupNormalization(groups=2),
+                            keras.layers.Conv2D(3, 1)])
+  model.save(model_dir / "best.keras")
+  manifest.write_json_atomic(model_dir / schema.MANIFEST_NAME, manifest.make(
+      image_size=S, normalization="percentile", per="image", compression="none",
+      splits={}, extra={"target_spacing_mm": TARGET_MM}))
+  export_dir = serving.export(model_dir, root / "serving" / "1")
+  return tf.saved_model.load(str(export_dir)), model
+
+
+def test_a_grown_canvas_is_segmented_tile_wise(canvas_dependent):
+  loaded, model = canvas_dependent
+  rng = np.random.default_rng(8)
+  # Pixels at the target: 45 x 70 px on a 64 x 96 canvas, 3 x 5 tiles of 32 px.
+  images = rng.gamma(2.0, 100.0, (2, 45, 70, 1)).astype(np.float32)
+  ref, _, canvas = _spacing_reference(model, images[..., 0], (TARGET_MM, TARGET_MM))
+  assert canvas == (64, 96)
+  single, _, _ = _spacing_reference(model, images[..., 0], (TARGET_MM, TARGET_MM),
+                                    tiled=False)
+  assert np.abs(single - ref).max() > 0.05  # the old single pass would fail below
+  out = loaded.signatures["serving_default"](images=tf.constant(images))
+  _assert_matches(out["probabilities"].numpy(), out["mask"].numpy(), ref)
+  # A volume, resampled: 50 x 40 px at 1.0 x 1.2 mm -> 62 x 60 px on 64 x 64, 3 x 3
+  # tiles per slice, 27 in all: two model calls of VOLUME_CHUNK tiles.
+  volume = rng.gamma(2.0, 100.0, (3, 50, 40, 1)).astype(np.float32)
+  ref, _, canvas = _spacing_reference(model, volume[..., 0], (1.0, 1.2), per_image=False)
+  assert canvas == (64, 64) and 3 * 9 > serving.VOLUME_CHUNK
+  out = loaded.signatures["segment_volume_spacing"](images=tf.constant(volume),
+                                                    spacing=tf.constant([1.0, 1.2]))
+  _assert_matches(out["probabilities"].numpy(), out["mask"].numpy(), ref)
+
+
+def test_a_slice_within_the_square_is_one_pass_unchanged(canvas_dependent):
+  loaded, model = canvas_dependent
+  images = np.random.default_rng(9).gamma(2.0, 100.0, (2, 20, 30, 1)).astype(np.float32)
+  ref, _, canvas = _spacing_reference(model, images[..., 0], (TARGET_MM, TARGET_MM),
+                                      tiled=False)
+  assert canvas == (S, S)
+  out = loaded.signatures["serving_default"](images=tf.constant(images))
+  _assert_matches(out["probabilities"].numpy(), out["mask"].numpy(), ref)
+  # Bit for bit the graph's single model call on the square (no blending rounding).
+  module = serving.SegmentationModule(model, image_size=S, norm_method="percentile",
+                                      target_spacing_mm=TARGET_MM)
+  for chunked in (False, True):
+    square, _ = module.preprocess(tf.constant(images))
+    whole = tf.function(lambda x, c=chunked: module._probabilities(x, c))(square)
+    once = tf.function(module._probabilities_square)(square)
+    np.testing.assert_array_equal(whole.numpy(), once.numpy())

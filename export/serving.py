@@ -78,89 +78,96 @@ SIGNATURES = ("serving_default", "segment_spacing", "segment_uint8", "segment_ui
 
 
 def tile_weights(size: int) -> np.ndarray:
-  """float32 [size, size, 1]: each tile pixel's blending weight (sliding window).
+  """float32 [size]: the blending weight of a tile row or column (sliding window).
 
-  A separable Gaussian of sigma size / 8 centred on the tile (nnU-Net's choice): highest
-  in the centre, where the model saw the most context, about 3e-4 of that at an edge and
-  1e-7 in a corner, never 0, so every canvas pixel has a positive summed weight.
+  A Gaussian of sigma size / 8 centred on the tile (nnU-Net's choice): highest in the
+  centre, where the model saw the most context, about 3e-4 of that at an edge, never 0,
+  so every canvas pixel has a positive summed weight. A tile pixel weighs the product of
+  its row's and its column's weight.
   """
   axis = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
-  gauss = np.exp(-0.5 * (axis / (size / 8.0)) ** 2)
-  return np.outer(gauss, gauss)[..., None].astype(np.float32)
+  return np.exp(-0.5 * (axis / (size / 8.0)) ** 2).astype(np.float32)
 
 
-def _to_tiles(x: tf.Tensor, size: int) -> tf.Tensor:
-  """[N, A*size, B*size, C] -> its blocks [N*A*B, size, size, C] (row-major blocks).
+def _axis_tiles(extent: tf.Tensor, size: int) -> dict[str, tf.Tensor]:
+  """Tiles along one canvas axis of `extent` (a multiple of `size`) and their blend.
 
-  Reshapes and a rank-4 transpose only: ONNX and LiteRT convert them (no extract_patches).
+  Tiles start at k * size / 2, k = 0 .. 2 extent / size - 2. Canvas position e lies in
+  tile j = e // (size / 2) (its first half) and in tile j - 1 (its second half), where
+  those exist; a missing one is replaced by an existing tile with share 0, so every
+  position reads exactly two tiles and no tensor is empty (ONNX Runtime reads a 0 in a
+  Reshape's shape as "copy the input's size", which breaks on empty tiles).
+
+  Returns:
+    {"gather": int32 [count * size], the canvas positions of the tiles' pixels, tile by
+    tile; "first"/"second": int32 [extent], where position e is in the tiles' pixels
+    (index into count * size); "first_share"/"second_share": float32 [extent], their
+    weights over the summed weight (1 and 0 where one tile covers e)}.
   """
-  n, h, w = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
-  c = x.shape[-1] or tf.shape(x)[3]  # static where known: LiteRT's convolutions need it
-  a, b = h // size, w // size
-  x = tf.reshape(x, [n * a, size, b, size * c])
-  x = tf.transpose(x, [0, 2, 1, 3])
-  return tf.reshape(x, [n * a * b, size, size, c])
-
-
-def _from_tiles(tiles: tf.Tensor, n: tf.Tensor, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-  """Inverse of `_to_tiles`: [N*A*B, size, size, C] -> [N, A*size, B*size, C]."""
-  size, c = tiles.shape[1], tiles.shape[-1] or tf.shape(tiles)[3]
-  x = tf.reshape(tiles, [n * a, b, size, size * c])
-  x = tf.transpose(x, [0, 2, 1, 3])
-  return tf.reshape(x, [n, a * size, b * size, c])
+  half = size // 2
+  count = 2 * (extent // size) - 1
+  gather = tf.reshape(tf.range(count)[:, None] * half + tf.range(size)[None], [-1])
+  e = tf.range(extent)
+  j = e // half
+  # The tile of whose first half e is part (j), and the one of whose second half (j - 1).
+  has_first, has_second = j < count, j >= 1
+  first_tile, second_tile = tf.minimum(j, count - 1), tf.maximum(j - 1, 0)
+  first_offset = tf.where(has_first, e % half, e - first_tile * half)
+  second_offset = tf.where(has_second, e % half + half, e - second_tile * half)
+  weights = tf.constant(tile_weights(size))
+  w1 = tf.gather(weights, first_offset) * tf.cast(has_first, tf.float32)
+  w2 = tf.gather(weights, second_offset) * tf.cast(has_second, tf.float32)
+  total = w1 + w2  # w + 0 == w exactly: a lone tile's share is w / w == 1
+  return {"gather": gather, "first": first_tile * size + first_offset,
+          "second": second_tile * size + second_offset,
+          "first_share": w1 / total, "second_share": w2 / total}
 
 
 def sliding_window(probabilities: Any, canvas: tf.Tensor, size: int) -> tf.Tensor:
   """Segments a grown canvas as overlapping training squares (nnU-Net's sliding window).
 
-  Tiles of size x size start at 0, h, size, size + h, ... per axis (h = size // 2: stride
-  size / 2; the last one ends at the canvas edge); their probabilities are blended with
-  `tile_weights`, normalized per pixel by the summed weights. Why not one pass over the
-  canvas: the U-Net normalizes groups over its whole input and training only saw size x
-  size squares; on a larger canvas the statistics and context differ and a class can
-  vanish (issue 19: vertebra Dice 0.03 on a 351 mm field of view, 0.86 cropped).
+  Tiles of size x size start at 0, size / 2, size, ... per axis, the last one ending at
+  the canvas edge; their probabilities are blended with weights `tile_weights` (row) x
+  `tile_weights` (column), normalized per pixel by the summed weights. Why not one pass
+  over the canvas: the U-Net normalizes groups over its whole input and training only
+  saw size x size squares; on a larger canvas the statistics and context differ and a
+  class can vanish (issue 19: vertebra Dice 0.03 on a 351 mm field of view, 0.86 on its
+  centre 281 mm). Gathers, reshapes and a rank-4 transpose only: ONNX and LiteRT convert
+  them (no extract_patches, no scatter).
 
-  A canvas of one tile is exact: its weights over their own sum are 1.0 (x / x) and the
-  other tile grids are empty, so the result is `probabilities(canvas)` bit for bit.
+  A canvas of one tile is exact: the gathers copy it, its shares are 1 and 0 (p * 1 +
+  p * 0 == p), so the result is `probabilities(canvas)` bit for bit.
 
   Args:
     probabilities: the model on training squares, [T, size, size, 1] -> [T, size, size,
       C] float32; called once, on every tile of the batch.
     canvas: [N, H, W, 1], H and W multiples of `size` (`preprocess.grown_canvas`).
-    size: the training square's side.
+    size: the training square's side, even.
 
   Returns:
     float32 [N, H, W, C], the blended probabilities.
   """
-  n, height, width = tf.shape(canvas)[0], tf.shape(canvas)[1], tf.shape(canvas)[2]
-  half = size // 2
-  # Two tile grids per axis: on multiples of size, and shifted by half (one tile fewer).
-  spans = [[(0, extent), (half, extent - size)] for extent in (height, width)]
-  grids = [(r, c) for r in spans[0] for c in spans[1]]
-  tiles = [_to_tiles(canvas[:, r0:r0 + rl, c0:c0 + cl], size)
-           for (r0, rl), (c0, cl) in grids]
-  probs = probabilities(tf.concat(tiles, 0))
-  weight = tf.constant(tile_weights(size))
+  n = tf.shape(canvas)[0]
+  rows, cols = (_axis_tiles(tf.shape(canvas)[axis], size) for axis in (1, 2))
+  strips = tf.gather(tf.gather(canvas, rows["gather"], axis=1), cols["gather"], axis=2)
+  # [N, R*size, C*size, 1] -> [N*R*C, size, size, 1], tile (r, c) of image n at n, r, c.
+  r, c = tf.shape(strips)[1] // size, tf.shape(strips)[2] // size
+  tiles = tf.transpose(tf.reshape(strips, [n * r, size, c, size]), [0, 2, 1, 3])
+  probs = probabilities(tf.reshape(tiles, [n * r * c, size, size, 1]))
+  classes = probs.shape[-1]
+  probs = tf.transpose(tf.reshape(probs, [n * r, c, size, size * classes]), [0, 2, 1, 3])
+  probs = tf.reshape(probs, [n, r * size, c * size, classes])
 
-  def place(x, m, r0, rl, c0, cl):
-    """Tiles of one grid [M*A*B, size, size, C] -> the canvas [M, H, W, C], 0 elsewhere."""
-    pad = [[0, 0], [r0, height - r0 - rl], [c0, width - c0 - cl], [0, 0]]
-    return tf.pad(_from_tiles(x, m, rl // size, cl // size), pad)
+  def blend(x, tiles_axis, axis):
+    """Each position's two tiles along `axis` (1: rows, 2: columns), weighted."""
+    shape = [1, 1, 1, 1]
+    shape[axis] = -1
+    return (tf.gather(x, tiles_axis["first"], axis=axis)
+            * tf.reshape(tiles_axis["first_share"], shape)
+            + tf.gather(x, tiles_axis["second"], axis=axis)
+            * tf.reshape(tiles_axis["second_share"], shape))
 
-  # The summed weight of every canvas pixel, [1, H, W, 1].
-  total = tf.add_n([
-      place(tf.tile(weight[None], [(rl // size) * (cl // size), 1, 1, 1]), 1, r0, rl, c0,
-            cl)
-      for (r0, rl), (c0, cl) in grids])
-  out, start = [], 0
-  for ((r0, rl), (c0, cl)), grid_tiles in zip(grids, tiles):
-    count = tf.shape(grid_tiles)[0]
-    # Each tile's share of its pixels, then repeated for the N images (tile order n, a, b).
-    share = weight / _to_tiles(total[:, r0:r0 + rl, c0:c0 + cl], size)
-    share = tf.tile(share, [n, 1, 1, 1])
-    out.append(place(probs[start:start + count] * share, n, r0, rl, c0, cl))
-    start += count
-  return tf.add_n(out)
+  return blend(blend(probs, cols, 2), rows, 1)
 
 
 def _pad_to(x: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
@@ -185,7 +192,8 @@ class SegmentationModule(tf.Module):
     integer geometry and percentile ranks; only `serve_float32` is meant for it.
 
     Raises:
-      ValueError: for an unknown normalization method, a bad image size or spacing.
+      ValueError: for an unknown normalization method, a bad image size or spacing (a
+        target spacing needs an even image size: the sliding window's stride is half).
     """
     super().__init__(name="spineseg")
     if norm_method not in preprocess.NORMALIZATIONS:
@@ -203,6 +211,10 @@ class SegmentationModule(tf.Module):
     if self._target is not None and not 0 < self._target < float("inf"):
       raise ValueError(f"target_spacing_mm must be a positive number, found "
                        f"{target_spacing_mm}")
+    if self._target is not None and self._size % 2:
+      # The sliding window steps half a square (a U-Net's square is even anyway).
+      raise ValueError(f"a model with a target spacing needs an even image_size, found "
+                       f"{image_size}")
     # Restored with the SavedModel, so a loader knows T even without assets.extra.
     self.target_spacing_mm = tf.Variable(self._target or 0.0, dtype=tf.float64,
                                          trainable=False, name="target_spacing_mm")

@@ -137,7 +137,11 @@ class ConvertOptions:
     schema.parse_label_map(self.label_map)
     schema.check_protocol(self.protocol)
     if self.case_id_regex:
-      re.compile(self.case_id_regex)
+      try:
+        re.compile(self.case_id_regex)
+      except re.error as e:  # not a ValueError: it would escape as a traceback
+        raise ValueError(f"--case_id_regex={self.case_id_regex!r}: not a regular "
+                         f"expression ({e})") from None
 
   def _check_numbers(self) -> None:
     if self.image_size < 8:

@@ -80,6 +80,17 @@ def test_usage_error_after_loading_tensorflow_is_one_line():
       "--annotated_labels: expected class ids, found ['disc']")
 
 
+def test_a_malformed_case_id_regex_is_one_line(tmp_path):
+  # re.error is no ValueError: it used to escape as a traceback.
+  images = tmp_path / "images"
+  images.mkdir()
+  proc = _run(["-m", "data_prep.convert", f"--images_dir={images}", f"--masks_dir={images}",
+               f"--output_dir={tmp_path / 'out'}", "--case_id_regex=("])
+  assert _one_error_line(proc, "spine-convert").startswith(
+      "--case_id_regex='(': not a regular expression (missing ), unterminated subpattern")
+  assert not (tmp_path / "out").exists()
+
+
 def test_a_console_script_is_named_by_its_own_name(tmp_path):
   # What pip writes into .venv/bin, with this checkout's modules on the path.
   script = tmp_path / "spine-predict"

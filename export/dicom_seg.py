@@ -3,12 +3,13 @@
 One Segmentation instance per series (highdicom, an optional extra: `pip install -e
 ".[dicom_seg]"`): type BINARY, segment 1 "intervertebral disc" and segment 2
 "vertebra" (the model's class ids, `schema.CLASS_NAMES`), each coded (`SEGMENTS`),
-one frame per source slice and segment in the source's slice order (frames without a
-labelled pixel are left out, as highdicom does by default). Every frame references
-its source image's SOP Instance UID, and the instance the source's study, series and
-frame of reference, so a viewer lays it over the series it came from; its geometry is
-the source images' own (Image Position and Orientation, Pixel Spacing copied per
-frame).
+one frame per source slice and segment (frames without a labelled pixel are left out,
+as highdicom does by default), each segment's frames running through the slices in
+order (highdicom sorts them along the normal of its own index convention, which may be
+the reverse of the files' order). Every frame references its source image's SOP
+Instance UID, and the instance the source's study, series and frame of reference, so a
+viewer lays it over the series it came from; its geometry is the source images' own
+(Image Position and Orientation, Pixel Spacing copied per frame).
 
 The labels come in the voxel order `dicom.read_series` gives and spine-predict's NIfTI
 mask is written in: [columns, rows, slices], slices sorted along the slice normal. Frame
@@ -17,10 +18,10 @@ found again here from each file's Image Position (Patient) along that normal, an
 checked against the series' affine, so a SEG never pairs labels with the wrong slice.
 
 The SEG cannot be made, and the input is refused naming its folder, when a slice file
-lacks a UID the SEG must reference (`REQUIRED_UIDS`), the files disagree on the study,
-series or frame of reference, or their positions do not match the volume's geometry
-(e.g. slices not one constant step apart; `dicom.read_series` refuses most of those
-first).
+lacks a UID the SEG must reference (`REQUIRED_UIDS`) or its geometry
+(`REQUIRED_GEOMETRY`), the files disagree on the study, series or frame of reference,
+or their positions do not match the volume's geometry (e.g. slices not one constant
+step apart; `dicom.read_series` refuses most of those first).
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ SUFFIX = ".seg.dcm"  # spine-predict writes NAME.seg.dcm for the series folder N
 # The UIDs a SEG references (Type 1 in the source's image modules), per slice file.
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
                  "SeriesInstanceUID", "FrameOfReferenceUID")
+# The image geometry a SEG copies per frame, or that places a file among the slices.
+REQUIRED_GEOMETRY = ("Rows", "Columns", "PixelSpacing", "ImagePositionPatient",
+                     "ImageOrientationPatient")
 # The UIDs that must be one for the whole series: the SEG has one of each.
 SHARED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
 # Class name (schema.CLASS_NAMES) -> (segment label, SNOMED CT code value, meaning).
@@ -52,8 +56,8 @@ SEGMENTS = {"disc": ("intervertebral disc", "360499006", "Intervertebral disc"),
 # the affine has the mean step, so uneven steps add up; half a step mixes up slices.
 MAX_POSITION_ERROR = 0.5
 # Image Orientation (Patient) cosines that differ from the affine's axes by more than
-# this (far above the 8 written decimals) mean another in-plane layout.
-MAX_COSINE_ERROR = 1e-4
+# this (far above the 5-8 decimals scanners write) mean another in-plane layout.
+MAX_COSINE_ERROR = 1e-3
 
 
 def require() -> None:
@@ -84,9 +88,9 @@ def read_sources(case: readers.Case) -> list[Any]:
     pydicom Datasets, one per slice k of the volume, in that order.
 
   Raises:
-    InputError: a file pydicom cannot read, one lacking a `REQUIRED_UIDS`, files
-      disagreeing on a `SHARED_UIDS`, or files not matching the volume
-      (`_slice_order`); the message names the folder (and the file).
+    InputError: a file pydicom cannot read, one lacking a `REQUIRED_UIDS` or
+      `REQUIRED_GEOMETRY` attribute, files disagreeing on a `SHARED_UIDS`, or files not
+      matching the volume (`_slice_order`); the message names the folder (and the file).
   """
   import pydicom  # pylint: disable=g-import-not-at-top
   folder = pathlib.Path(case.image_path)
@@ -94,15 +98,17 @@ def read_sources(case: readers.Case) -> list[Any]:
   sources = []
   for f in files:
     try:
-      ds = pydicom.dcmread(f, stop_before_pixels=True)
+      # force: a `*.dcm` without the preamble, which GDCM reads too
+      ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
     except (OSError, pydicom.errors.InvalidDicomError) as e:
       raise readers.InputError(f"{folder}: cannot make a DICOM-SEG: unreadable DICOM "
                                f"file {f.name}: {e}") from e
-    missing = [k for k in REQUIRED_UIDS if not str(ds.get(k, "") or "").strip()]
+    missing = [k for k in REQUIRED_UIDS + REQUIRED_GEOMETRY
+               if not str(ds.get(k, "") or "").strip()]
     if missing:
       raise readers.InputError(
           f"{folder}: cannot make a DICOM-SEG: {f.name} lacks {', '.join(missing)}, "
-          "which a segmentation must reference")
+          "which a segmentation needs")
     sources.append(ds)
   for key in SHARED_UIDS:
     values = sorted({str(ds[key].value) for ds in sources})
@@ -131,7 +137,8 @@ def _slice_order(sources: list[Any], affine: np.ndarray, shape: tuple[int, ...],
     if (int(ds.Rows), int(ds.Columns)) != (rows, columns):
       raise readers.InputError(
           f"{folder}: cannot make a DICOM-SEG: expected {rows}x{columns} pixels in "
-          f"every slice, found {ds.Rows}x{ds.Columns} in {ds.filename}")
+          f"every slice, found {ds.Rows}x{ds.Columns} in "
+          f"{pathlib.Path(ds.filename).name}")
     cosines = np.asarray([float(v) for v in ds.ImageOrientationPatient])
     if np.max(np.abs(cosines - np.r_[axes[:, 0], axes[:, 1]])) > MAX_COSINE_ERROR:
       raise readers.InputError(f"{folder}: cannot make a DICOM-SEG: "

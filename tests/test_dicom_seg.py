@@ -199,7 +199,7 @@ def test_a_series_missing_a_uid_is_refused_in_one_line_and_the_others_written(
   assert failures == [
       (str(volume), f"{volume}: {NOT_DICOM}"),
       (bad, f"{bad}: cannot make a DICOM-SEG: {files[1].name} lacks FrameOfReferenceUID, "
-       "which a segmentation must reference")]
+       "which a segmentation needs")]
   assert written == [tmp_path / "out" / "good.seg.dcm"]
   assert sorted(os.listdir(tmp_path / "out")) == ["good.seg.dcm"]
 

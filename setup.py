@@ -20,12 +20,15 @@ setuptools.setup(
                              # drives Debian's chromium + chromedriver: tests/page_check.py
                              "selenium>=4.10",
                              "SimpleITK>=2.2",  # so CI runs tests/test_dicom.py
+                             "highdicom>=0.22",  # and tests/test_dicom_seg.py
                              "apache-beam>=2.60",  # and tests/test_beam_convert.py
                              # and tests/test_export_onnx.py
                              "tf2onnx>=1.17", "onnxruntime>=1.17",
                              "ai-edge-litert>=2.0"],  # and tests/test_export_litert.py
                     # DICOM series input of spine-predict (data_prep/dicom.py)
                     "dicom": ["SimpleITK>=2.2"],
+                    # spine-predict --output_format=dicom_seg (export/dicom_seg.py)
+                    "dicom_seg": ["highdicom>=0.22", "SimpleITK>=2.2"],
                     # spine-convert --runner: the converter on Beam (data_prep/beam_convert.py)
                     "beam": ["apache-beam>=2.60"],
                     # spine-export --onnx (export/portable.py); onnxruntime runs model.onnx

@@ -233,7 +233,8 @@ def write_series(folder: str | os.PathLike, slices: np.ndarray,
       in which the column index and the row index increase.
     pixel_spacing: Pixel Spacing (0028|0030): (between rows, between columns) mm.
     slice_thickness: Slice Thickness (0018|0050), mm.
-    series_uid: Series Instance UID (0020|000e); the study UID is derived from it.
+    series_uid: Series Instance UID (0020|000e); the study and frame of reference UIDs
+      are derived from it.
     names: file names (default `slice_0000.dcm`, ...).
 
   Returns:
@@ -256,6 +257,7 @@ def write_series(folder: str | os.PathLike, slices: np.ndarray,
     for tag, value in (("0008|0060", "MR"), ("0008|0016", "1.2.840.10008.5.1.4.1.1.4"),
                        ("0008|0018", f"{series_uid}.{i + 1}"),
                        ("0020|000d", f"{series_uid}.0"), ("0020|000e", series_uid),
+                       ("0020|0052", f"{series_uid}.9"),  # Frame of Reference UID
                        ("0020|0013", str(i + 1)), ("0020|0037", orientation),
                        (POSITION_TAG, "\\".join(f"{v:.6f}" for v in position)),
                        ("0018|0050", f"{slice_thickness:g}")):

@@ -13,6 +13,8 @@ back. `--output` is a folder; for each input `NAME.ext` it receives
   DICOM:  NAME_mask.nii.gz: labels in the series' voxel order (columns, rows, slices
           sorted by position) with its geometry as the affine (LPS turned RAS). A
           folder holding several series fails naming it: one series per folder.
+          --output_format=dicom_seg: NAME.seg.dcm instead, a DICOM Segmentation of
+          the series (needs `pip install -e ".[dicom_seg]"`); other inputs fail.
   --overlay: NAME_overlay.png (the slice, or the volume's middle sagittal slice, with
           discs in orange and vertebrae in blue).
   --save_probabilities: the mean class probabilities, float32, last axis the classes
@@ -59,6 +61,12 @@ _OUTPUT = flags.DEFINE_string("output", None, help="Output folder (created if ne
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, help="2D slices per model call.")
 _OVERLAY = flags.DEFINE_bool("overlay", False, help="Also write PNG overlays.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, help="Replace existing outputs.")
+_OUTPUT_FORMAT = flags.DEFINE_enum(
+    "output_format", "nifti", ["nifti", "dicom_seg"], help="How a volume's mask is "
+    "written. nifti: NAME_mask.nii.gz. dicom_seg: for a DICOM series NAME.seg.dcm, one "
+    "DICOM Segmentation (BINARY; segments 1 intervertebral disc, 2 vertebra) "
+    "referencing the series' images; any other input fails. Needs pip install -e "
+    "\".[dicom_seg]\" (highdicom).")
 _SPACING_2D_MM = flags.DEFINE_string(
     "spacing_2d_mm", None, help="mm per pixel of 2D inputs (one value, or ROW,COLUMN); "
     "required for them when the model was trained with spine-convert "
@@ -101,7 +109,7 @@ def main(argv):
   except ValueError as e:  # one line, as every other fault
     cli.fail(str(e))
   # Imported here so that --help and flag errors do not pay for loading TensorFlow.
-  from export import inference, predict_lib, predict_report  # pylint: disable=g-import-not-at-top
+  from export import inference, portable, predict_lib, predict_report  # pylint: disable=g-import-not-at-top
   report = None
   if _REPORT.value:
     report = predict_report.Options(
@@ -114,6 +122,7 @@ def main(argv):
         overlay=_OVERLAY.value, overwrite=_OVERWRITE.value, spacing_2d_mm=spacing_2d,
         tta=_TTA.value, save_probabilities=_SAVE_PROBABILITIES.value,
         postprocess=_POSTPROCESS.value, report=report,
+        output_format=_OUTPUT_FORMAT.value,
         progress=sys.stderr.isatty())  # no bar in logs and captured output
     # The inputs counted again only to say "N of M failed" (a folder listing).
     total = len(inference.list_inputs(_INPUT.value)) if failures else 0
@@ -125,7 +134,7 @@ def main(argv):
     for _, message in e.failures:
       print(f"  {message}", file=sys.stderr)
     sys.exit(1)
-  except inference.InputError as e:
+  except (inference.InputError, portable.MissingExtraError) as e:
     cli.fail(str(e))
   except OSError as e:  # e.g. an unreadable input folder: one line, not a traceback
     cli.fail(f"{e.filename or _INPUT.value}: {inference.os_reason(e)}")

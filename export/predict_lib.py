@@ -4,6 +4,8 @@ Outputs for an input `NAME.ext` in the output folder, always in the input's own 
 (a model trained at a target spacing resamples inside the graph and maps back):
   2D:     NAME_mask.png (uint8 labels 0/1/2) and NAME_mask.npy
   NIfTI:  NAME_mask.nii.gz (or .nii): labels with the input's shape, affine, voxel order
+  DICOM-SEG (`output_format="dicom_seg"`, DICOM series only): NAME.seg.dcm instead of
+          the NIfTI mask (`dicom_seg`)
   overlay (optional): NAME_overlay.png, the slice (or a volume's middle sagittal slice)
           with discs and vertebrae tinted (`data_prep.overlay`).
   probabilities (optional): NAME_probabilities.npy float32 [H, W, 3] (2D) or
@@ -32,11 +34,14 @@ from data_prep import fileio
 from data_prep import html_report
 from data_prep import overlay as overlay_lib
 from data_prep import readers
+from export import dicom_seg
 from export import inference
 from export import predict_report
 
 # One output of one input: the final path and a function writing the content to a path.
 Item = tuple[pathlib.Path, Callable[[str], None]]
+# --output_format: the mask as NIfTI (any volume), or as DICOM-SEG (DICOM series only).
+OUTPUT_FORMATS = ("nifti", "dicom_seg")
 
 
 class OutputError(OSError):
@@ -151,20 +156,30 @@ def _probabilities_like(probs: np.ndarray, label_image: Any) -> Any:
 
 
 def output_paths(input_path: str | os.PathLike, output_dir: str | os.PathLike,
-                 overlay: bool, probabilities: bool = False) -> dict[str, pathlib.Path]:
+                 overlay: bool, probabilities: bool = False,
+                 output_format: str = "nifti") -> dict[str, pathlib.Path]:
   """The files `predict` writes for one input, keyed by kind.
 
   `probabilities`: also "probabilities": `NAME_probabilities.npy` for 2D,
   `NAME_probabilities.nii.gz` (the mask's suffix) for a volume.
 
-  A DICOM series (a folder `NAME`) is written as NIfTI: `NAME_mask.nii.gz`.
+  A DICOM series (a folder `NAME`) is written as NIfTI: `NAME_mask.nii.gz`; with
+  `output_format="dicom_seg"` as "seg": `NAME.seg.dcm` instead.
+
+  Raises:
+    InputError: "dicom_seg" for an input that is no DICOM series (a file).
   """
+  if output_format == "dicom_seg" and not fileio.path(input_path).is_dir():
+    raise inference.InputError(f"{input_path}: not a DICOM series: "
+                               "--output_format=dicom_seg needs DICOM input")
   if fileio.path(input_path).is_dir():
     stem, suffix = fileio.path(input_path).resolve().name, ".nii.gz"
   else:
     stem, suffix = readers.split_name(input_path)
   out = fileio.path(output_dir)
-  if suffix in readers.NIFTI_SUFFIXES:
+  if output_format == "dicom_seg":
+    paths = {"seg": out / f"{stem}{dicom_seg.SUFFIX}"}
+  elif suffix in readers.NIFTI_SUFFIXES:
     paths = {"nifti": out / f"{stem}_mask{suffix}"}
   else:
     paths = {"png": out / f"{stem}_mask.png", "npy": out / f"{stem}_mask.npy"}
@@ -253,7 +268,7 @@ def predict(model: inference.Model, input_path: str | os.PathLike,
             overwrite: bool = False, progress: bool = True,
             spacing_2d_mm: tuple[float, float] | None = None, tta: bool = False,
             save_probabilities: bool = False, postprocess: bool = False,
-            report: predict_report.Options | None = None
+            report: predict_report.Options | None = None, output_format: str = "nifti"
             ) -> tuple[list[pathlib.Path], list[tuple[str, str]]]:
   """Segments every input and writes the masks.
 
@@ -277,6 +292,9 @@ def predict(model: inference.Model, input_path: str | os.PathLike,
     report: write a QC page of the inputs written (`predict_report`) to
       `report.folder` at the end (checked before any work: an existing report needs
       `overwrite`); None: no page.
+    output_format: one of `OUTPUT_FORMATS`: "nifti", or "dicom_seg": a DICOM series'
+      mask as `NAME.seg.dcm` (`dicom_seg`); any other input fails ("not a DICOM
+      series").
 
   Returns:
     (written, failures): the files written, and (input path, message) per failed input;
@@ -288,7 +306,14 @@ def predict(model: inference.Model, input_path: str | os.PathLike,
     OutputError: the output folder or the report folder is unusable, or an OS error
       while writing stopped the run; it carries what was written and every input not
       written.
+    portable.MissingExtraError: "dicom_seg" without highdicom installed.
+    ValueError: an unknown `output_format`.
   """
+  if output_format not in OUTPUT_FORMATS:
+    raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, found "
+                     f"{output_format!r}")
+  if output_format == "dicom_seg":
+    dicom_seg.require()  # before any work: one line naming the extra
   if report is not None:
     try:  # before any work: a refused report must not cost a whole run
       html_report.check_output_folder(report.folder, overwrite)
@@ -301,7 +326,8 @@ def predict(model: inference.Model, input_path: str | os.PathLike,
   job = _Job(model, batch_size, spacing_2d_mm, tta, postprocess, report)
   run = _Run(fileio.Progress(len(files), "spine-predict", unit="inputs",
                              enabled=progress))
-  _claim_outputs(run, files, output_dir, overlay, save_probabilities, overwrite)
+  _claim_outputs(run, files, output_dir, overlay, save_probabilities, overwrite,
+                 output_format)
   _segment_inputs(job, run, len(files))
   if report is not None:
     _write_report(job, run, files, input_path, output_dir, overwrite)
@@ -309,15 +335,20 @@ def predict(model: inference.Model, input_path: str | os.PathLike,
 
 
 def _claim_outputs(run: _Run, files: list[pathlib.Path], output_dir: pathlib.Path,
-                   overlay: bool, probabilities: bool, overwrite: bool) -> None:
+                   overlay: bool, probabilities: bool, overwrite: bool,
+                   output_format: str) -> None:
   """Fills `run.targets` with the inputs whose outputs are free; fails the others.
 
   An input fails when one of its outputs is another input's (e.g. `a.png` and `a.npy`)
-  or exists already without `overwrite`.
+  or exists already without `overwrite`, or when the format cannot hold it.
   """
   claimed: dict[pathlib.Path, str] = {}
   for f in files:
-    paths = output_paths(f, output_dir, overlay, probabilities)
+    try:
+      paths = output_paths(f, output_dir, overlay, probabilities, output_format)
+    except inference.InputError as e:
+      run.fail(str(f), str(e))
+      continue
     clash = [claimed[p] for p in paths.values() if p in claimed]
     existing = [str(p) for p in paths.values() if p.exists()]
     if clash:
@@ -378,6 +409,9 @@ def _write_volumes_pass_on_2d(job: _Job, run: _Run) -> Iterable[readers.Case]:
     try:
       items, mask = _volume_outputs(job, case, spacing, paths)
       entry = _report_entry(job, case, mask)
+    except inference.InputError as e:  # e.g. a series that cannot carry a DICOM-SEG
+      run.fail(path, str(e))
+      continue
     except Exception as e:  # Keep going in folder mode; report at the end.
       run.fail(path, f"{path}: {type(e).__name__}: {e}")
       continue
@@ -386,12 +420,22 @@ def _write_volumes_pass_on_2d(job: _Job, run: _Run) -> Iterable[readers.Case]:
 
 def _volume_outputs(job: _Job, case: readers.Case, spacing: tuple[float, float] | None,
                     paths: dict[str, pathlib.Path]) -> tuple[list[Item], np.ndarray]:
-  """Segments a volume: (its outputs to write, its display-order mask [S, H, W])."""
+  """Segments a volume: (its outputs to write, its display-order mask [S, H, W]).
+
+  Raises:
+    InputError: a DICOM-SEG asked for a series that cannot carry one.
+  """
+  # Checked first: a refused series must not cost a model run.
+  sources = dicom_seg.read_sources(case) if "seg" in paths else None
   probs = job.model.probabilities(case.image, spacing, kind=inference.VOLUME,
                                   tta=job.tta)
   mask = inference.labels(probs, job.postprocess)
   label_image = _nifti_like(inference.orientation_back(case, mask), case)
-  items = [(paths["nifti"], lambda p, im=label_image: _write_nifti(p, im))]
+  if sources is None:
+    items = [(paths["nifti"], lambda p, im=label_image: _write_nifti(p, im))]
+  else:  # the very voxels the NIfTI mask would hold, mapped to the slice files
+    seg = dicom_seg.segmentation(sources, np.asarray(label_image.dataobj))
+    items = [(paths["seg"], lambda p, s=seg: dicom_seg.write(p, s))]
   if "probabilities" in paths:
     prob_image = _probabilities_like(inference.orientation_back(case, probs), label_image)
     items.append((paths["probabilities"], lambda p, im=prob_image: _write_nifti(p, im)))

@@ -29,6 +29,7 @@ import zlib
 from typing import Any
 
 import keras
+from google.protobuf import message as message_lib
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
@@ -44,6 +45,8 @@ PRETRAINED = "pretrained"
 _EXPORT_METADATA = "assets.extra/spineseg.json"
 # The one-head model's output layer (trainer/unet.py); several heads: schema.head_layer.
 _ONE_HEAD = "logits"
+# Where a checkpoint's object graph holds the model's variables (`_checkpoint_weights`).
+_MODEL_KEYS = ("model/", "optimizer/_trainable_variables/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,13 +264,18 @@ def _checkpoint_weights(source: Source, prefix: str) -> dict[str, np.ndarray]:
     weights = {}
     for node in graph.nodes:
       for attribute in node.attributes:
-        # The model's own variables: not the optimizer's copies and slots, and not the
-        # dropout layers' random-number states (no weights; the new run seeds its own).
-        if (attribute.checkpoint_key.startswith("model/")
+        # The model's own variables, stored once: under model/ (a SavedModel; the
+        # non-trainable ones of a training checkpoint) or, in a training checkpoint,
+        # where the optimizer tracks the trainable ones (Keras 3's optimizer attribute
+        # `_trainable_variables`). Not the optimizer's slots, and not the dropout
+        # layers' random-number states (no weights; the new run seeds its own).
+        if (attribute.checkpoint_key.startswith(_MODEL_KEYS)
             and "seed_generator" not in attribute.full_name):
           weights[attribute.full_name] = np.asarray(
               reader.get_tensor(attribute.checkpoint_key))
-  except (tf.errors.OpError, ValueError) as e:
+  # A cut file: OpError (DataLoss, OutOfRange), IndexError ("Read less bytes than
+  # requested"), or an object graph that does not parse.
+  except (tf.errors.OpError, ValueError, IndexError, message_lib.DecodeError) as e:
     message = getattr(e, "message", None) or str(e)
     first = (message.strip().splitlines() or [type(e).__name__])[0]
     raise ConfigError(f"--init_from={source.given}: {prefix}: unreadable checkpoint "

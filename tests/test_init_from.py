@@ -123,7 +123,7 @@ def test_other_architecture_is_one_line_exit_1_and_nothing_written(source, tmp_p
   errors = [l for l in out.stderr.splitlines() if l.startswith("spine-train: error:")]
   assert len(errors) == 1, out.stderr[-2000:]
   assert ("layer down0_conv1: kernel has shape (3, 3, 1, 4) in "
-          f"{source['model_dir'] / 'best.keras'}, (3, 3, 1, 8) in this run's model"
+          f"{source['model_dir'] / 'best.keras'}, shape (3, 3, 1, 8) in this run's model"
           in errors[0]), errors
   assert not model_dir.exists()
 

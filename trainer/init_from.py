@@ -122,14 +122,14 @@ def resolve(given: str) -> Source:
     return _model_dir(given, where)
   if where.suffix == ".keras":
     beside = manifest_lib.path_of(where.parent)
-    facts = _manifest_facts(where.parent) if beside.is_file() else {}
+    facts = _manifest_facts(given, where.parent) if beside.is_file() else {}
     return _source(given, where, "keras", [where], facts)
   raise ConfigError(f"{flag}: {where} is no .keras file; expected a spine-train "
                     "model_dir, a .keras file or a spine-export SavedModel folder")
 
 
 def _model_dir(given: str, where) -> Source:
-  facts = _manifest_facts(where) if manifest_lib.path_of(where).is_file() else {}
+  facts = _manifest_facts(given, where) if manifest_lib.path_of(where).is_file() else {}
   best = where / "best.keras"
   if best.is_file():
     return _source(given, best, "keras", [best], facts)
@@ -175,11 +175,12 @@ def _saved_model(given: str, where) -> Source:
   return _source(given, where, "saved_model", files, facts)
 
 
-def _manifest_facts(folder) -> dict[str, Any]:
+def _manifest_facts(given: str, folder) -> dict[str, Any]:
+  """What the source's dataset.json says it saw (see `Source.facts`)."""
   try:
     manifest = manifest_lib.load(folder)
   except (FileNotFoundError, ValueError) as e:
-    raise ConfigError(f"--init_from: {e}") from e
+    raise ConfigError(f"--init_from={given}: {e}") from e
   return {"image_size": manifest.image_size,
           "target_spacing_mm": manifest.target_spacing_mm,
           "labels": manifest.labels, "protocol": manifest.protocol}
@@ -334,14 +335,14 @@ def plan(source: Source, weights: dict[str, np.ndarray], model, *, protocol: str
       old = name
       if old not in by_layer:
         raise ConfigError(f"{flag}: layer {name} of this run's model is not in "
-                          f"{source.path} (another --depth, --norm or --dropout?)")
+                          f"{source.path} (another --depth or --norm?)")
     for w in layer.weights:
       key = w.path.rpartition("/")[2]
       found = by_layer[old].get(key)
       if found is None or found.shape != tuple(w.shape):
-        shape = None if found is None else found.shape
-        raise ConfigError(f"{flag}: layer {name}: {key} has shape {shape} in "
-                          f"{source.path}, {tuple(w.shape)} in this run's model (another "
+        shape = "no such weight" if found is None else f"shape {found.shape}"
+        raise ConfigError(f"{flag}: layer {name}: {key} has {shape} in {source.path}, "
+                          f"shape {tuple(w.shape)} in this run's model (another "
                           "--base_filters, --depth or --norm?)")
       values[w.path] = found
     loaded.append(name)

@@ -19,6 +19,7 @@ from trainer import unet
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
+FREEZE = ("", "encoder")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 AUGMENT_ON = ("auto", "device", "host")
 # The two elastic settings had flags before the other ranges; flagfiles spell them so.
@@ -89,6 +90,10 @@ class TrainConfig:
   learning_rate: float = _setting(1e-3, "Peak learning rate.")
   lr_schedule: str = _setting("cosine", "constant, or cosine decay over all epochs.",
                               LR_SCHEDULES)
+  warmup_epochs: int = _setting(
+      0, "Warm-up: epochs over which the learning rate rises linearly to --learning_rate "
+      "(from 1/steps of it) before --lr_schedule; cosine then decays over the remaining "
+      "epochs. 0: none.")
   optimizer: str = _setting("adamw", "adam, or adamw (decoupled weight decay).",
                             OPTIMIZERS)
   weight_decay: float = _setting(
@@ -104,6 +109,20 @@ class TrainConfig:
   depth: int = _setting(4, "Number of 2x downsamplings.")
   dropout: float = _setting(0.0, "SpatialDropout2D rate (0: none).")
   norm: str = _setting("group", "Normalization layer.", unet.NORMS)
+  init_from: str = _setting(
+      "", "Fine-tune: start from the weights of a spine-train model_dir (its best.keras, "
+      "else its latest checkpoint), a .keras file or a spine-export SavedModel folder "
+      "(`pretrained` is reserved for a model shipped with the package). Layers must match "
+      "by name and shape (same --base_filters, --depth, --norm, image size and target "
+      "spacing); an output head is loaded when its protocol and classes match, else "
+      "re-initialized. config.json records the file read and its SHA-256. Empty: random "
+      "initialization.")
+  freeze: str = _setting(
+      "", "With --init_from: encoder: the contracting path (down* blocks and the bottom "
+      "block) is not trained for the first --freeze_epochs epochs. Empty: nothing "
+      "frozen.", FREEZE)
+  freeze_epochs: int = _setting(
+      0, "Epochs the --freeze layers stay frozen (> 0 with --freeze); trained after.")
   mixed_precision: str = _setting(
       "none", "Keras mixed precision policy (logits stay float32).", PRECISIONS)
   jit_compile: bool = _setting(
@@ -225,6 +244,7 @@ def check_config(config: TrainConfig) -> None:
     raise ConfigError(f"--data_dir lists {twice[0]} more than once; expected each folder "
                       "once (--dataset_weights weighs a folder more)")
   dataset_weights(config)
+  _check_fine_tuning(config)
   if config.data_service:
     try:
       data_service_lib.check_address(config.data_service)
@@ -239,7 +259,7 @@ def check_config(config: TrainConfig) -> None:
   for name in positive:
     if not getattr(config, name) > 0:
       raise ConfigError(f"--{name}={getattr(config, name)}: expected > 0")
-  not_negative = ("steps_per_epoch", "weight_decay", "ce_weight", "cache_bytes",
+  not_negative = ("steps_per_epoch", "warmup_epochs", "weight_decay", "ce_weight", "cache_bytes",
                   "num_overlays", "elastic_alpha", "aug_max_rotation_deg", "aug_brightness",
                   "aug_bias_field_strength", "aug_noise_std", "aug_contrast_min",
                   "aug_blur_max_sigma")
@@ -271,3 +291,22 @@ def check_config(config: TrainConfig) -> None:
     if changed:
       raise ConfigError(f"--{changed[0]}={getattr(config, changed[0])} with --noaugment: "
                         "it is part of the augmentation; drop one of the two")
+
+
+def _check_fine_tuning(config: TrainConfig) -> None:
+  """Refuses --freeze without weights to keep and freeze settings that contradict."""
+  if config.freeze and not config.init_from:
+    raise ConfigError(f"--freeze={config.freeze} without --init_from: a randomly "
+                      "initialized encoder would stay random; add --init_from or drop "
+                      "--freeze")
+  if config.freeze and config.freeze_epochs <= 0:
+    raise ConfigError(f"--freeze={config.freeze} with --freeze_epochs="
+                      f"{config.freeze_epochs}: expected > 0 epochs")
+  if config.freeze_epochs and not config.freeze:
+    raise ConfigError(f"--freeze_epochs={config.freeze_epochs} without --freeze: "
+                      "expected --freeze=encoder, or no --freeze_epochs")
+  if config.warmup_epochs and config.lr_schedule == "cosine" and (
+      config.warmup_epochs >= config.epochs):
+    raise ConfigError(f"--warmup_epochs={config.warmup_epochs} with --epochs="
+                      f"{config.epochs}: expected fewer warm-up epochs than epochs (cosine "
+                      "decays over the rest)")

@@ -24,6 +24,9 @@ from trainer.config import ConfigError, TrainConfig, resolve_data_dirs
 # last three change no number of the run.)
 RESUMABLE_CHANGES = ("epochs", "strategy", "jit_compile", "augment_on", "model_dir",
                       "verbose", "num_overlays", "verify_shards")
+# config.json's record of --init_from: compared as the file read and its hash (below),
+# not as typed, so a rerun from another folder spelling it otherwise still resumes.
+INIT_KEYS = ("init_from_resolved", "init_from_sha256")
 LOCK_NAME = ".lock"
 # With several --data_dir folders: {"datasets": [{"name", "data_dir", "manifest"}, ...]}.
 DATASETS_NAME = "datasets.json"
@@ -38,7 +41,8 @@ _LEFTOVERS = {
 }
 
 def check(config: TrainConfig, manifest: manifest_lib.Manifest,
-          datasets: dict[str, Any] | None = None) -> None:
+          datasets: dict[str, Any] | None = None,
+          init: dict[str, str] | None = None) -> None:
   """Refuses to resume into a model_dir written with other settings or other data.
 
   Args:
@@ -47,10 +51,12 @@ def check(config: TrainConfig, manifest: manifest_lib.Manifest,
     datasets: with several folders, the `datasets.json` record of the run
       ({"datasets": [{"name", "data_dir", "manifest"}, ...]}, in --data_dir order);
       else None.
+    init: the run's --init_from record (`init_from.Source.record`; {} or None without).
 
   Raises:
-    ConfigError: naming the differing settings, protocols, or the folder whose data
-      changed.
+    ConfigError: naming the differing settings, protocols, the folder whose data
+      changed, or another --init_from source (or none) than the model_dir was started
+      from.
   """
   model_dir = fileio.path(config.model_dir)
   old_config = model_dir / "config.json"
@@ -65,8 +71,10 @@ def check(config: TrainConfig, manifest: manifest_lib.Manifest,
     if isinstance(old.get("model_dir"), str):
       old["model_dir"] = str(fileio.path(old["model_dir"]).expanduser().resolve())
     new = dataclasses.asdict(config)
+    _check_init(old_config, old, init or {})
     differ = sorted(k for k in set(old) | set(new)
-                    if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+                    if k not in (*RESUMABLE_CHANGES, "init_from", *INIT_KEYS)
+                    and old.get(k) != new.get(k))
     if differ:
       raise ConfigError(
           f"{old_config}: this model_dir was trained with other settings "
@@ -86,6 +94,23 @@ def check(config: TrainConfig, manifest: manifest_lib.Manifest,
         raise ConfigError(f"{old_datasets}: this model_dir was trained on other data than "
                           f"{entry['data_dir']} (its dataset.json changed since); use a "
                           "new --model_dir")
+
+
+def _check_init(old_config: pathlib.Path, old: dict[str, Any],
+                init: dict[str, str]) -> None:
+  """Refuses resuming with other --init_from weights than the run started from (or with
+  none, or from a run that had none): its checkpoints and the weights would mix."""
+  recorded = {k: old.get(k) for k in INIT_KEYS if old.get(k) is not None}
+  if recorded == init:
+    return
+  was = (f"--init_from={old.get('init_from')} ({recorded.get('init_from_resolved')}, "
+         f"sha256 {str(recorded.get('init_from_sha256'))[:12]})" if recorded
+         else "no --init_from")
+  now = (f"{init['init_from_resolved']} (sha256 {init['init_from_sha256'][:12]})"
+         if init else "no --init_from")
+  raise ConfigError(f"{old_config}: this model_dir was started from {was}, this run has "
+                    f"{now}; resuming would mix the two: rerun with the same --init_from "
+                    "(the same file) or use a new --model_dir")
 
 
 def _protocols(where: pathlib.Path, manifest: Any, datasets: Any) -> list[str]:

@@ -45,6 +45,7 @@ from data_prep import manifest as manifest_lib
 from data_prep import schema
 from trainer import augment as augment_lib
 from trainer import data_service_lib
+from trainer import init_from as init_lib
 from trainer import run_dir
 from trainer import callbacks as callbacks_lib
 from trainer import input_pipeline
@@ -276,9 +277,19 @@ def _task(strategy) -> tuple[bool, int]:
 def _optimizer(config: TrainConfig, steps_per_epoch: int):
   import keras  # pylint: disable=g-import-not-at-top
   lr = config.learning_rate
-  if config.lr_schedule == "cosine":
+  warmup = config.warmup_epochs * steps_per_epoch
+  if config.lr_schedule == "cosine" and not warmup:
     lr = keras.optimizers.schedules.CosineDecay(
         config.learning_rate, decay_steps=config.epochs * steps_per_epoch, alpha=0.01)
+  elif warmup:
+    # Linear over the warm-up steps from 1/steps of the peak (so no step is wasted at
+    # 0), then cosine over the rest (or alpha=1: the constant peak, (1 - 1) * cosine + 1
+    # == 1 exactly).
+    cosine = config.lr_schedule == "cosine"
+    lr = keras.optimizers.schedules.CosineDecay(
+        config.learning_rate / warmup, decay_steps=max(1, config.epochs * steps_per_epoch - warmup),
+        alpha=0.01 if cosine else 1.0, warmup_target=config.learning_rate,
+        warmup_steps=warmup)
   if config.optimizer == "adamw":
     return keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
   return keras.optimizers.Adam(lr)
@@ -308,7 +319,9 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   sources = load_datasets(config)
   manifest = sources[0].manifest
   record = _datasets_record(sources)
-  run_dir.check(config, manifest, record)
+  init = init_lib.resolve(config.init_from) if config.init_from else None
+  init_record = init.record() if init else {}
+  run_dir.check(config, manifest, record, init_record)
   # The strategy first: MultiWorkerMirroredStrategy must exist before other TF work.
   strategy = make_strategy(config.strategy)
   replicas = strategy.num_replicas_in_sync
@@ -316,6 +329,8 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
     raise ConfigError(f"--global_batch_size={config.global_batch_size} is not divisible by "
                       f"the {replicas} replicas of --strategy={config.strategy}")
   is_chief, task_id = _task(strategy)
+  # Read and matched before the model_dir is touched: a bad source leaves nothing there.
+  init_plan = _init_plan(config, sources, init) if init else None
   model_dir = fileio.path(config.model_dir)
   run_dir.prepare(model_dir)
   with contextlib.ExitStack() as stack:
@@ -323,9 +338,10 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
       # Only the chief writes the model_dir; other workers of its run share it.
       stack.enter_context(run_dir.lock(model_dir))
       # Again under the lock: another run may have written the folder since the check.
-      run_dir.check(config, manifest, record)
+      run_dir.check(config, manifest, record, init_record)
       run_dir.remove_leftovers(model_dir)
-      fileio.write_json_atomic(model_dir / "config.json", dataclasses.asdict(config))
+      fileio.write_json_atomic(model_dir / "config.json",
+                               {**dataclasses.asdict(config), **init_record})
       fileio.write_json_atomic(model_dir / "dataset.json", manifest.raw)
       if record is not None:
         fileio.write_json_atomic(model_dir / run_dir.DATASETS_NAME, record)
@@ -335,7 +351,35 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
       # file.
       save_dir = tempfile.mkdtemp(prefix=f"ckpt-worker{task_id}-")
       stack.callback(shutil.rmtree, save_dir, ignore_errors=True)
-    return _fit(config, sources, strategy, is_chief, save_dir)
+    return _fit(config, sources, strategy, is_chief, save_dir, init_plan)
+
+
+def _build_model(config: TrainConfig, num_classes: int, heads: list[str]):
+  return unet.build_unet(num_classes=num_classes, base_filters=config.base_filters,
+                         depth=config.depth, dropout=config.dropout, norm=config.norm,
+                         protocols=heads)
+
+
+def _model_heads(sources: list[Source]) -> list[str]:
+  """The protocol heads of the run's model: none (one head) for a single protocol."""
+  heads = protocols(sources)
+  return heads if len(heads) > 1 else []
+
+
+def _init_plan(config: TrainConfig, sources: list[Source],
+               init: init_lib.Source) -> init_lib.Plan:
+  """The --init_from weights matched to the run's model (ConfigError if they do not fit).
+
+  Matched against a throwaway build of the run's model: the real one is built later,
+  under the strategy and after the seeds are set, so its fresh weights stay those of a
+  run without --init_from.
+  """
+  manifest = sources[0].manifest
+  init_lib.check_data(init, manifest.image_size, manifest.target_spacing_mm)
+  weights = init_lib.read_weights(init)
+  model = _build_model(config, manifest.num_classes, _model_heads(sources))
+  return init_lib.plan(init, weights, model, protocol=protocols(sources)[0],
+                       labels=manifest.labels)
 
 
 def _datasets_record(sources: list[Source]) -> dict[str, Any] | None:
@@ -348,7 +392,7 @@ def _datasets_record(sources: list[Source]) -> dict[str, Any] | None:
 
 
 def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
-         save_dir: str) -> dict[str, Any]:
+         save_dir: str, init: init_lib.Plan | None) -> dict[str, Any]:
   """The run itself (model, data, callbacks, fit); see `train_and_evaluate`."""
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -372,18 +416,14 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
   trained = [(s, w) for s, w in zip(sources, shares) if w > 0]
   train_slices = sum(s.train_slices for s, _ in trained)
   has_val = any(s.files("val") for s in sources)
-  heads = protocols(sources)
-  if len(heads) > 1:
+  heads = _model_heads(sources)
+  if heads:
     print(f"spine-train: {len(heads)} protocol heads: " + "; ".join(
         f"{h} ({', '.join(s.name for s in sources if s.manifest.protocol == h)})"
         for h in heads), flush=True)
-  else:
-    heads = []  # One protocol: the model of a single head, without names.
 
   with strategy.scope():
-    model = unet.build_unet(num_classes=num_classes, base_filters=config.base_filters,
-                            depth=config.depth, dropout=config.dropout, norm=config.norm,
-                            protocols=heads)
+    model = _build_model(config, num_classes, heads)
     model.compile(optimizer=_optimizer(config, steps_per_epoch),
                   loss=losses.make_loss(config.loss, num_classes=num_classes,
                                         include_background=config.include_background,
@@ -404,6 +444,7 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
   initial_epoch = int(epoch_var.numpy())
   if latest:
     print(f"Resuming from {latest}: {initial_epoch} epochs completed", flush=True)
+  _start_fine_tuning(config, model, init, resumed=bool(latest), initial_epoch=initial_epoch)
   manager = tf.train.CheckpointManager(checkpoint, save_dir,
                                        max_to_keep=config.checkpoints_kept)
 
@@ -481,6 +522,8 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
   if is_chief:
     cbs.append(callbacks_lib.HistoryFile(history_path, previous, model.optimizer))
   cbs.append(callbacks_lib.Checkpoint(manager, epoch_var))
+  if config.freeze and initial_epoch < config.freeze_epochs:
+    cbs.append(init_lib.Unfreeze(init_lib.encoder_layers(model), config.freeze_epochs))
   if is_chief:
     cbs.append(callbacks_lib.TensorBoardScalars(str(model_dir / "logs")))
   keras_workarounds.apply(model, strategy, config.global_batch_size // replicas, image_size,
@@ -507,6 +550,27 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
   return {"epochs_completed": int(epoch_var.numpy()), "initial_epoch": initial_epoch,
           "best_val_dice_mean": best if has_val and best >= 0 else None,
           "history": history}
+
+
+def _start_fine_tuning(config: TrainConfig, model, plan: init_lib.Plan | None, *,
+                       resumed: bool, initial_epoch: int) -> None:
+  """Loads the --init_from weights into a fresh run (a resumed one has its own), and
+  freezes the encoder for the first --freeze_epochs (`init_lib.Unfreeze` ends that).
+
+  The optimizer was built with every weight, frozen ones included, so its state is the
+  same whether or not the encoder is frozen and resumes either way."""
+  if plan is None:
+    return
+  if resumed:
+    print(f"spine-train: resuming this run's checkpoints; the --init_from weights are "
+          "not applied again", flush=True)
+  else:
+    init_lib.apply(plan.values, model)
+    print(plan.summary(), flush=True)
+  if config.freeze and initial_epoch < config.freeze_epochs:
+    init_lib.set_trainable(init_lib.encoder_layers(model), False)
+    print(f"spine-train: --freeze={config.freeze}: the encoder is frozen until epoch "
+          f"{config.freeze_epochs} ends", flush=True)
 
 
 def _read_failure(sources: list[Source], error) -> str:

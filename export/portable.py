@@ -160,13 +160,15 @@ def _onnx_bytes(signature, protocol: str | None = None) -> bytes:
   import tf2onnx
   # pylint: enable=g-import-not-at-top
   spec = (tf.TensorSpec([None, None, None, 1], tf.float32, name="images"),)
-  extra = {} if protocol is None else {"protocol": tf.constant(protocol)}
 
   # A tf.function with named inputs and a dict of outputs: the ONNX model gets the
   # signature's names (images -> probabilities, mask).
   @tf.function(input_signature=spec)
   def serve(images):
-    return signature(images=images, **extra)
+    if protocol is None:
+      return signature(images=images)
+    # Made in the graph: a tensor captured from outside would become an ONNX input.
+    return signature(images=images, protocol=tf.constant(protocol))
 
   proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec,
                                            opset=ONNX_OPSET)

@@ -321,3 +321,33 @@ def test_folders_may_not_be_named_like_the_protocol_words():
   for word in ("list", "all"):
     with pytest.raises(ValueError, match=f"--protocol={word}: a reserved word"):
       options.ConvertOptions(protocol=word)
+
+
+def test_onnx_and_litert_get_a_file_per_protocol_equal_to_its_twin(exports, tmp_path):
+  ort = pytest.importorskip("onnxruntime")
+  pytest.importorskip("tf2onnx")
+  interpreter = pytest.importorskip("ai_edge_litert.interpreter")
+  export_dir = tmp_path / "1"
+  shutil.copytree(exports["all_full"], export_dir)
+  assert portable.to_onnx(export_dir) == export_dir / "model.onnx"
+  assert portable.to_litert(exports["model_dir"], export_dir) == export_dir / "model.tflite"
+  files = {"full": ("model.onnx", "model.tflite"), "vb": ("model_vb.onnx", "model_vb.tflite")}
+  onnx_paths = portable.protocol_paths(export_dir, portable.ONNX_FILE)
+  litert_paths = portable.protocol_paths(export_dir, portable.LITERT_FILE)
+  assert {p: (onnx_paths[p].name, litert_paths[p].name) for p in onnx_paths} == files
+  twin = tf.saved_model.load(str(export_dir)).signatures["serving_default_protocol"]
+  images = _inputs()["serving_default"]["images"]
+  for protocol, (onnx_file, litert_file) in files.items():
+    want = twin(images=tf.constant(images), protocol=protocol)["probabilities"].numpy()
+    session = ort.InferenceSession(str(export_dir / onnx_file),
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {"images": images})))["probabilities"]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=onnx_file)
+    runner = interpreter.Interpreter(
+        model_path=str(export_dir / litert_file)).get_signature_runner("serving_default")
+    got = runner(images=images)["probabilities"]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=litert_file)
+  with pytest.raises(FileExistsError, match="model_vb.onnx: exists"):
+    (export_dir / "model.onnx").unlink()
+    portable.to_onnx(export_dir)

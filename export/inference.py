@@ -309,8 +309,8 @@ def _protocols(loaded: Any, metadata: dict[str, Any],
   protocol, names = metadata.get("protocol"), metadata.get("protocols", [])
   if protocol is None:
     return (), None
-  if not (isinstance(protocol, str) and isinstance(names, list)
-          and all(isinstance(n, str) for n in names) and (not names or protocol in names)):
+  listed = isinstance(names, list) and all(isinstance(n, str) for n in names)
+  if not (isinstance(protocol, str) and listed and (not names or protocol in names)):
     raise InputError(f"{path / METADATA_FILE}: expected a protocol name and a list of "
                      f"protocols holding it, found {protocol!r} and {names!r}; re-export "
                      "the model with spine-export")

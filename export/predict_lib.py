@@ -459,7 +459,8 @@ def _write_report(job: _Job, run: _Run, files: list[pathlib.Path],
   """
   order = {str(f): i for i, f in enumerate(files)}  # the page lists inputs in input order
   settings = {"models": ", ".join(m.path for m in job.model.members),
-              "protocol": inference.protocol_used(job.model, job.protocol),
+              "protocol": (inference.protocol_used(job.model, job.protocol)
+                           or "not recorded by the export"),
               "input": str(input_path), "output": str(output_dir), "tta": job.tta,
               "postprocess": job.postprocess, "min slices": job.report.min_slices,
               "max pieces": job.report.max_components}

@@ -555,8 +555,8 @@ def default_protocol(names: Sequence[str], protocol: str | None,
   """
   if protocol is None:
     if len(names) > 1:
-      raise ValueError(f"{where} has one head per labelling protocol ({', '.join(names)}); "
-                       "pass --protocol=NAME to name the default one")
+      raise ValueError(f"{where} has one head per labelling protocol "
+                       f"({', '.join(names)}); pass --protocol=NAME to name the default one")
     return names[0]
   if protocol not in names:
     raise ValueError(f"--protocol={protocol}: {where} has no head for it; its "

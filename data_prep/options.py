@@ -136,6 +136,10 @@ class ConvertOptions:
       normalize("spacing_2d_mm", tuple(float(v) for v in self.spacing_2d_mm))
     schema.parse_label_map(self.label_map)
     schema.check_protocol(self.protocol)
+    if self.protocol in schema.RESERVED_PROTOCOLS:  # spine-predict could not select it
+      raise ValueError(f"--protocol={self.protocol}: a reserved word of spine-predict "
+                       f"--protocol ({', '.join(schema.RESERVED_PROTOCOLS)}); choose "
+                       "another name")
     if self.case_id_regex:
       try:
         re.compile(self.case_id_regex)

@@ -210,6 +210,10 @@ _PROTOCOL_RE = re.compile(r"[a-z0-9_]{1,32}")
 # The model's output head of protocol P is the layer `logits_P` (`trainer.unet`); the
 # exporter finds the heads by these names without importing the trainer.
 HEAD_LAYER_PREFIX = "logits_"
+# Values of spine-predict/spine-evaluate --protocol that are no protocol's name: "list"
+# prints each model's protocols, "all" is kept for a later mode using every head.
+LIST_PROTOCOLS = "list"
+RESERVED_PROTOCOLS = (LIST_PROTOCOLS, "all")
 
 
 def check_protocol(name: str) -> str:

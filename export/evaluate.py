@@ -24,6 +24,10 @@ spine-predict writes; --nopostprocess scores the raw argmax).
 --within_labelled_levels (folder mode): each class is scored only between the first and
 last rows its ground truth labels, for masks labelled at some levels only (a diagnostic
 of annotation protocols; data_prep.metrics.within_labelled_levels).
+--protocol=NAME (both modes): for models exported with one output head per labelling
+protocol, score that protocol's head (default: each model's default); the JSON's
+"protocol" and the line after the table name it. --protocol=list prints each model's
+protocols and exits.
 """
 from __future__ import annotations
 
@@ -66,6 +70,14 @@ _POSTPROCESS = flags.DEFINE_bool(
     "scores the raw argmax): per class, connected components smaller than 10 percent of "
     "the class's largest become background. A converted split (--data_dir) is scored "
     "without it, as the trainer's validation does.")
+_PROTOCOL = flags.DEFINE_string(
+    "protocol", None, help="The labelling protocol (spine-convert --protocol) whose "
+    "output head segments, for models exported with one head per protocol (every "
+    "--saved_model must have it); default: each model's own default. The names are in "
+    "the export's metadata (assets.extra/spineseg.json, 'protocols'), and the error "
+    "for an unknown name lists them. --protocol=list prints each model's protocols (the "
+    "default marked) and exits without scoring (no other flag is needed then). The "
+    "JSON ('protocol') and the line after the table name the protocol scored.")
 _WITHIN_LEVELS = flags.DEFINE_bool(
     "within_labelled_levels", False, help="Score each class only between the first "
     "and last image rows (superior -> inferior) its ground truth labels in a case; "
@@ -88,9 +100,23 @@ def _unwritable(path: pathlib.Path) -> str | None:
   return None
 
 
+def _list_protocols() -> None:
+  """--protocol=list: prints each model's protocols (the default marked)."""
+  from export import inference  # pylint: disable=g-import-not-at-top
+  try:
+    model = inference.load_ensemble(inference.parse_model_list(_SAVED_MODEL.value))
+  except ValueError as e:  # InputError names the folder
+    cli.fail(str(e))
+  print("\n".join(inference.describe_protocols(model)))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from data_prep import schema  # pylint: disable=g-import-not-at-top
+  if _PROTOCOL.value == schema.LIST_PROTOCOLS:  # before the modes: it needs none
+    _list_protocols()
+    return
   folders = _IMAGES_DIR.value or _MASKS_DIR.value
   if bool(folders) == bool(_DATA_DIR.value):
     raise app.UsageError("give either --images_dir and --masks_dir, or --data_dir")
@@ -130,7 +156,6 @@ def main(argv):
   # Imported here so that --help and flag errors do not pay for loading TensorFlow.
   from data_prep import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
   from export import evaluate_lib, inference  # pylint: disable=g-import-not-at-top
-  from data_prep import schema  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     label_map = schema.parse_label_map(_LABEL_MAP.value)
@@ -143,11 +168,12 @@ def main(argv):
           model, _IMAGES_DIR.value, _MASKS_DIR.value, label_map=label_map,
           batch_size=_BATCH_SIZE.value, spacing_2d_mm=spacing_2d,
           tta=_TTA.value, postprocess=_POSTPROCESS.value is not False,
-          within_levels=_WITHIN_LEVELS.value,
+          within_levels=_WITHIN_LEVELS.value, protocol=_PROTOCOL.value,
           progress=sys.stderr.isatty())  # no bar in logs and captured output
     else:
       report = evaluate_lib.evaluate_split(model, _DATA_DIR.value, _SPLIT.value,
-                                           batch_size=_BATCH_SIZE.value)
+                                           batch_size=_BATCH_SIZE.value,
+                                           protocol=_PROTOCOL.value)
   except ValueError as e:  # InputError is a ValueError; ours name the file.
     cli.fail(str(e))
   except OSError as e:  # e.g. an unreadable folder: one line, not a traceback
@@ -157,6 +183,8 @@ def main(argv):
     cli.fail(f"the SavedModel {_SAVED_MODEL.value} failed on the data: "
              f"{type(e).__name__}: {first_line}")
   print(evaluate_lib.format_table(report))
+  if report["protocol"] is not None:
+    print(f"spine-evaluate: protocol {report['protocol']}")
   if out_json:
     try:
       manifest_lib.write_json_atomic(out_json, evaluate_lib.json_safe(report))

@@ -61,6 +61,7 @@ class _FolderJob:
   tta: bool
   postprocess: bool
   within_levels: bool
+  protocol: str | None = None
 
 
 @dataclasses.dataclass
@@ -84,7 +85,8 @@ def evaluate_folders(model: inference.Model, images_dir: str, masks_dir: str, *,
                      progress: bool = True,
                      spacing_2d_mm: tuple[float, float] | None = None,
                      tta: bool = False, postprocess: bool = False,
-                     within_levels: bool = False) -> dict[str, Any]:
+                     within_levels: bool = False,
+                     protocol: str | None = None) -> dict[str, Any]:
   """Scores the model on image/mask pairs of two folders.
 
   Predictions are in each input's own geometry (a model trained at a target spacing
@@ -95,31 +97,37 @@ def evaluate_folders(model: inference.Model, images_dir: str, masks_dir: str, *,
   masks cleaned as spine-predict --postprocess (`inference.labels`). `within_levels`:
   each class scored only within the rows its ground truth covers
   (`metrics.within_labelled_levels`), for masks labelled at some levels only.
+  `protocol`: the labelling protocol whose head is scored (every model must have it);
+  None: each model's default.
 
   Returns:
-    {"cases": [row...], "overall": summarize(rows), "failures": [message...]}; a row
-    holds case_id, kind ("2d"/"3d"), dice (per class and means), counts, and for
-    volumes hd95_mm per foreground class.
+    {"cases": [row...], "overall": summarize(rows), "failures": [message...],
+    "protocol": the protocol scored (`inference.protocol_used`)}; a row holds case_id,
+    kind ("2d"/"3d"), dice (per class and means), counts, and for volumes hd95_mm per
+    foreground class.
 
   Raises:
-    InputError: a folder is missing or empty, or `tta` with a model without a target
-      spacing.
+    InputError: a folder is missing or empty, `tta` with a model without a target
+      spacing, or a `protocol` a model lacks.
   """
   if tta:
     inference.check_tta(model)
+  inference.check_protocol(model, protocol)
   pairs, orphans = readers.pair_files(images_dir, masks_dir)
-  job = _FolderJob(model, label_map or {}, spacing_2d_mm, tta, postprocess, within_levels)
+  job = _FolderJob(model, label_map or {}, spacing_2d_mm, tta, postprocess, within_levels,
+                   protocol)
   scores = _Scores(
       fileio.Progress(len(pairs), "spine-evaluate", unit="cases", enabled=progress),
       [f"{path}: {reason}" for path, reason in orphans])
   for case, probs in inference.cases_2d_probabilities(
-      model, _score_volumes_pass_on_2d(job, scores, pairs), batch_size, tta):
+      model, _score_volumes_pass_on_2d(job, scores, pairs), batch_size, tta, protocol):
     gt = scores.truth_2d.pop(case.image_path)
     pred = _predicted(job, probs, gt)
     scores.rows.append(_case_row(case.case_id, "2d", metrics.counts(pred, gt), None))
     scores.bar.step()
   rows = sorted(scores.rows, key=lambda r: readers.natural_key(r["case_id"]))
-  return {"cases": rows, "overall": summarize(rows), "failures": scores.failures}
+  return {"cases": rows, "overall": summarize(rows), "failures": scores.failures,
+          "protocol": inference.protocol_used(model, protocol)}
 
 
 def _predicted(job: _FolderJob, probs: np.ndarray, gt: np.ndarray) -> np.ndarray:
@@ -145,7 +153,8 @@ def _score_volumes_pass_on_2d(job: _FolderJob, scores: _Scores,
         yield case
         continue
       pred = _predicted(job, job.model.probabilities(
-          case.image, spacing, kind=inference.VOLUME, tta=job.tta), gt)
+          case.image, spacing, kind=inference.VOLUME, tta=job.tta,
+          protocol=job.protocol), gt)
       spacing = orientation.display_voxel_sizes(case.affine, case.transform)
       scores.rows.append(_case_row(case_id, "3d", metrics.counts(pred, gt),
                                    metrics.hd95_per_class(pred, gt, spacing)))
@@ -156,18 +165,21 @@ def _score_volumes_pass_on_2d(job: _FolderJob, scores: _Scores,
 
 
 def evaluate_split(model: inference.Model, data_dir: str, split: str, *,
-                   batch_size: int = 8) -> dict[str, Any]:
+                   batch_size: int = 8, protocol: str | None = None) -> dict[str, Any]:
   """Scores the model on a converted split in the stored square geometry.
 
   Slices are pooled per case id; padding pixels (IGNORE_LABEL after parsing) are not
   counted. No HD95: a converted split holds the kept slices only, not whole volumes.
   `model`: one model or an `inference.Ensemble` (the mean of the members' square
   probabilities; every member must match the dataset's image size and target spacing).
+  `protocol`: as `evaluate_folders`; the result has "protocol" too.
 
   Raises:
     FileNotFoundError, ValueError: no manifest, the split has no shards, or a model
       was exported for another image size or target spacing than the dataset's.
+    InputError: a `protocol` a model lacks.
   """
+  inference.check_protocol(model, protocol)
   manifest = manifest_lib.load(data_dir)
   shards = manifest.files(split)
   if not shards:
@@ -186,7 +198,7 @@ def evaluate_split(model: inference.Model, data_dir: str, split: str, *,
   counts: dict[str, np.ndarray] = {}
   slices: dict[str, int] = {}
   for serialized, gt, case_ids in ds.batch(batch_size):
-    probs = model.probabilities(serialized, kind=inference.EXAMPLES)
+    probs = model.probabilities(serialized, kind=inference.EXAMPLES, protocol=protocol)
     pred = inference.labels(probs)  # as spine-predict's mean
     for p, g, cid in zip(pred, gt.numpy(), case_ids.numpy()):
       cid = cid.decode("utf-8")
@@ -194,7 +206,8 @@ def evaluate_split(model: inference.Model, data_dir: str, split: str, *,
       slices[cid] = slices.get(cid, 0) + 1
   rows = [_case_row(cid, "3d" if slices[cid] > 1 else "2d", c, None)
           for cid, c in sorted(counts.items())]
-  return {"cases": rows, "overall": summarize(rows), "failures": []}
+  return {"cases": rows, "overall": summarize(rows), "failures": [],
+          "protocol": inference.protocol_used(model, protocol)}
 
 
 def _check_split_model(model, manifest: manifest_lib.Manifest, data_dir: str,

@@ -10,14 +10,17 @@ The SavedModel needs only TensorFlow to load; see `export/serving.py` for its si
 `--onnx` also writes `model.onnx` (its `serving_default`, for ONNX Runtime) into the
 version folder; see `export/portable.py`. `--litert` also writes `model.tflite` (the same
 signature rebuilt without float64 ops, for LiteRT), there too.
-A model trained on several labelling protocols (one output head each) is exported one
-protocol at a time: `--protocol=NAME` picks the head, and the SavedModel (and its ONNX
-and LiteRT twins) then segments as that protocol draws; the metadata
-(assets.extra/spineseg.json) records "protocol" and every one of the model's
-"protocols".
+A model trained on several labelling protocols (one output head each) is exported with
+every head: `--protocol=NAME` names the DEFAULT protocol, the one the signatures segment
+with, and each signature S gets a twin `S_protocol` with a `protocol` string input that
+picks any head (export/serving.py). The metadata (assets.extra/spineseg.json) records
+"protocol" (the default), "protocols" (every name, in head order) and "signatures" (the
+twins included). `--onnx` / `--litert` then write `model.onnx` / `model.tflite` for the
+default and `model_NAME.onnx` / `model_NAME.tflite` for each other protocol NAME.
 """
 from __future__ import annotations
 
+import json
 import pathlib
 
 from absl import app
@@ -39,9 +42,11 @@ _ONNX = flags.DEFINE_bool(
     "onnx", False, help="Also write model.onnx (the serving_default signature, converted "
     'by tf2onnx) into --export_dir; needs pip install -e ".[onnx]".')
 _PROTOCOL = flags.DEFINE_string(
-    "protocol", None, help="The labelling protocol (spine-convert --protocol) whose output "
-    "head to export, for a model trained with one head per protocol (required there; "
-    "an error lists the names). A one-protocol model needs none.")
+    "protocol", None, help="The default labelling protocol (spine-convert --protocol) of "
+    "a model trained with one head per protocol (required there; an error lists the "
+    "names): the plain signatures segment with its head, their _protocol twins with any "
+    "head named in their protocol input. Every head is exported. A one-protocol model "
+    "needs none.")
 _LITERT = flags.DEFINE_bool(
     "litert", False, help="Also write model.tflite (the serving_default signature for "
     "LiteRT, builtin ops only) into --export_dir; needs pip install -e \".[litert]\".")
@@ -70,8 +75,7 @@ def main(argv):
     if _ONNX.value:
       onnx = portable.to_onnx(out, overwrite=_OVERWRITE.value)
     if _LITERT.value:
-      litert = portable.to_litert(_MODEL_DIR.value, out, overwrite=_OVERWRITE.value,
-                                  protocol=_PROTOCOL.value)
+      litert = portable.to_litert(_MODEL_DIR.value, out, overwrite=_OVERWRITE.value)
   # Ours name the path; raw OS errors get it added.
   except (OSError, ValueError, portable.MissingExtraError) as e:
     if isinstance(e, OSError) and e.strerror:
@@ -80,12 +84,18 @@ def main(argv):
       message = str(e)
     cli.fail(message)
   head = f"protocol {_PROTOCOL.value}, " if _PROTOCOL.value else ""
+  # A model of several heads also has the _protocol twins, and a file of each other
+  # protocol beside model.onnx / model.tflite.
+  signatures = json.loads((out / serving.METADATA_FILE).read_text())["signatures"]
   print(f"spine-export: wrote SavedModel to {out} ({head}signatures: "
-        f"{', '.join(serving.SIGNATURES)})")
-  if onnx is not None:
-    print(f"spine-export: wrote {onnx} (serving_default: images -> probabilities, mask)")
-  if litert is not None:
-    print(f"spine-export: wrote {litert} (serving_default: images -> probabilities, mask)")
+        f"{', '.join(signatures)})")
+  for written, file_name in ((onnx, portable.ONNX_FILE), (litert, portable.LITERT_FILE)):
+    if written is None:
+      continue
+    print(f"spine-export: wrote {written} (serving_default: images -> probabilities, "
+          "mask)")
+    for protocol, path in list(portable.protocol_paths(out, file_name).items())[1:]:
+      print(f"spine-export: wrote {path} (the same for protocol {protocol})")
 
 
 def run():

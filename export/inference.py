@@ -23,6 +23,15 @@ factor (the model sees the field of view zoomed in or out); every call returns
 probabilities in the input's own geometry, their mean is taken and its argmax is the mask
 (with an ensemble: the mean over members and scales). A model without a target spacing
 ignores the spacing, so TTA would change nothing: it is refused (`check_tta`).
+
+Labelling protocols (`spine-convert --protocol`): an export of a model with one head per
+protocol lists the names in its metadata ("protocols", head order; "protocol": the
+default) and has a `_protocol` twin of every signature (export/serving.py).
+`probabilities(..., protocol=NAME)` segments with that protocol's head: the plain
+signature for the model's default (None: the default), the twin otherwise. A name a model
+lacks is refused naming its folder and listing its protocols (`check_protocol`); an
+ensemble needs the protocol in every member. TTA goes through the same calls, so it is
+per protocol too.
 """
 from __future__ import annotations
 
@@ -49,6 +58,9 @@ METADATA_FILE = "assets.extra/spineseg.json"
 # Scale TTA: the factors multiplying an input's true in-plane spacing, one model call
 # each; the mean of the probabilities is segmented. 1.0 is the plain prediction.
 TTA_SCALES = (0.85, 1.0, 1.15)
+# The twin of signature S taking a `protocol` input: S + PROTOCOL_SUFFIX (serving's
+# constant, not imported from there for the reason of METADATA_FILE).
+PROTOCOL_SUFFIX = "_protocol"
 # What `LoadedModel.probabilities` is given, and its signatures for that: (without a
 # spacing, with one; None: the kind takes no spacing).
 SLICES, VOLUME, EXAMPLES = "slices", "volume", "examples"
@@ -134,6 +146,10 @@ class LoadedModel:
     target_spacing_mm: mm per pixel the model was trained at, or None: it fits slices by
       their longer side.
     num_classes: the length of the probabilities' last axis, or None if unknown.
+    protocols: the labelling protocols it can segment with (metadata "protocols" where
+      the export has `_protocol` twins, else its one "protocol"); () for exports that
+      predate protocols.
+    protocol: the default protocol (the plain signatures'), None when unrecorded.
   """
   module: Any
   path: str
@@ -141,6 +157,8 @@ class LoadedModel:
   image_size: int | None
   target_spacing_mm: float | None
   num_classes: int | None
+  protocols: tuple[str, ...] = ()
+  protocol: str | None = None
 
   @property
   def members(self) -> tuple[LoadedModel, ...]:
@@ -148,7 +166,8 @@ class LoadedModel:
     return (self,)
 
   def probabilities(self, inputs: Any, spacing: tuple[float, float] | None = None, *,
-                    kind: str = SLICES, tta: bool = False) -> np.ndarray:
+                    kind: str = SLICES, tta: bool = False,
+                    protocol: str | None = None) -> np.ndarray:
     """Probabilities float32 [N, H, W, C] of one batch of inputs; see `_SIGNATURES`.
 
     Args:
@@ -163,16 +182,27 @@ class LoadedModel:
       tta: scale TTA: the mean over one call per factor of `TTA_SCALES`, each sent
         `spacing` times the factor (every call returns probabilities in the input's
         geometry, so the mean has it too).
+      protocol: the labelling protocol whose head segments (`check_protocol`); None:
+        the model's default.
 
     Raises:
       InputError: `tta` for a model without a target spacing (`check_tta`), without a
-        spacing, or lacking the spacing signature.
+        spacing, or lacking the spacing signature; a `protocol` the model lacks.
       ValueError: an unknown `kind`, or EXAMPLES with a spacing or `tta`.
     """
-    plain, with_spacing = _signature_names(self, kind, spacing, tta)
+    plain, with_spacing = _signature_names(self, kind, spacing, tta, protocol)
     signatures = self.module.signatures
+    extra = {}  # the default's head: the plain signatures, as before protocols
+    if protocol is not None and protocol != self.protocol:
+      plain, with_spacing = (name and name + PROTOCOL_SUFFIX
+                             for name in (plain, with_spacing))
+      extra = {"protocol": tf.constant(protocol)}
+
+    def call(name, **inputs):
+      return signatures[name](**inputs, **extra)["probabilities"].numpy()
+
     if kind == EXAMPLES:
-      return signatures[plain](examples=inputs)["probabilities"].numpy()
+      return call(plain, examples=inputs)
     x = tf.constant(np.asarray(inputs, dtype=np.float32)[..., None])
     if tta:
       if with_spacing not in signatures:
@@ -181,14 +211,13 @@ class LoadedModel:
       total = None
       for factor in TTA_SCALES:
         scaled = tf.constant([float(v) * factor for v in spacing], tf.float32)
-        p = signatures[with_spacing](images=x, spacing=scaled)["probabilities"].numpy()
+        p = call(with_spacing, images=x, spacing=scaled)
         total = p if total is None else total + p
       return total / np.float32(len(TTA_SCALES))
     # Exports before spacing inputs had no target spacing either: nothing to resample.
     if spacing is None or with_spacing not in signatures:
-      return signatures[plain](images=x)["probabilities"].numpy()
-    return signatures[with_spacing](
-        images=x, spacing=tf.constant(spacing, tf.float32))["probabilities"].numpy()
+      return call(plain, images=x)
+    return call(with_spacing, images=x, spacing=tf.constant(spacing, tf.float32))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -218,18 +247,20 @@ class Ensemble:
                          f"{first.num_classes} in {first.path}, found {m.num_classes}")
 
   def probabilities(self, inputs: Any, spacing: tuple[float, float] | None = None, *,
-                    kind: str = SLICES, tta: bool = False) -> np.ndarray:
+                    kind: str = SLICES, tta: bool = False,
+                    protocol: str | None = None) -> np.ndarray:
     """The mean of the members' `LoadedModel.probabilities` (same arguments): THE
-    ensemble rule of predict and evaluate (with TTA: the mean over members and scales).
+    ensemble rule of predict and evaluate (with TTA: the mean over members and scales;
+    `protocol`: that head of every member, None: each member's default).
 
     Raises:
       InputError, ValueError: as `LoadedModel.probabilities`, checked for every member
         before any call.
     """
-    _signature_names(self, kind, spacing, tta)
+    _signature_names(self, kind, spacing, tta, protocol)
     total = None
     for m in self.members:
-      p = m.probabilities(inputs, spacing, kind=kind, tta=tta)
+      p = m.probabilities(inputs, spacing, kind=kind, tta=tta, protocol=protocol)
       total = p if total is None else total + p  # one running sum: memory of two outputs
     return total / np.float32(len(self.members))  # .numpy() arrays may be read-only
 
@@ -260,10 +291,32 @@ def load_saved_model(path: str | os.PathLike) -> LoadedModel:
     raise InputError(f"{path}: SavedModel lacks signatures {missing}; found "
                      f"{sorted(loaded.signatures)} (export it with spine-export)")
   metadata = _read_metadata(path)
+  protocols, protocol = _protocols(loaded, metadata, path)
   return LoadedModel(module=loaded, path=str(path), metadata=metadata,
                      image_size=_image_size(loaded, metadata, path),
                      target_spacing_mm=_target_spacing(loaded, metadata, path),
-                     num_classes=_num_classes(loaded, metadata))
+                     num_classes=_num_classes(loaded, metadata),
+                     protocols=protocols, protocol=protocol)
+
+
+def _protocols(loaded: Any, metadata: dict[str, Any],
+               path: pathlib.Path) -> tuple[tuple[str, ...], str | None]:
+  """(the protocols the export can segment with, its default): see `LoadedModel`.
+
+  Exports of one head of a model of several (before the `_protocol` twins) list every
+  protocol in their metadata but can segment with their "protocol" only.
+  """
+  protocol, names = metadata.get("protocol"), metadata.get("protocols", [])
+  if protocol is None:
+    return (), None
+  listed = isinstance(names, list) and all(isinstance(n, str) for n in names)
+  if not (isinstance(protocol, str) and listed and (not names or protocol in names)):
+    raise InputError(f"{path / METADATA_FILE}: expected a protocol name and a list of "
+                     f"protocols holding it, found {protocol!r} and {names!r}; re-export "
+                     "the model with spine-export")
+  if "serving_default" + PROTOCOL_SUFFIX in loaded.signatures:
+    return tuple(names), protocol
+  return (protocol,), protocol
 
 
 def _num_classes(loaded: Any, metadata: dict[str, Any]) -> int | None:
@@ -406,14 +459,56 @@ def check_tta(model: Model) -> None:
                        f"scale TTA varies ({m.path} has none)")
 
 
+def check_protocol(model: Model, protocol: str | None) -> None:
+  """Returns if every model (ensemble member) can segment with `protocol` (None: each
+  member's default, always).
+
+  Raises:
+    InputError: a model lacks it; names that model's folder and lists its protocols.
+  """
+  if protocol is None:
+    return
+  for m in model.members:
+    if protocol not in m.protocols:
+      have = (f"its protocols are {', '.join(m.protocols)}" if m.protocols else
+              "its export records no protocol names (re-export it with spine-export)")
+      raise InputError(f"--protocol={protocol}: the SavedModel {m.path} has no head for "
+                       f"it; {have}")
+
+
+def protocol_used(model: Model, protocol: str | None) -> str | None:
+  """The name of the protocol `model` segments with for `protocol` (None: each member's
+  default), for reports: the name; None when no export records one; for an ensemble
+  whose members' defaults differ, "FOLDER: NAME" per member joined by ", "."""
+  if protocol is not None:
+    return protocol
+  names = [m.protocol for m in model.members]
+  if len(set(names)) == 1:
+    return names[0]
+  return ", ".join(f"{m.path}: {m.protocol or 'unrecorded'}" for m in model.members)
+
+
+def describe_protocols(model: Model) -> list[str]:
+  """One line per model (ensemble member): its folder and protocols, the default
+  marked (`--protocol=list`)."""
+  lines = []
+  for m in model.members:
+    names = [f"{n} (default)" if n == m.protocol else n for n in m.protocols]
+    lines.append(f"{m.path}: {', '.join(names)}" if names else
+                 f"{m.path}: no protocol names recorded (exported before protocols)")
+  return lines
+
+
 def _signature_names(model: Model, kind: str, spacing: tuple[float, float] | None,
-                     tta: bool) -> tuple[str, str | None]:
+                     tta: bool, protocol: str | None = None) -> tuple[str, str | None]:
   """The signatures of `kind` (`_SIGNATURES`), once the request is checked.
 
   Raises:
-    InputError: `tta` for a model without a target spacing, or without a spacing.
+    InputError: `tta` for a model without a target spacing, or without a spacing; a
+      `protocol` a model lacks (`check_protocol`).
     ValueError: an unknown `kind`, or EXAMPLES with a spacing or `tta`.
   """
+  check_protocol(model, protocol)
   if kind not in _SIGNATURES:
     raise ValueError(f"kind must be one of {sorted(_SIGNATURES)}, found {kind!r}")
   if kind == EXAMPLES and (spacing is not None or tta):
@@ -447,20 +542,22 @@ def orientation_back(case: readers.Case, mask: np.ndarray) -> np.ndarray:
 
 def cases_2d_probabilities(
     model: Model, cases: Iterable[readers.Case], batch_size: int,
-    tta: bool = False) -> Iterable[tuple[readers.Case, np.ndarray]]:
+    tta: bool = False,
+    protocol: str | None = None) -> Iterable[tuple[readers.Case, np.ndarray]]:
   """Yields (case, probabilities [H, W, C]) for 2D cases, batching equal sizes together.
 
   Slices of one size and spacing wait in a bucket until it holds `batch_size` (a
   signature call takes one size and one spacing); leftovers are flushed at the end.
   Order of the results is therefore not the input order. Check each case with
   `spacing_for` before: here an unknown spacing fails the whole batch. `model`: one model
-  or an ensemble; `tta`: scale TTA (`LoadedModel.probabilities`).
+  or an ensemble; `tta`: scale TTA, `protocol`: the head (`LoadedModel.probabilities`).
   """
   buckets: dict[tuple, list[readers.Case]] = {}
 
   def flush(key):
     batch = buckets.pop(key)
-    probs = model.probabilities(np.stack([c.image[0] for c in batch]), key[2], tta=tta)
+    probs = model.probabilities(np.stack([c.image[0] for c in batch]), key[2], tta=tta,
+                                protocol=protocol)
     yield from zip(batch, probs)
 
   for case in cases:

@@ -13,10 +13,17 @@ per image. The converter is an optional extra: `pip install -e ".[onnx]"`.
 `to_litert` writes `model.tflite` with the same contract (LiteRT signature
 `serving_default`), rebuilt from the model directory without float64 ops; see its
 docstring and README "Serving beyond TensorFlow". Extra: `pip install -e ".[litert]"`.
+
+Protocols. Neither runtime takes a string input easily, so an export of a model with one
+head per labelling protocol gets one file per protocol (`protocol_paths`): `model.onnx` /
+`model.tflite` segment with the export's default protocol (metadata "protocol"), and
+`model_NAME.onnx` / `model_NAME.tflite` with each other protocol NAME of its metadata
+"protocols", each equal to the SavedModel's `serving_default_protocol` given NAME.
 """
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import pathlib
@@ -62,59 +69,113 @@ def onnx_path(export_dir: str | os.PathLike) -> "pathlib.Path | fileio.RemotePat
   return fileio.path(export_dir) / ONNX_FILE
 
 
+def protocol_paths(export_dir: str | os.PathLike, file_name: str
+                   ) -> "dict[str | None, pathlib.Path | fileio.RemotePath]":
+  """The files of one runtime for each protocol of the export in `export_dir`.
+
+  Args:
+    export_dir: a spine-export version folder.
+    file_name: the default protocol's file, ONNX_FILE or LITERT_FILE.
+
+  Returns:
+    {the default protocol: `export_dir/file_name`, then for each other protocol NAME
+    with a `_protocol` twin (metadata "signatures"): `export_dir/model_NAME.EXT`}; an
+    export recording no protocols: {None: `export_dir/file_name`}.
+  """
+  from export import serving  # pylint: disable=g-import-not-at-top
+  export_dir = fileio.path(export_dir)
+  meta_path = export_dir / serving.METADATA_FILE
+  metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+  default = metadata.get("protocol")
+  paths = {default: export_dir / file_name}
+  if "serving_default" + serving.PROTOCOL_SUFFIX in metadata.get("signatures", []):
+    stem, ext = file_name.split(".", 1)
+    paths.update({name: export_dir / f"{stem}_{name}.{ext}"
+                  for name in metadata["protocols"] if name != default})
+  return paths
+
+
+def _check_free(paths, overwrite: bool) -> None:
+  """Raises FileExistsError for the first of `paths` that exists, unless `overwrite`."""
+  for out in paths:
+    if out.exists() and not overwrite:
+      raise FileExistsError(f"{out}: exists; pass --overwrite to replace it")
+
+
 def to_onnx(export_dir: str | os.PathLike, *,
             overwrite: bool = False) -> "pathlib.Path | fileio.RemotePath":
   """Converts the SavedModel in `export_dir` to `<export_dir>/model.onnx`.
 
-  The file is written atomically (a failed conversion leaves no partial model).
+  An export of several protocol heads also gets `model_NAME.onnx` per other protocol
+  (`protocol_paths`). Each file is written atomically (a failed conversion leaves no
+  partial model).
 
   Args:
     export_dir: a spine-export version folder.
-    overwrite: replace an existing model.onnx.
+    overwrite: replace existing ONNX files.
 
   Returns:
     The path of model.onnx.
 
   Raises:
     MissingExtraError: tf2onnx is not installed.
-    FileExistsError: model.onnx exists and `overwrite` is False.
+    FileExistsError: an ONNX file exists and `overwrite` is False.
     FileNotFoundError: `export_dir` holds no SavedModel.
     ValueError: the SavedModel has no `serving_default` signature.
   """
   require_onnx()
   export_dir = fileio.path(export_dir)
-  out = onnx_path(export_dir)
-  if out.exists() and not overwrite:
-    raise FileExistsError(f"{out}: exists; pass --overwrite to replace it")
+  _check_free([onnx_path(export_dir)], overwrite)
   if not (export_dir / "saved_model.pb").is_file():
     raise FileNotFoundError(f"{export_dir}: no saved_model.pb; expected a spine-export "
                             "version folder")
+  paths = protocol_paths(export_dir, ONNX_FILE)
+  _check_free(paths.values(), overwrite)
   # pylint: disable=g-import-not-at-top
   import tensorflow as tf
-  import tf2onnx
+  from export import serving
   # pylint: enable=g-import-not-at-top
   logging.getLogger("tf2onnx").setLevel(logging.WARNING)  # logs every rewrite at INFO
   loaded = tf.saved_model.load(str(export_dir))
   if SIGNATURE not in loaded.signatures:
     raise ValueError(f"{export_dir}: the SavedModel has no {SIGNATURE!r} signature; "
                      f"found {sorted(loaded.signatures)}")
-  signature = loaded.signatures[SIGNATURE]
+  default = next(iter(paths))
+  # The default's signature as before protocols; another protocol's is the twin with
+  # its name a constant. Every one converted before any is written.
+  models = {protocol: _onnx_bytes(loaded.signatures[SIGNATURE]) if protocol == default
+            else _onnx_bytes(loaded.signatures[SIGNATURE + serving.PROTOCOL_SUFFIX],
+                             protocol)
+            for protocol in paths}
+  for protocol, out in paths.items():
+    fileio.write_bytes_atomic(out, models[protocol])
+  return paths[default]
+
+
+def _onnx_bytes(signature, protocol: str | None = None) -> bytes:
+  """The ONNX model (serialized) of a signature taking `images` (and `protocol`, given
+  here as a constant)."""
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  import tf2onnx
+  # pylint: enable=g-import-not-at-top
   spec = (tf.TensorSpec([None, None, None, 1], tf.float32, name="images"),)
 
   # A tf.function with named inputs and a dict of outputs: the ONNX model gets the
   # signature's names (images -> probabilities, mask).
   @tf.function(input_signature=spec)
   def serve(images):
-    return signature(images=images)
+    if protocol is None:
+      return signature(images=images)
+    # Made in the graph: a tensor captured from outside would become an ONNX input.
+    return signature(images=images, protocol=tf.constant(protocol))
 
   proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec,
                                            opset=ONNX_OPSET)
   for value in list(proto.graph.input) + list(proto.graph.output):
     for dim, name in zip(value.type.tensor_type.shape.dim, ("N", "H", "W")):
       dim.dim_param = name  # tf2onnx names them unk__NNN
-  data = proto.SerializeToString()
-
-  return fileio.write_bytes_atomic(out, data)
+  return proto.SerializeToString()
 
 
 LITERT_FILE = "model.tflite"
@@ -135,8 +196,7 @@ def litert_path(export_dir: str | os.PathLike) -> "pathlib.Path | fileio.RemoteP
 
 
 def to_litert(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
-              overwrite: bool = False,
-              protocol: str | None = None) -> "pathlib.Path | fileio.RemotePath":
+              overwrite: bool = False) -> "pathlib.Path | fileio.RemotePath":
   """Writes `<export_dir>/model.tflite`: `serving_default` of `model_dir`, for LiteRT.
 
   LiteRT's builtin kernels have no float64 arithmetic and the Python interpreters link
@@ -146,27 +206,37 @@ def to_litert(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
   the float64 ones), float32 group statistics summed in stages (probabilities within
   5e-5 of the SavedModel for a trained spine2d model, README). Builtin ops only; inputs
   and outputs as the ONNX model (any H and W: resize the input tensor, or call the
-  signature runner).
+  signature runner). An export of several protocol heads also gets
+  `model_NAME.tflite` per other protocol (`protocol_paths`), each rebuilt from that
+  protocol's head.
 
   Args:
     model_dir: the trained model directory `export_dir` was exported from.
     export_dir: a spine-export version folder.
-    overwrite: replace an existing model.tflite.
-    protocol: the protocol head `export_dir` was exported with (`serving.export`).
+    overwrite: replace existing LiteRT files.
 
   Returns:
     The path of model.tflite.
 
   Raises:
     MissingExtraError: ai-edge-litert is not installed.
-    FileExistsError: model.tflite exists and `overwrite` is False.
+    FileExistsError: a LiteRT file exists and `overwrite` is False.
     FileNotFoundError, ValueError: see `serving.load_model_dir`; ValueError also when
       the converter refuses the graph (its first line).
   """
   require_litert()
-  out = litert_path(export_dir)
-  if out.exists() and not overwrite:
-    raise FileExistsError(f"{out}: exists; pass --overwrite to replace it")
+  _check_free([litert_path(export_dir)], overwrite)
+  paths = protocol_paths(export_dir, LITERT_FILE)
+  _check_free(paths.values(), overwrite)
+  # Every protocol converted before any is written: a refused one leaves no file.
+  models = {protocol: _litert_bytes(model_dir, protocol) for protocol in paths}
+  for protocol, out in paths.items():
+    fileio.write_bytes_atomic(out, models[protocol])
+  return litert_path(export_dir)
+
+
+def _litert_bytes(model_dir: str | os.PathLike, protocol: str | None) -> bytes:
+  """The LiteRT model (serialized) of `protocol`'s head (None: the only one)."""
   # pylint: disable=g-import-not-at-top
   import tensorflow as tf
   from tensorflow.python.framework import convert_to_constants
@@ -196,10 +266,8 @@ def to_litert(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
     converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[SIGNATURE])
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     try:
-      data = converter.convert()
+      return converter.convert()
     except Exception as e:  # ConverterError and MLIR failures: one line, not a dump
       first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
       raise ValueError(f"{model_dir}: LiteRT cannot convert this model: "
                        f"{first_line}") from e
-
-  return fileio.write_bytes_atomic(out, data)

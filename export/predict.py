@@ -37,6 +37,9 @@ than 10% of that class's largest are set to background (3D for a volume, per sli
 --report: a QC page in OUTPUT/report/ (index.html + PNG mosaics): outlines, class sizes
 (mm^3 for volumes), and flags for empty, thin, fragmented or implausibly small classes
 (for the input's superior-inferior field of view).
+--protocol=NAME: for models exported with one output head per labelling protocol
+(spine-convert --protocol), segment with that protocol's head (default: each model's
+default); --protocol=list prints each model's protocols and exits.
 
   spine-predict --saved_model=a/1,b/1 --input=scans/ --output=out/ --save_probabilities
 """
@@ -90,6 +93,14 @@ _REPORT = flags.DEFINE_bool(
     "and one PNG mosaic per input): per input the outlined slice (a volume: its middle "
     "sagittal slice and neighbours), the predicted size of each class and flags for "
     "outputs that look wrong. An existing report needs --overwrite.")
+_PROTOCOL = flags.DEFINE_string(
+    "protocol", None, help="The labelling protocol (spine-convert --protocol) whose "
+    "output head segments, for models exported with one head per protocol (every "
+    "--saved_model must have it); default: each model's own default. The names are in "
+    "the export's metadata (assets.extra/spineseg.json, 'protocols'), and the error "
+    "for an unknown name lists them. --protocol=list prints each model's protocols (the "
+    "default marked) and exits without predicting (--input and --output are still "
+    "required, and left untouched). --report names the protocol used.")
 _REPORT_MIN_SLICES = flags.DEFINE_integer(
     "report_min_slices", 3, help="--report flags a volume's class found in fewer "
     "sagittal slices than this.", lower_bound=1)
@@ -103,7 +114,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _BATCH_SIZE.value < 1:
     raise app.UsageError(f"--batch_size must be >= 1, found {_BATCH_SIZE.value}")
-  from data_prep import fileio, readers  # pylint: disable=g-import-not-at-top
+  from data_prep import fileio, readers, schema  # pylint: disable=g-import-not-at-top
   try:
     spacing_2d = readers.parse_spacing_mm(_SPACING_2D_MM.value)
   except ValueError as e:  # one line, as every other fault
@@ -117,11 +128,14 @@ def main(argv):
         max_components=_REPORT_MAX_COMPONENTS.value)
   try:
     model = inference.load_ensemble(inference.parse_model_list(_SAVED_MODEL.value))
+    if _PROTOCOL.value == schema.LIST_PROTOCOLS:
+      print("\n".join(inference.describe_protocols(model)))
+      return
     written, failures = predict_lib.predict(
         model, _INPUT.value, _OUTPUT.value, batch_size=_BATCH_SIZE.value,
         overlay=_OVERLAY.value, overwrite=_OVERWRITE.value, spacing_2d_mm=spacing_2d,
         tta=_TTA.value, save_probabilities=_SAVE_PROBABILITIES.value,
-        postprocess=_POSTPROCESS.value, report=report,
+        postprocess=_POSTPROCESS.value, report=report, protocol=_PROTOCOL.value,
         output_format=_OUTPUT_FORMAT.value,
         progress=sys.stderr.isatty())  # no bar in logs and captured output
     # The inputs counted again only to say "N of M failed" (a folder listing).

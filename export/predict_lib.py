@@ -218,6 +218,7 @@ class _Job:
   tta: bool
   postprocess: bool
   report: predict_report.Options | None
+  protocol: str | None = None
 
 
 @dataclasses.dataclass
@@ -268,7 +269,8 @@ def predict(model: inference.Model, input_path: str | os.PathLike,
             overwrite: bool = False, progress: bool = True,
             spacing_2d_mm: tuple[float, float] | None = None, tta: bool = False,
             save_probabilities: bool = False, postprocess: bool = False,
-            report: predict_report.Options | None = None, output_format: str = "nifti"
+            report: predict_report.Options | None = None, protocol: str | None = None,
+            output_format: str = "nifti"
             ) -> tuple[list[pathlib.Path], list[tuple[str, str]]]:
   """Segments every input and writes the masks.
 
@@ -292,6 +294,8 @@ def predict(model: inference.Model, input_path: str | os.PathLike,
     report: write a QC page of the inputs written (`predict_report`) to
       `report.folder` at the end (checked before any work: an existing report needs
       `overwrite`); None: no page.
+    protocol: the labelling protocol whose head segments (every model must have it;
+      `inference.check_protocol`); None: each model's default. The report names it.
     output_format: one of `OUTPUT_FORMATS`: "nifti", or "dicom_seg": a DICOM series'
       mask as `NAME.seg.dcm` (`dicom_seg`); any other input fails ("not a DICOM
       series").
@@ -301,8 +305,8 @@ def predict(model: inference.Model, input_path: str | os.PathLike,
     each message starts with the file it is about.
 
   Raises:
-    InputError: `input_path` does not exist or holds no supported file, or `tta` with a
-      model without a target spacing.
+    InputError: `input_path` does not exist or holds no supported file, `tta` with a
+      model without a target spacing, or a `protocol` a model lacks.
     OutputError: the output folder or the report folder is unusable, or an OS error
       while writing stopped the run; it carries what was written and every input not
       written.
@@ -321,9 +325,10 @@ def predict(model: inference.Model, input_path: str | os.PathLike,
       raise OutputError(f"--report: {e}") from e
   if tta:
     inference.check_tta(model)  # before any output: refused, not silently a no-op
+  inference.check_protocol(model, protocol)
   files = inference.list_inputs(input_path)
   output_dir = prepare_output_dir(output_dir)
-  job = _Job(model, batch_size, spacing_2d_mm, tta, postprocess, report)
+  job = _Job(model, batch_size, spacing_2d_mm, tta, postprocess, report, protocol)
   run = _Run(fileio.Progress(len(files), "spine-predict", unit="inputs",
                              enabled=progress))
   _claim_outputs(run, files, output_dir, overlay, save_probabilities, overwrite,
@@ -371,7 +376,8 @@ def _segment_inputs(job: _Job, run: _Run, num_inputs: int) -> None:
   """
   try:
     for case, probs in inference.cases_2d_probabilities(
-        job.model, _write_volumes_pass_on_2d(job, run), job.batch_size, job.tta):
+        job.model, _write_volumes_pass_on_2d(job, run), job.batch_size, job.tta,
+        job.protocol):
       # Outside any per-input try: a failure here fails every input not yet written.
       items, mask = _slice_outputs(job, case, probs, run.targets[case.image_path])
       _commit(run, case.image_path, items, _report_entry(job, case, mask))
@@ -428,7 +434,7 @@ def _volume_outputs(job: _Job, case: readers.Case, spacing: tuple[float, float] 
   # Checked first: a refused series must not cost a model run.
   sources = dicom_seg.read_sources(case) if "seg" in paths else None
   probs = job.model.probabilities(case.image, spacing, kind=inference.VOLUME,
-                                  tta=job.tta)
+                                  tta=job.tta, protocol=job.protocol)
   mask = inference.labels(probs, job.postprocess)
   label_image = _nifti_like(inference.orientation_back(case, mask), case)
   if sources is None:
@@ -498,6 +504,8 @@ def _write_report(job: _Job, run: _Run, files: list[pathlib.Path],
   """
   order = {str(f): i for i, f in enumerate(files)}  # the page lists inputs in input order
   settings = {"models": ", ".join(m.path for m in job.model.members),
+              "protocol": (inference.protocol_used(job.model, job.protocol)
+                           or "not recorded by the export"),
               "input": str(input_path), "output": str(output_dir), "tta": job.tta,
               "postprocess": job.postprocess, "min slices": job.report.min_slices,
               "max pieces": job.report.max_components}

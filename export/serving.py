@@ -24,9 +24,16 @@ square by their longer side, as the converter did, and a spacing input is ignore
 SavedModel's `target_spacing_mm` variable holds T (0: none).
 
 Protocols. A model trained with one output head per labelling protocol
-(`spine-convert --protocol`) is exported one head at a time (`export(protocol=...)`): a
-single-output model on the shared body, so every signature below is unchanged; the
-metadata names the protocol and all the model has.
+(`spine-convert --protocol`) is exported with every head. The signatures below segment
+with the DEFAULT protocol (`export(protocol=...)`, or a one-head model's only one), each
+exactly as a model of that head alone would. A model of several heads also gets, for
+each signature S below, a twin `S_protocol` (e.g. `serving_default_protocol`) taking one
+more input, `protocol` string [] (a name of the metadata's "protocols"), which picks the
+head in the graph: the body runs once, the chosen head's channels are gathered from all
+heads' logits, then the softmax; an unknown name fails the call with an error listing the
+names. Twins rather than an optional input because a TF Serving signature has no
+optional inputs: a client either always sends a protocol or never does. A one-head
+model has no twins: its SavedModel is what it was before protocols existed.
 
 Signatures (inputs -> outputs):
   serving_default   images float32 [N,H,W,1] (any H, W; one size per call), statistics
@@ -52,9 +59,10 @@ Signatures (inputs -> outputs):
 """
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
-from typing import Any
+from typing import Any, Sequence
 import zipfile
 import zlib
 
@@ -75,6 +83,9 @@ MODEL_FILE = "best.keras"
 METADATA_FILE = "assets.extra/spineseg.json"
 SIGNATURES = ("serving_default", "segment_spacing", "segment_uint8", "segment_uint16",
               "segment_volume", "segment_volume_spacing", "segment_png", "segment_examples")
+# The twin of signature S that takes a `protocol` input (a model of several heads).
+PROTOCOL_SUFFIX = "_protocol"
+PROTOCOL_SPEC = tf.TensorSpec([], tf.string, name="protocol")
 
 
 def tile_weights(size: int) -> np.ndarray:
@@ -183,17 +194,23 @@ class SegmentationModule(tf.Module):
 
   def __init__(self, model: keras.Model, *, image_size: int, norm_method: str,
                num_classes: int = 3, target_spacing_mm: float | None = None,
-               float64: bool = True):
+               float64: bool = True, protocols: Sequence[str] = (),
+               protocol: str | None = None):
     """Wraps `model` (float logits [N,S,S,num_classes] from [N,S,S,1]).
 
     `target_spacing_mm`: mm per pixel the model was trained at (dataset.json), or None
     (slices fitted by their longer side). `float64=False` builds graphs without float64
     ops, for LiteRT (export/portable.py): float32 group statistics summed in stages,
     integer geometry and percentile ranks; only `serve_float32` is meant for it.
+    `protocols`: with two or more, `model` has one head per protocol (layers
+    `schema.head_layer(name)`, logits [N,S,S,P*num_classes] in this order) and
+    `protocol`, one of them, is the default the plain signatures segment with; the
+    `_protocol` twins pick any. Fewer: `model` is a one-head model, no twins.
 
     Raises:
       ValueError: for an unknown normalization method, a bad image size or spacing (a
-        target spacing needs an even image size: the sliding window's stride is half).
+        target spacing needs an even image size: the sliding window's stride is half),
+        or a `protocol` not among two or more `protocols`.
     """
     super().__init__(name="spineseg")
     if norm_method not in preprocess.NORMALIZATIONS:
@@ -202,7 +219,18 @@ class SegmentationModule(tf.Module):
     if int(image_size) < 1:
       raise ValueError(f"image_size must be positive, found {image_size}")
     # Exact group statistics on big canvases, in TF and in converted graphs alike.
-    self.model = stable_norm.with_stable_statistics(model, float64=float64)
+    stable = stable_norm.with_stable_statistics(model, float64=float64)
+    self._protocols = tuple(protocols) if len(protocols) > 1 else ()
+    if self._protocols:
+      if protocol not in self._protocols:
+        raise ValueError(f"default protocol {protocol!r}: expected one of the model's "
+                         f"protocols {', '.join(self._protocols)}")
+      self.all_heads = stable  # the twins' model: every head's logits, one body
+      # The default's head on the same body and weights: the plain signatures compute
+      # exactly what a model of that head alone computes.
+      head = stable.get_layer(schema.head_layer(protocol)).output
+      stable = keras.Model(stable.input, head, name=f"{stable.name}_{protocol}")
+    self.model = stable
     self._float64 = bool(float64)
     self._size = int(image_size)
     self._method = norm_method
@@ -221,26 +249,47 @@ class SegmentationModule(tf.Module):
 
   # --------------------------------------------------------------- building blocks
 
-  def _probabilities_square(self, squares: tf.Tensor) -> tf.Tensor:
+  def _head_index(self, protocol: tf.Tensor) -> tf.Tensor:
+    """int32 [] position of `protocol` (string []) among the heads; fails the call
+    (InvalidArgumentError, listing the names) for a name the model has no head for."""
+    found = tf.equal(tf.constant(self._protocols), protocol)
+    check = tf.debugging.Assert(tf.reduce_any(found), [
+        f"unknown protocol: expected one of {', '.join(self._protocols)}; found",
+        protocol])
+    with tf.control_dependencies([check]):
+      return tf.argmax(tf.cast(found, tf.int32), output_type=tf.int32)
+
+  def _probabilities_square(self, squares: tf.Tensor,
+                            head: tf.Tensor | None = None) -> tf.Tensor:
+    """Softmax [N,S,S,C] of the model on `squares`. `head`: the index of the protocol
+    head to use (`_head_index`); None: the default protocol's."""
+    if head is None:
+      logits = self.model(squares, training=False)
+    else:
+      channels = head * self._classes + tf.range(self._classes)
+      logits = tf.gather(self.all_heads(squares, training=False), channels, axis=-1)
     # A mixed-precision model may return float16 logits; the contract is float32 out.
-    logits = self.model(squares, training=False)
     return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
 
-  def _probabilities_chunked(self, squares: tf.Tensor) -> tf.Tensor:
+  def _probabilities_chunked(self, squares: tf.Tensor,
+                             head: tf.Tensor | None = None) -> tf.Tensor:
     n = tf.shape(squares)[0]
     h, w = tf.shape(squares)[1], tf.shape(squares)[2]  # the square, or window tiles
     k = VOLUME_CHUNK
     padded = tf.pad(squares, [[0, (n + k - 1) // k * k - n], [0, 0], [0, 0], [0, 0]])
     chunks = tf.reshape(padded, [-1, k, h, w, 1])
     probs = tf.map_fn(
-        self._probabilities_square, chunks,
+        functools.partial(self._probabilities_square, head=head), chunks,
         fn_output_signature=tf.TensorSpec([k, None, None, self._classes], tf.float32))
     return tf.reshape(probs, [-1, h, w, self._classes])[:n]
 
-  def _probabilities(self, canvas: tf.Tensor, chunked: bool) -> tf.Tensor:
+  def _probabilities(self, canvas: tf.Tensor, chunked: bool,
+                     head: tf.Tensor | None = None) -> tf.Tensor:
     """Probabilities [N,h,w,C] of a preprocessed canvas; `chunked`: VOLUME_CHUNK squares
-    per model call (`segment_volume`), else one call for all."""
-    run = self._probabilities_chunked if chunked else self._probabilities_square
+    per model call (`segment_volume`), else one call for all; `head`: as
+    `_probabilities_square`."""
+    run = functools.partial(
+        self._probabilities_chunked if chunked else self._probabilities_square, head=head)
     if self._target is None:  # the canvas is always the square
       return run(canvas)
     # A grown canvas is segmented tile-wise; the square alone is one tile, unchanged.
@@ -277,10 +326,10 @@ class SegmentationModule(tf.Module):
                                     reshape=not self._float64), geometry
 
   def _segment(self, images: tf.Tensor, per_image: bool = True,
-               chunked: bool = False, spacing: tf.Tensor | None = None
-               ) -> dict[str, tf.Tensor]:
+               chunked: bool = False, spacing: tf.Tensor | None = None,
+               head: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
     canvas, geometry = self.preprocess(images, per_image, spacing)
-    probs_square = self._probabilities(canvas, chunked)
+    probs_square = self._probabilities(canvas, chunked, head)
     # Bilinear resampling of probabilities keeps them summing to one (convex weights).
     probs = preprocess.tf_unfit(probs_square, geometry, tf.shape(images)[1],
                                 tf.shape(images)[2])
@@ -337,6 +386,14 @@ class SegmentationModule(tf.Module):
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="png")])
   def segment_png(self, png):
+    return self._segment_png(png)
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+  def segment_examples(self, examples):
+    return self._segment_examples(examples)
+
+  def _segment_png(self, png: tf.Tensor,
+                   head: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
     def header_int(offset):
       raw = tf.strings.substr(png, offset, 4)
       return tf.reshape(tf.io.decode_raw(raw, tf.int32, little_endian=False), [-1])
@@ -346,7 +403,7 @@ class SegmentationModule(tf.Module):
     max_h, max_w = tf.reduce_max(heights), tf.reduce_max(widths)
 
     def one(encoded):
-      out = self._segment(self._decode_png(encoded)[None])
+      out = self._segment(self._decode_png(encoded)[None], head=head)
       return {"probabilities": _pad_to(out["probabilities"][0], max_h, max_w),
               "mask": _pad_to(out["mask"][0], max_h, max_w)}
 
@@ -356,8 +413,8 @@ class SegmentationModule(tf.Module):
     out.update(height=heights, width=widths)
     return out
 
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
-  def segment_examples(self, examples):
+  def _segment_examples(self, examples: tf.Tensor,
+                        head: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
     def parse(serialized):
       f = schema.parse_example(serialized, self._size)
       return (f["image"], tf.cast(f["geometry"], tf.int32), f["norm_method"],
@@ -372,7 +429,7 @@ class SegmentationModule(tf.Module):
     tf.debugging.assert_equal(
         methods, tf.fill(tf.shape(methods), self._method),
         message=f"segment_examples: examples are not normalized with {self._method!r}")
-    probs = self._probabilities_square(images)
+    probs = self._probabilities_square(images, head)
     max_h, max_w = tf.reduce_max(geometry[:, 0]), tf.reduce_max(geometry[:, 1])
 
     # What a converter crop (target spacing) cut away was never seen: background.
@@ -392,18 +449,49 @@ class SegmentationModule(tf.Module):
             "original_width": geometry[:, 1], "case_id": case_ids,
             "slice_index": slice_index}
 
+  def _signature_functions(self) -> dict[str, tuple[Any, Any]]:
+    """Signature name -> (its tf.function, the same segmentation with a `head` argument
+    (`_probabilities_square`), for its `_protocol` twin)."""
+    seg = self._segment
+    return {
+        "serving_default": (self.serve_float32, lambda images, head: seg(
+            images, head=head)),
+        "segment_spacing": (self.segment_spacing, lambda images, spacing, head: seg(
+            images, spacing=spacing, head=head)),
+        "segment_uint8": (self.serve_uint8, lambda images, head: seg(images, head=head)),
+        "segment_uint16": (self.serve_uint16, lambda images, head: seg(
+            images, head=head)),
+        "segment_volume": (self.segment_volume, lambda images, head: seg(
+            images, per_image=False, chunked=True, head=head)),
+        "segment_volume_spacing": (
+            self.segment_volume_spacing, lambda images, spacing, head: seg(
+                images, per_image=False, chunked=True, spacing=spacing, head=head)),
+        "segment_png": (self.segment_png, self._segment_png),
+        "segment_examples": (self.segment_examples, self._segment_examples),
+    }
+
+  def _twin(self, function: Any, body: Any) -> Any:
+    """The concrete `_protocol` twin of tf.function `function`: its inputs plus
+    `protocol`, segmented by `body(*inputs, head=...)` with that protocol's head."""
+    @tf.function(input_signature=[*function.input_signature, PROTOCOL_SPEC])
+    def twin(*args):
+      *inputs, protocol = args
+      return body(*inputs, head=self._head_index(protocol))
+    return twin.get_concrete_function()
+
+  def signature_names(self) -> list[str]:
+    """The names of `signatures()`: SIGNATURES, then their twins for several heads."""
+    twins = [name + PROTOCOL_SUFFIX for name in SIGNATURES] if self._protocols else []
+    return list(SIGNATURES) + twins
+
   def signatures(self) -> dict[str, Any]:
     """Concrete functions keyed by signature name, for `tf.saved_model.save`."""
-    return {
-        "serving_default": self.serve_float32.get_concrete_function(),
-        "segment_spacing": self.segment_spacing.get_concrete_function(),
-        "segment_uint8": self.serve_uint8.get_concrete_function(),
-        "segment_uint16": self.serve_uint16.get_concrete_function(),
-        "segment_volume": self.segment_volume.get_concrete_function(),
-        "segment_volume_spacing": self.segment_volume_spacing.get_concrete_function(),
-        "segment_png": self.segment_png.get_concrete_function(),
-        "segment_examples": self.segment_examples.get_concrete_function(),
-    }
+    functions = self._signature_functions()
+    out = {name: functions[name][0].get_concrete_function() for name in SIGNATURES}
+    if self._protocols:
+      out.update({name + PROTOCOL_SUFFIX: self._twin(*functions[name])
+                  for name in SIGNATURES})
+    return out
 
 
 # ------------------------------------------------------------------------ export
@@ -449,6 +537,33 @@ def model_protocols(model: keras.Model, manifest: manifest_lib.Manifest) -> list
   return heads or [manifest.protocol]
 
 
+def default_protocol(names: Sequence[str], protocol: str | None,
+                     where: str = "the model") -> str:
+  """Checks `protocol` (--protocol) against the model's protocol `names`: the default.
+
+  Args:
+    names: `model_protocols` of the model.
+    protocol: the name asked for; None: the model's only one.
+    where: names the model in errors (its model_dir).
+
+  Returns:
+    The protocol: `protocol`, or the only name.
+
+  Raises:
+    ValueError: no `protocol` for a model of several, or one it has no head for; the
+      message lists the names it has.
+  """
+  if protocol is None:
+    if len(names) > 1:
+      raise ValueError(f"{where} has one head per labelling protocol "
+                       f"({', '.join(names)}); pass --protocol=NAME to name the default one")
+    return names[0]
+  if protocol not in names:
+    raise ValueError(f"--protocol={protocol}: {where} has no head for it; its "
+                     f"protocol{'s are' if len(names) > 1 else ' is'} {', '.join(names)}")
+  return protocol
+
+
 def protocol_head(model: keras.Model, manifest: manifest_lib.Manifest,
                   protocol: str | None = None, where: str = "the model"
                   ) -> tuple[keras.Model, str]:
@@ -467,18 +582,10 @@ def protocol_head(model: keras.Model, manifest: manifest_lib.Manifest,
     (the model, the protocol name).
 
   Raises:
-    ValueError: no `protocol` for a model of several, or one it has no head for; the
-      message lists the names it has.
+    ValueError: as `default_protocol`.
   """
   names = model_protocols(model, manifest)
-  if protocol is None:
-    if len(names) > 1:
-      raise ValueError(f"{where} has one head per labelling protocol ({', '.join(names)}); "
-                       "pass --protocol=NAME to export one of them")
-    return model, names[0]
-  if protocol not in names:
-    raise ValueError(f"--protocol={protocol}: {where} has no head for it; its "
-                     f"protocol{'s are' if len(names) > 1 else ' is'} {', '.join(names)}")
+  protocol = default_protocol(names, protocol, where)
   if len(names) == 1:
     return model, protocol
   head = model.get_layer(schema.head_layer(protocol)).output
@@ -562,9 +669,11 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
     model_dir: a trained model directory (best.keras + dataset.json).
     export_dir: the target, e.g. `models/spineseg/1` (TF Serving's version layout).
     overwrite: replace an existing non-empty `export_dir`.
-    protocol: the labelling protocol whose head to export, for a model trained with one
-      head per protocol (required there); None: the model's only one. The metadata
-      records it ("protocol") and every protocol the model has ("protocols").
+    protocol: the default labelling protocol, the one the plain signatures segment
+      with, for a model trained with one head per protocol (required there; every head
+      is exported, the `_protocol` twins pick any); None: the model's only one. The
+      metadata records it ("protocol"), every protocol the model has in head order
+      ("protocols") and the signatures with their twins ("signatures").
 
   Returns:
     The export directory.
@@ -581,13 +690,14 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
     if not overwrite:
       raise FileExistsError(f"{export_dir}: exists and is not empty; pass --overwrite "
                             "to replace it")
-  full, manifest = _load_full_model(model_dir)
-  names = model_protocols(full, manifest)
-  model, protocol = protocol_head(full, manifest, protocol, str(model_dir))
+  model, manifest = _load_full_model(model_dir)
+  names = model_protocols(model, manifest)
+  protocol = default_protocol(names, protocol, str(model_dir))
   module = SegmentationModule(model, image_size=manifest.image_size,
                               norm_method=manifest.norm_method,
                               num_classes=manifest.num_classes,
-                              target_spacing_mm=manifest.target_spacing_mm)
+                              target_spacing_mm=manifest.target_spacing_mm,
+                              protocols=names, protocol=protocol)
   tmp = None
   try:
     export_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -598,7 +708,7 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
                 "normalization": manifest.normalization,
                 "target_spacing_mm": manifest.target_spacing_mm,
                 "num_classes": manifest.num_classes, "labels": manifest.labels,
-                "volume_chunk": VOLUME_CHUNK, "signatures": list(SIGNATURES),
+                "volume_chunk": VOLUME_CHUNK, "signatures": module.signature_names(),
                 "protocol": protocol, "protocols": names,
                 "tensorflow_version": tf.__version__}
     (tmp / "assets.extra").mkdir(exist_ok=True)

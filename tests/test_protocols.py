@@ -317,4 +317,4 @@ def test_spine_export_refuses_a_missing_protocol_in_one_line(trained, tmp_path):
   assert result.returncode == 1
   errors = [l for l in result.stderr.splitlines() if l.startswith("spine-export: error:")]
   assert errors == [f"spine-export: error: {config.model_dir} has one head per labelling "
-                    "protocol (full, vb); pass --protocol=NAME to export one of them"]
+                    "protocol (full, vb); pass --protocol=NAME to name the default one"]

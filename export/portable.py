@@ -246,7 +246,8 @@ def _litert_bytes(model_dir: str | os.PathLike, protocol: str | None) -> bytes:
   module = serving.SegmentationModule(
       model, image_size=manifest.image_size, norm_method=manifest.norm_method,
       num_classes=manifest.num_classes, target_spacing_mm=manifest.target_spacing_mm,
-      float64=False)
+      float64=False, drawn=serving.drawn_classes(model_dir, manifest,
+                                                [protocol or manifest.protocol]))
   # Weights frozen into constants first: left as resource variables, the converter keeps
   # VAR_HANDLE/READ_VARIABLE ops that LiteRT's interpreter leaves uninitialized (NaN
   # probabilities, measured). tf2onnx freezes with the same TF function.

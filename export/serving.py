@@ -60,6 +60,7 @@ Signatures (inputs -> outputs):
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pathlib
 from typing import Any, Sequence
@@ -195,7 +196,7 @@ class SegmentationModule(tf.Module):
   def __init__(self, model: keras.Model, *, image_size: int, norm_method: str,
                num_classes: int = 3, target_spacing_mm: float | None = None,
                float64: bool = True, protocols: Sequence[str] = (),
-               protocol: str | None = None):
+               protocol: str | None = None, drawn: Sequence[Sequence[int]] = ()):
     """Wraps `model` (float logits [N,S,S,num_classes] from [N,S,S,1]).
 
     `target_spacing_mm`: mm per pixel the model was trained at (dataset.json), or None
@@ -206,6 +207,9 @@ class SegmentationModule(tf.Module):
     `schema.head_layer(name)`, logits [N,S,S,P*num_classes] in this order) and
     `protocol`, one of them, is the default the plain signatures segment with; the
     `_protocol` twins pick any. Fewer: `model` is a one-head model, no twins.
+    `drawn`: per head (in `protocols` order; one entry for a one-head model) the class ids
+    its training folders annotate (`drawn_classes`); a class a head never saw annotated
+    is folded into background (`_fold`). Empty: every head draws every class.
 
     Raises:
       ValueError: for an unknown normalization method, a bad image size or spacing (a
@@ -231,6 +235,8 @@ class SegmentationModule(tf.Module):
       head = stable.get_layer(schema.head_layer(protocol)).output
       stable = keras.Model(stable.input, head, name=f"{stable.name}_{protocol}")
     self.model = stable
+    self._keep = _kept_classes(drawn, int(num_classes))
+    self._default_head = self._protocols.index(protocol) if self._protocols else 0
     self._float64 = bool(float64)
     self._size = int(image_size)
     self._method = norm_method
@@ -269,7 +275,23 @@ class SegmentationModule(tf.Module):
       channels = head * self._classes + tf.range(self._classes)
       logits = tf.gather(self.all_heads(squares, training=False), channels, axis=-1)
     # A mixed-precision model may return float16 logits; the contract is float32 out.
-    return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+    return self._fold(tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1), head)
+
+  def _fold(self, probs: tf.Tensor, head: tf.Tensor | None) -> tf.Tensor:
+    """Moves the probability of classes `head` never saw annotated into background.
+
+    A head trained only on folders that outline some classes (vertebral bodies only:
+    `--annotated_labels=2`) learned those against "everything else": its loss was
+    marginal over the rest (background OR disc), so how it splits "everything else"
+    among background and the unannotated classes is arbitrary (measured: a vertebral-body
+    head called 60% of a volume disc). Such a head answers only for what its protocol
+    draws. A head that saw every class is untouched (p * 1 + 0: exact).
+    """
+    if self._keep is None:
+      return probs
+    keep = tf.constant(self._keep)[self._default_head if head is None else head]
+    others = tf.reduce_sum(probs * (1.0 - keep), axis=-1, keepdims=True)
+    return probs * keep + others * tf.one_hot(0, self._classes, dtype=tf.float32)
 
   def _probabilities_chunked(self, squares: tf.Tensor,
                              head: tf.Tensor | None = None) -> tf.Tensor:
@@ -525,6 +547,44 @@ def _check_keras_archive(model_path: pathlib.Path) -> None:
                      f"{bad} fails its CRC check){hint}")
 
 
+def _kept_classes(drawn: Sequence[Sequence[int]], num_classes: int) -> np.ndarray | None:
+  """float32 [heads, C]: 1 where a head draws a class, else 0; None when all draw all."""
+  keep = np.zeros((max(len(drawn), 1), num_classes), np.float32)
+  if not drawn:
+    keep[:] = 1.0
+  for row, classes in zip(keep, drawn):
+    row[[0, *classes]] = 1.0  # background is always drawn
+  return None if keep.all() else keep
+
+
+def drawn_classes(model_dir: str | os.PathLike, manifest: manifest_lib.Manifest,
+                  names: Sequence[str]) -> list[list[int]]:
+  """The class ids each protocol of `names` was trained on with labels, in that order.
+
+  Per protocol, the union of `annotated_labels` over the run's folders of that protocol
+  (`datasets.json` of a run over several folders, else the run's `dataset.json`): the
+  default protocol of a run over fully and partially labelled folders draws every class.
+
+  Raises:
+    ValueError: `datasets.json` is unreadable or not a spine-train record.
+  """
+  record = fileio.path(model_dir) / "datasets.json"
+  manifests = [manifest]
+  if record.is_file():
+    try:
+      entries = json.loads(record.read_text(encoding="utf-8"))["datasets"]
+      manifests = [manifest_lib.Manifest(str(record), e["manifest"]) for e in entries]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{record}: unreadable spine-train record of the run's folders "
+                       f"({type(e).__name__}: {e})") from e
+  drawn = []
+  for name in names:
+    # A one-head model's folders all share its protocol; `or` keeps old records working.
+    mine = [m for m in manifests if m.protocol == name] or manifests
+    drawn.append(sorted(set().union(*(m.annotated_labels for m in mine))))
+  return drawn
+
+
 def model_protocols(model: keras.Model, manifest: manifest_lib.Manifest) -> list[str]:
   """The labelling protocols `model` has an output head for, in head order (sorted).
 
@@ -693,11 +753,13 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
   model, manifest = _load_full_model(model_dir)
   names = model_protocols(model, manifest)
   protocol = default_protocol(names, protocol, str(model_dir))
+  drawn = drawn_classes(model_dir, manifest, names)
   module = SegmentationModule(model, image_size=manifest.image_size,
                               norm_method=manifest.norm_method,
                               num_classes=manifest.num_classes,
                               target_spacing_mm=manifest.target_spacing_mm,
-                              protocols=names, protocol=protocol)
+                              protocols=names, protocol=protocol,
+                              drawn=drawn)
   tmp = None
   try:
     export_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -710,6 +772,7 @@ def export(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
                 "num_classes": manifest.num_classes, "labels": manifest.labels,
                 "volume_chunk": VOLUME_CHUNK, "signatures": module.signature_names(),
                 "protocol": protocol, "protocols": names,
+                "drawn_classes": dict(zip(names, drawn)),
                 "tensorflow_version": tf.__version__}
     (tmp / "assets.extra").mkdir(exist_ok=True)
     fileio.write_json_atomic(tmp / METADATA_FILE, metadata)

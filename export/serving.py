@@ -284,7 +284,7 @@ class SegmentationModule(tf.Module):
     `--annotated_labels=2`) learned those against "everything else": its loss was
     marginal over the rest (background OR disc), so how it splits "everything else"
     among background and the unannotated classes is arbitrary (measured: a vertebral-body
-    head called 60% of a volume disc). Such a head answers only for what its protocol
+    head called 96% of a volume disc). Such a head answers only for what its protocol
     draws. A head that saw every class is untouched (p * 1 + 0: exact).
     """
     if self._keep is None:

@@ -324,12 +324,13 @@ def test_readme_recipe_is_the_flagfiles_and_the_script():
 
 
 def test_recipe_script_runs_shrunk_on_the_shared_data(tmp_path):
-  if not (DATA / "spine2d").is_dir() or not (DATA / "spine3d_extra").is_dir():
-    pytest.skip(f"{DATA} (spine2d, spine3d, spine3d_extra) is absent")
+  if not all((DATA / sub).is_dir() for sub in ("spine2d", "spine3d", "spine3d_extra",
+                                                 "spine3d_ivd")):
+    pytest.skip(f"{DATA} (spine2d, spine3d, spine3d_extra, spine3d_ivd) is absent")
   env = dict(os.environ, PYTHON=sys.executable, RECIPE_OUT=str(tmp_path), RECIPE_SEEDS="0",
              RECIPE_EPOCHS="1", RECIPE_STEPS="2", RECIPE_IMAGE_SIZE="64",
              RECIPE_TRAIN_FLAGS="--base_filters=4 --depth=2",
-             RECIPE_HELD_OUT="spine3d/ivd_11", TF_CPP_MIN_LOG_LEVEL="3")
+             RECIPE_HELD_OUT="spine3d_ivd/ivd_20:ivd", TF_CPP_MIN_LOG_LEVEL="3")
   proc = subprocess.run([str(REPO / "tools" / "recipe.sh")], capture_output=True, text=True,
                         timeout=900, env=env, cwd=tmp_path)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -338,9 +339,16 @@ def test_recipe_script_runs_shrunk_on_the_shared_data(tmp_path):
   assert volumes["annotated_labels"] == [0, 2]
   assert volumes["image_size"] == 64 and volumes["target_spacing_mm"] == pytest.approx(4.4)
   config = json.loads((tmp_path / "runs" / "seed0" / "config.json").read_text())
-  assert config["dataset_weights"] == "1,1" and config["steps_per_epoch"] == 2
+  assert config["dataset_weights"] == "1,1,1" and config["steps_per_epoch"] == 2
   assert config["base_filters"] == 4 and config["epochs"] == 1
-  held_out = json.loads((tmp_path / "eval" / "ivd_11.json").read_text())
+  # One head per protocol; the export's default draws every class.
+  datasets = json.loads((tmp_path / "runs" / "seed0" / "datasets.json").read_text())
+  assert sorted(d["manifest"]["protocol"] for d in datasets["datasets"]) == [
+      "ivd", "spine2d", "vb1"]
+  held_out = json.loads((tmp_path / "eval" / "ivd_20.json").read_text())
+  assert held_out["protocol"] == "ivd"
   assert isinstance(held_out["overall"]["pooled"]["dice"]["dice_disc"], float)
   val = json.loads((tmp_path / "eval" / "spine2d_val.json").read_text())
-  assert len(val["cases"]) == 3
+  assert len(val["cases"]) == 3 and val["protocol"] == "spine2d"
+  vb1_val = json.loads((tmp_path / "eval" / "vb1_val.json").read_text())
+  assert vb1_val["protocol"] == "vb1"

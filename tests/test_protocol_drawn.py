@@ -3,7 +3,7 @@
 A head trained only on folders that outline some classes (vertebral bodies only) learned
 them against "everything else"; how it splits the rest among background and the classes
 it never saw outlined is arbitrary (a vertebral-body head measured on a real volume
-called 60% of it disc). The export folds those classes into background, per head.
+called 96% of it disc). The export folds those classes into background, per head.
 """
 import json
 

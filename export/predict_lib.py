@@ -412,16 +412,16 @@ def _segment_inputs(job: _Job, run: _Run, num_inputs: int,
 def _feed(job: _Job, run: _Run, stages: stream.Stages) -> None:
   """Sends every volume, and every batch of 2D slices, to the model, and each input's
   outputs to be finished and committed (`stages`), in input order."""
-  for batch, spacing in inference.batches_2d(job.model, _volumes_pass_on_2d(job, run, stages),
-                                             job.batch_size):
+  cases_2d = _volumes_pass_on_2d(job, run, stages)
+  for batch, spacing in inference.batches_2d(job.model, cases_2d, job.batch_size):
     if stages.stopped.is_set():  # a write error stopped the run: no more model calls
       return
     call = stages.model(functools.partial(_slices_probabilities, job, batch, spacing),
                         uses=len(batch))
     for i, case in enumerate(batch):
       path = case.image_path
-      stages.finish(functools.partial(_finish_slice, job, case, call, i, run.targets[path]),
-                    functools.partial(_commit_prepared, run, path), call)
+      finish = functools.partial(_finish_slice, job, case, call, i, run.targets[path])
+      stages.finish(finish, functools.partial(_commit_prepared, run, path), call)
 
 
 def _volumes_pass_on_2d(job: _Job, run: _Run,

@@ -138,10 +138,12 @@ stream._on_device = record
 model = inference.load_saved_model(sys.argv[1])
 inputs, out = pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
 predict_lib.predict(model, inputs, out / "sequential", progress=False, batch_size=2,
-                    spacing_2d_mm=(0.8, 0.8), pipeline="sequential")
+                    spacing_2d_mm=(0.8, 0.8), save_probabilities=True,
+                    pipeline="sequential")
 used.clear()
 predict_lib.predict(model, inputs, out / "streaming", progress=False, batch_size=2,
-                    spacing_2d_mm=(0.8, 0.8), pipeline="streaming",
+                    spacing_2d_mm=(0.8, 0.8), save_probabilities=True,
+                    pipeline="streaming",
                     devices=[d.name for d in tf.config.list_logical_devices("CPU")])
 print("DEVICES", sorted(set(used)))
 """
@@ -155,7 +157,7 @@ def test_two_devices_share_the_calls_and_write_the_same_bytes(unet, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "DEVICES ['/device:CPU:0', '/device:CPU:1']" in proc.stdout, proc.stdout
   sequential = _files(tmp_path / "out" / "sequential")
-  assert len(sequential) == 7 * 2 + 2 and _files(tmp_path / "out" / "streaming") == sequential
+  assert len(sequential) == 7 * 3 + 2 * 2 and _files(tmp_path / "out" / "streaming") == sequential
 
 
 def _pngs(folder: pathlib.Path, count: int) -> None:

@@ -1,8 +1,8 @@
 r"""Benchmark of spine-predict's pipelines: inputs per minute, sequential vs streaming.
 
-Builds an UNTRAINED U-Net (weights do not change the cost), exports it with spine-export's
-library, writes phantom inputs (`data_prep.phantom`: NIfTI volumes of mixed in-plane sizes,
-RAS and scanner order alternating; PNG slices of mixed sizes), and runs
+Builds an UNTRAINED U-Net (weights do not change the cost), exports it with
+spine-export's library, writes phantom inputs (`data_prep.phantom`: NIfTI volumes of mixed
+in-plane sizes, RAS and scanner order alternating; PNG slices of mixed sizes), and runs
 `predict_lib.predict` on each folder with --pipeline=sequential and =streaming
 (--postprocess on, as spine-predict's default). Each row: wall seconds of one run after
 a warm-up run on the same folder, inputs per minute, the ratio to the sequential run of
@@ -38,8 +38,9 @@ _VOLUME_SIZE = flags.DEFINE_integer("volume_size", 96, help="Nominal in-plane si
                                     "the volumes (each side varies by -25%..+25%).")
 _VOLUME_SLICES = flags.DEFINE_integer("volume_slices", 12, help="Slices per volume.")
 _SLICES = flags.DEFINE_integer("slices", 64, help="Phantom 2D PNG slices.")
-_SLICE_SIZES = flags.DEFINE_string("slice_sizes", "128,160", help="MIN,MAX side of the "
-                                   "2D slices (multiples of 16: a few sizes share batches).")
+_SLICE_SIZES = flags.DEFINE_string(
+    "slice_sizes", "128,160",
+    help="MIN,MAX side of the 2D slices (multiples of 16: a few sizes share batches).")
 _MEMORY_INPUTS = flags.DEFINE_string("memory_inputs", "10,200", help="FEW,MANY tiny "
                                      "slices for the peak-memory table; empty: skip it.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, help="Model input square side.")
@@ -147,7 +148,8 @@ def main(argv):
     rows.append(f"| {name} | Beam DirectRunner, 2 workers | not built | | | |")
 
   print(f"\nU-Net base_filters={_BASE_FILTERS.value} depth={_DEPTH.value} group norm, "
-        f"untrained, image {_IMAGE_SIZE.value}; batch {_BATCH_SIZE.value}; postprocess on; "
+        f"untrained, image {_IMAGE_SIZE.value}; batch {_BATCH_SIZE.value}; "
+        "postprocess on; "
         f"{os.cpu_count()} CPU cores, TF {tf.__version__}; streaming devices: "
         f"{stream.local_devices()}\n")
   print("| inputs | pipeline | wall s | inputs/min | ratio vs sequential | model busy |")

@@ -19,6 +19,9 @@ An input's outputs appear all together or not at all: they are written to hidden
 temporaries first and renamed into place only when every one of them is complete. A bad
 input is a failure of that input only; an OS error while writing (full disk, read-only
 folder, ...) stops the run, since every later input would fail the same way.
+
+The steps (read, model, outputs, write) run one after another or overlapping in threads
+(`pipeline`, `stream`): the same model calls with the same batches, and the same bytes.
 """
 from __future__ import annotations
 

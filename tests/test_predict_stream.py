@@ -127,7 +127,8 @@ import pathlib, sys
 import numpy as np
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from export import inference, predict_lib, stream
 used = []
 real = stream._on_device
@@ -157,7 +158,8 @@ def test_two_devices_share_the_calls_and_write_the_same_bytes(unet, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "DEVICES ['/device:CPU:0', '/device:CPU:1']" in proc.stdout, proc.stdout
   sequential = _files(tmp_path / "out" / "sequential")
-  assert len(sequential) == 7 * 3 + 2 * 2 and _files(tmp_path / "out" / "streaming") == sequential
+  assert len(sequential) == 7 * 3 + 2 * 2
+  assert _files(tmp_path / "out" / "streaming") == sequential
 
 
 def _pngs(folder: pathlib.Path, count: int) -> None:
@@ -196,7 +198,8 @@ def test_cli_corrupt_input_in_the_middle_of_a_stream(unet, tmp_path):
 def test_a_worker_failing_on_one_input_fails_it_alone(unet, pipeline, tmp_path,
                                                       monkeypatch):
   _pngs(tmp_path / "in", 6)
-  real_read, real_npy = inference.read_input, predict_lib._write_npy  # pylint: disable=protected-access
+  real_read = inference.read_input
+  real_npy = predict_lib._write_npy  # pylint: disable=protected-access
 
   def read(path, *args):
     if path.endswith("in1.png"):
@@ -215,11 +218,13 @@ def test_a_worker_failing_on_one_input_fails_it_alone(unet, pipeline, tmp_path,
                                           spacing_2d_mm=(1.0, 1.0), progress=False,
                                           pipeline=pipeline)
   assert [(pathlib.Path(p).name, m.split(": ", 1)[1]) for p, m in failures] == [
-      ("in1.png", "RuntimeError: decoder crashed"), ("in4.png", "ValueError: array refused")]
+      ("in1.png", "RuntimeError: decoder crashed"),
+      ("in4.png", "ValueError: array refused")]
   assert all(m.startswith(p) for p, m in failures)
   # in4's PNG was complete before its .npy was refused: removed, no half set.
-  assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written) == sorted(
-      f"in{i}_mask.{ext}" for i in (0, 2, 3, 5) for ext in ("png", "npy"))
+  expected = sorted(f"in{i}_mask.{ext}" for i in (0, 2, 3, 5) for ext in ("png", "npy"))
+  assert sorted(p.name for p in written) == expected
+  assert sorted(p.name for p in out.iterdir()) == expected
   assert _no_temporaries(out)
 
 
@@ -253,7 +258,8 @@ def test_inputs_in_flight_stay_bounded(unet, tmp_path, monkeypatch):
   count = 24
   _pngs(tmp_path / "in", count)
   alive, peak, lock = [0], [0], threading.Lock()
-  real_read, real_commit = predict_lib._read, predict_lib._commit  # pylint: disable=protected-access
+  real_read = predict_lib._read  # pylint: disable=protected-access
+  real_commit = predict_lib._commit  # pylint: disable=protected-access
 
   def read(*args):
     result = real_read(*args)

@@ -540,30 +540,37 @@ def orientation_back(case: readers.Case, mask: np.ndarray) -> np.ndarray:
   return orientation.from_display(mask, case.transform)
 
 
-def cases_2d_probabilities(
-    model: Model, cases: Iterable[readers.Case], batch_size: int,
-    tta: bool = False,
-    protocol: str | None = None) -> Iterable[tuple[readers.Case, np.ndarray]]:
-  """Yields (case, probabilities [H, W, C]) for 2D cases, batching equal sizes together.
+def batches_2d(model: Model, cases: Iterable[readers.Case],
+               batch_size: int) -> Iterable[tuple[list[readers.Case], Any]]:
+  """Groups 2D cases into model calls: yields (cases, their spacing) per batch.
 
   Slices of one size and spacing wait in a bucket until it holds `batch_size` (a
-  signature call takes one size and one spacing); leftovers are flushed at the end.
-  Order of the results is therefore not the input order. Check each case with
-  `spacing_for` before: here an unknown spacing fails the whole batch. `model`: one model
-  or an ensemble; `tta`: scale TTA, `protocol`: the head (`LoadedModel.probabilities`).
+  signature call takes one size and one spacing); leftovers are flushed at the end, in
+  the order their buckets opened. The batches are a function of the cases' order alone,
+  so every caller (sequential or streaming) sends the model the same batches. Check each
+  case with `spacing_for` before: here an unknown spacing raises.
   """
   buckets: dict[tuple, list[readers.Case]] = {}
-
-  def flush(key):
-    batch = buckets.pop(key)
-    probs = model.probabilities(np.stack([c.image[0] for c in batch]), key[2], tta=tta,
-                                protocol=protocol)
-    yield from zip(batch, probs)
-
   for case in cases:
     key = tuple(case.image.shape[1:]) + (spacing_for(model, case),)
     buckets.setdefault(key, []).append(case)
     if len(buckets[key]) >= batch_size:
-      yield from flush(key)
+      yield buckets.pop(key), key[2]
   for key in list(buckets):
-    yield from flush(key)
+    yield buckets.pop(key), key[2]
+
+
+def cases_2d_probabilities(
+    model: Model, cases: Iterable[readers.Case], batch_size: int,
+    tta: bool = False,
+    protocol: str | None = None) -> Iterable[tuple[readers.Case, np.ndarray]]:
+  """Yields (case, probabilities [H, W, C]) for 2D cases, batched by `batches_2d`.
+
+  Order of the results is therefore not the input order; an unknown spacing fails the
+  whole batch. `model`: one model or an ensemble; `tta`: scale TTA, `protocol`: the head
+  (`LoadedModel.probabilities`).
+  """
+  for batch, spacing in batches_2d(model, cases, batch_size):
+    probs = model.probabilities(np.stack([c.image[0] for c in batch]), spacing, tta=tta,
+                                protocol=protocol)
+    yield from zip(batch, probs)

@@ -40,6 +40,8 @@ than 10% of that class's largest are set to background (3D for a volume, per sli
 --protocol=NAME: for models exported with one output head per labelling protocol
 (spine-convert --protocol), segment with that protocol's head (default: each model's
 default); --protocol=list prints each model's protocols and exits.
+--pipeline=streaming (default): reading, the model and writing overlap (threads; one
+model replica per local GPU); --pipeline=sequential: one input after another. Same bytes.
 
   spine-predict --saved_model=a/1,b/1 --input=scans/ --output=out/ --save_probabilities
 """
@@ -101,6 +103,12 @@ _PROTOCOL = flags.DEFINE_string(
     "for an unknown name lists them. --protocol=list prints each model's protocols (the "
     "default marked) and exits without predicting (--input and --output are still "
     "required, and left untouched). --report names the protocol used.")
+_PIPELINE = flags.DEFINE_enum(
+    "pipeline", "streaming", ["streaming", "sequential"], help="streaming: inputs are "
+    "read and decoded a few ahead of the model and written behind it, in threads, with "
+    "one model replica per local GPU; memory stays bounded whatever the number of "
+    "inputs. sequential: read, segment and write one input after the other. Both write "
+    "the same bytes and report the same failures.")
 _REPORT_MIN_SLICES = flags.DEFINE_integer(
     "report_min_slices", 3, help="--report flags a volume's class found in fewer "
     "sagittal slices than this.", lower_bound=1)
@@ -136,7 +144,7 @@ def main(argv):
         overlay=_OVERLAY.value, overwrite=_OVERWRITE.value, spacing_2d_mm=spacing_2d,
         tta=_TTA.value, save_probabilities=_SAVE_PROBABILITIES.value,
         postprocess=_POSTPROCESS.value, report=report, protocol=_PROTOCOL.value,
-        output_format=_OUTPUT_FORMAT.value,
+        output_format=_OUTPUT_FORMAT.value, pipeline=_PIPELINE.value,
         progress=sys.stderr.isatty())  # no bar in logs and captured output
     # The inputs counted again only to say "N of M failed" (a folder listing).
     total = len(inference.list_inputs(_INPUT.value)) if failures else 0

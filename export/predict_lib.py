@@ -19,14 +19,19 @@ An input's outputs appear all together or not at all: they are written to hidden
 temporaries first and renamed into place only when every one of them is complete. A bad
 input is a failure of that input only; an OS error while writing (full disk, read-only
 folder, ...) stops the run, since every later input would fail the same way.
+
+The steps (read, model, outputs, write) run one after another or overlapping in threads
+(`pipeline`, `stream`): the same model calls with the same batches, and the same bytes.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import os
 import pathlib
 import sys
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -37,6 +42,7 @@ from data_prep import readers
 from export import dicom_seg
 from export import inference
 from export import predict_report
+from export import stream
 
 # One output of one input: the final path and a function writing the content to a path.
 Item = tuple[pathlib.Path, Callable[[str], None]]
@@ -270,7 +276,8 @@ def predict(model: inference.Model, input_path: str | os.PathLike,
             spacing_2d_mm: tuple[float, float] | None = None, tta: bool = False,
             save_probabilities: bool = False, postprocess: bool = False,
             report: predict_report.Options | None = None, protocol: str | None = None,
-            output_format: str = "nifti"
+            output_format: str = "nifti", pipeline: str = "streaming",
+            devices: Sequence[str | None] | None = None
             ) -> tuple[list[pathlib.Path], list[tuple[str, str]]]:
   """Segments every input and writes the masks.
 
@@ -299,6 +306,11 @@ def predict(model: inference.Model, input_path: str | os.PathLike,
     output_format: one of `OUTPUT_FORMATS`: "nifti", or "dicom_seg": a DICOM series'
       mask as `NAME.seg.dcm` (`dicom_seg`); any other input fails ("not a DICOM
       series").
+    pipeline: one of `stream.PIPELINES`: "streaming" overlaps reading, the model and
+      writing (threads, bounded memory); "sequential" does one step after another. The
+      outputs, the files listed and the failures are the same.
+    devices: "streaming" only: the devices of the model replicas (one thread each),
+      e.g. ["/GPU:0", "/GPU:1"]; None: every local GPU, else the default device.
 
   Returns:
     (written, failures): the files written, and (input path, message) per failed input;
@@ -311,8 +323,10 @@ def predict(model: inference.Model, input_path: str | os.PathLike,
       while writing stopped the run; it carries what was written and every input not
       written.
     portable.MissingExtraError: "dicom_seg" without highdicom installed.
-    ValueError: an unknown `output_format`.
+    ValueError: an unknown `output_format` or `pipeline`.
   """
+  if pipeline not in stream.PIPELINES:
+    raise ValueError(f"pipeline must be one of {stream.PIPELINES}, found {pipeline!r}")
   if output_format not in OUTPUT_FORMATS:
     raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, found "
                      f"{output_format!r}")
@@ -333,7 +347,7 @@ def predict(model: inference.Model, input_path: str | os.PathLike,
                              enabled=progress))
   _claim_outputs(run, files, output_dir, overlay, save_probabilities, overwrite,
                  output_format)
-  _segment_inputs(job, run, len(files))
+  _segment_inputs(job, run, len(files), stream.Stages(pipeline, devices))
   if report is not None:
     _write_report(job, run, files, input_path, output_dir, overwrite)
   return run.written, run.failures
@@ -365,22 +379,22 @@ def _claim_outputs(run: _Run, files: list[pathlib.Path], output_dir: pathlib.Pat
       claimed.update({p: str(f) for p in paths.values()})
 
 
-def _segment_inputs(job: _Job, run: _Run, num_inputs: int) -> None:
+def _segment_inputs(job: _Job, run: _Run, num_inputs: int,
+                    stages: stream.Stages) -> None:
   """Segments and writes every input of `run.targets`, recording each in `run`.
 
-  Volumes are written as they are read; 2D inputs wait for a batch of their size
-  (`inference.cases_2d_probabilities`).
+  Volumes go to the model as they are read; 2D inputs wait for a batch of their size
+  (`inference.batches_2d`). `stages` decides where each step runs (`stream`); the
+  outcomes are recorded in the same order either way.
 
   Raises:
     OutputError: an OS error while writing stopped the run (`_WriteFailed`).
   """
   try:
-    for case, probs in inference.cases_2d_probabilities(
-        job.model, _write_volumes_pass_on_2d(job, run), job.batch_size, job.tta,
-        job.protocol):
-      # Outside any per-input try: a failure here fails every input not yet written.
-      items, mask = _slice_outputs(job, case, probs, run.targets[case.image_path])
-      _commit(run, case.image_path, items, _report_entry(job, case, mask))
+    try:
+      _feed(job, run, stages)
+    finally:
+      stages.close()  # every step submitted is done; raises what stopped the run
   except _WriteFailed as e:
     run.end_progress_line()
     reason = str(e)
@@ -391,50 +405,121 @@ def _segment_inputs(job: _Job, run: _Run, num_inputs: int) -> None:
     raise OutputError(f"{reason}; the run stopped, "
                       f"{len(run.failures)} of {num_inputs} input(s) not written:",
                       run.written, run.failures) from e
-  except Exception as e:  # A failed 2D batch: name every input it left unwritten.
+  except Exception as e:  # not one input's fault: name every input it left unwritten
     run.end_progress_line()
     error = f"{type(e).__name__}: {e}"
-    run.failures.extend((p, f"{p}: not written: a 2D batch failed: {error}")
+    run.failures.extend((p, f"{p}: not written: the run failed: {error}")
                         for p in run.unfinished())
 
 
-def _write_volumes_pass_on_2d(job: _Job, run: _Run) -> Iterable[readers.Case]:
-  """Reads every input of `run.targets`: segments and writes each volume (NIfTI, DICOM)
-  at once, and yields each 2D case for batching. An unreadable input, or one failing
-  before its write, is a failure of that input only."""
-  for path, paths in run.targets.items():
+def _feed(job: _Job, run: _Run, stages: stream.Stages) -> None:
+  """Sends every volume, and every batch of 2D slices, to the model, and each input's
+  outputs to be finished and committed (`stages`), in input order."""
+  cases_2d = _volumes_pass_on_2d(job, run, stages)
+  for batch, spacing in inference.batches_2d(job.model, cases_2d, job.batch_size):
+    if stages.stopped.is_set():  # a write error stopped the run: no more model calls
+      return
+    call = stages.model(functools.partial(_slices_probabilities, job, batch, spacing),
+                        uses=len(batch))
+    for i, case in enumerate(batch):
+      path = case.image_path
+      finish = functools.partial(_finish_slice, job, case, call, i, run.targets[path])
+      stages.finish(finish, functools.partial(_commit_prepared, run, path), call)
+
+
+def _volumes_pass_on_2d(job: _Job, run: _Run,
+                        stages: stream.Stages) -> Iterable[readers.Case]:
+  """Reads every input of `run.targets` (`stages.read`): sends each volume (NIfTI, DICOM)
+  to the model at once, and yields each 2D case for batching. An unreadable input is a
+  failure of that input only. Stops when a commit stopped the run."""
+  reads = stages.read(functools.partial(_read, job), run.targets.items())
+  for (path, paths), read in zip(run.targets.items(), reads):
+    if stages.stopped.is_set():
+      return
     try:
-      case = inference.read_input(path, job.spacing_2d_mm)
-      spacing = inference.spacing_for(job.model, case)
+      case, spacing, sources = read.result()
     except inference.InputError as e:
-      run.fail(path, str(e))
+      stages.record(functools.partial(_record_failure, run, path, str(e)))
+      continue
+    except Exception as e:  # a reader's own fault on one input: that input only
+      stages.record(functools.partial(_record_failure, run, path,
+                                      f"{path}: {type(e).__name__}: {e}"))
       continue
     if case.kind != "3d":
       yield case
       continue
-    try:
-      items, mask = _volume_outputs(job, case, spacing, paths)
-      entry = _report_entry(job, case, mask)
-    except inference.InputError as e:  # e.g. a series that cannot carry a DICOM-SEG
-      run.fail(path, str(e))
-      continue
-    except Exception as e:  # Keep going in folder mode; report at the end.
-      run.fail(path, f"{path}: {type(e).__name__}: {e}")
-      continue
-    _commit(run, path, items, entry)  # outside the try: a write error must stop the run
+    call = stages.model(functools.partial(
+        job.model.probabilities, case.image, spacing, kind=inference.VOLUME, tta=job.tta,
+        protocol=job.protocol), uses=1)
+    stages.finish(functools.partial(_finish_volume, job, case, sources, call, paths),
+                  functools.partial(_commit_prepared, run, path), call)
 
 
-def _volume_outputs(job: _Job, case: readers.Case, spacing: tuple[float, float] | None,
-                    paths: dict[str, pathlib.Path]) -> tuple[list[Item], np.ndarray]:
-  """Segments a volume: (its outputs to write, its display-order mask [S, H, W]).
+def _read(job: _Job, target: tuple[str, dict[str, pathlib.Path]]
+          ) -> tuple[readers.Case, tuple[float, float] | None, Any]:
+  """(the case, the spacing to send with it, its DICOM-SEG sources or None) of one input.
 
   Raises:
-    InputError: a DICOM-SEG asked for a series that cannot carry one.
+    InputError: the input is unreadable, lacks the spacing the model needs, or is a
+      series that cannot carry the DICOM-SEG asked for (checked here: a refused series
+      must not cost a model run).
   """
-  # Checked first: a refused series must not cost a model run.
-  sources = dicom_seg.read_sources(case) if "seg" in paths else None
-  probs = job.model.probabilities(case.image, spacing, kind=inference.VOLUME,
-                                  tta=job.tta, protocol=job.protocol)
+  path, paths = target
+  case = inference.read_input(path, job.spacing_2d_mm)
+  spacing = inference.spacing_for(job.model, case)
+  sources = dicom_seg.read_sources(case) if "seg" in paths and case.kind == "3d" else None
+  return case, spacing, sources
+
+
+def _slices_probabilities(job: _Job, batch: list[readers.Case],
+                          spacing: tuple[float, float] | None) -> np.ndarray:
+  """The model's probabilities [N, H, W, C] of one batch of same-size 2D cases."""
+  return job.model.probabilities(np.stack([c.image[0] for c in batch]), spacing,
+                                 tta=job.tta, protocol=job.protocol)
+
+
+def _finish_volume(job: _Job, case: readers.Case, sources: Any, call: stream.Call,
+                   paths: dict[str, pathlib.Path]
+                   ) -> tuple[list[Item], predict_report.Entry | None]:
+  items, mask = _volume_outputs(job, case, sources, call.result(), paths)
+  return items, _report_entry(job, case, mask)
+
+
+def _finish_slice(job: _Job, case: readers.Case, call: stream.Call, index: int,
+                  paths: dict[str, pathlib.Path]
+                  ) -> tuple[list[Item], predict_report.Entry | None]:
+  items, mask = _slice_outputs(job, case, call.result()[index], paths)
+  return items, _report_entry(job, case, mask)
+
+
+def _record_failure(run: _Run, path: str, message: str, _: None) -> None:
+  run.fail(path, message)
+
+
+def _commit_prepared(run: _Run, path: str, prepared: concurrent.futures.Future) -> None:
+  """Commits one input's prepared (outputs, report entry), or records why it has none.
+
+  A failure to segment it (the model call, its outputs) is this input's only.
+
+  Raises:
+    _WriteFailed: an OS error while writing, which stops the run.
+  """
+  try:
+    items, entry = prepared.result()
+  except inference.InputError as e:  # e.g. a series that cannot carry a DICOM-SEG
+    run.fail(path, str(e))
+    return
+  except Exception as e:  # Keep going in folder mode; report at the end.
+    run.fail(path, f"{path}: {type(e).__name__}: {e}")
+    return
+  _commit(run, path, items, entry)
+
+
+def _volume_outputs(job: _Job, case: readers.Case, sources: Any, probs: np.ndarray,
+                    paths: dict[str, pathlib.Path]) -> tuple[list[Item], np.ndarray]:
+  """A volume's outputs from its probabilities [S, H, W, C]: (its outputs to write, its
+  display-order mask [S, H, W]). `sources`: its DICOM-SEG sources (`_read`), or None.
+  """
   mask = inference.labels(probs, job.postprocess)
   label_image = _nifti_like(inference.orientation_back(case, mask), case)
   if sources is None:
@@ -445,7 +530,6 @@ def _volume_outputs(job: _Job, case: readers.Case, spacing: tuple[float, float] 
   if "probabilities" in paths:
     prob_image = _probabilities_like(inference.orientation_back(case, probs), label_image)
     items.append((paths["probabilities"], lambda p, im=prob_image: _write_nifti(p, im)))
-  del probs  # 12 bytes per voxel: only the image to write (if any) keeps them
   if "overlay" in paths:
     mid = case.image.shape[0] // 2
     rgb = overlay_lib.overlay_rgb(case.image[mid], mask[mid])

@@ -391,54 +391,124 @@ def _datasets_record(sources: list[Source]) -> dict[str, Any] | None:
           "protocols": protocols(sources)}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What a run trains on, decided once from its folders (`_plan`).
+
+  Attributes:
+    image_size, num_classes: of the folders (all alike; `check_sources`).
+    steps_per_epoch: per epoch (`epoch_plan`).
+    trained: (source, sampling share) of the folders with a share above 0.
+    heads: the model's protocol heads, sorted; () for one head.
+    has_val: whether any folder has a val split.
+  """
+  image_size: int
+  num_classes: int
+  steps_per_epoch: int
+  trained: list[tuple[Source, float]]
+  heads: list[str]
+  has_val: bool
+
+
+@dataclasses.dataclass
+class _State:
+  """The run's resumable state: what a checkpoint saves besides model and optimizer."""
+  epoch: Any  # tf.Variable int64: epochs completed
+  best: Any  # tf.Variable float64: best val dice_mean so far (-1: none yet)
+  manager: Any  # tf.train.CheckpointManager
+  initial_epoch: int
+
+
 def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
          save_dir: str, init: init_lib.Plan | None) -> dict[str, Any]:
   """The run itself (model, data, callbacks, fit); see `train_and_evaluate`."""
+  model_dir = fileio.path(config.model_dir)
+  _seed_process(config)
+  plan = _plan(config, sources)
+  with strategy.scope():
+    model = _compiled_model(config, plan)
+  state = _restore(config, model, model_dir, save_dir, init)
+  wait = callbacks_lib.InputWait(batches_per_step=len(strategy.extended.worker_devices),
+                                 images_per_step=config.global_batch_size)
+  augment = _host_augment(config, model)
+  train_ds = strategy.distribute_datasets_from_function(
+      _train_input(config, plan, augment, state.initial_epoch, wait))
+  history_path = str(model_dir / "history.json")
+  previous = callbacks_lib.read_history(history_path, state.initial_epoch) if is_chief else []
+  cbs = _callbacks(config, sources, plan, model, state, wait, is_chief, previous)
+  keras_workarounds.apply(model, strategy,
+                          config.global_batch_size // strategy.num_replicas_in_sync,
+                          plan.image_size, label_channels=2 if plan.heads else 1)
+  if state.initial_epoch < config.epochs:
+    _run_fit(config, sources, model, train_ds, cbs, plan, state, save_dir, is_chief)
+  else:
+    print(f"Nothing to do: {state.initial_epoch} of --epochs={config.epochs} already "
+          "completed", flush=True)
+  history = callbacks_lib.read_history(history_path, config.epochs) if is_chief else []
+  best = float(state.best.numpy())
+  return {"epochs_completed": int(state.epoch.numpy()),
+          "initial_epoch": state.initial_epoch,
+          "best_val_dice_mean": best if plan.has_val and best >= 0 else None,
+          "history": history}
+
+
+def _seed_process(config: TrainConfig) -> None:
+  """Seeds, op determinism and the precision policy: process-wide, set before anything
+  draws a random number."""
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  model_dir = fileio.path(config.model_dir)
-  replicas = strategy.num_replicas_in_sync
-  # Process-wide, like the seeds and the precision policy below. The seeds already fix
-  # the weights, shuffling and augmentation; op determinism also fixes the reduction
-  # order of kernels and makes tf.data keep its element order (make_dataset is told too).
+  # The seeds already fix the weights, shuffling and augmentation; op determinism also
+  # fixes the reduction order of kernels and makes tf.data keep its element order
+  # (make_dataset is told too).
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.seed)
   policy = "float32" if config.mixed_precision == "none" else config.mixed_precision
   keras.mixed_precision.set_global_policy(policy)
 
-  image_size = sources[0].manifest.image_size
-  num_classes = sources[0].manifest.num_classes
+
+def _plan(config: TrainConfig, sources: list[Source]) -> _Plan:
+  """Sampling, steps and heads of the run; prints the epoch plan and the heads."""
   shares = sampling_weights(config, sources)
-  steps_per_epoch, plan = epoch_plan(config, sources, shares)
-  print(plan, flush=True)
-  # Datasets of weight 0 are validated on only: nothing of them is read for training.
-  trained = [(s, w) for s, w in zip(sources, shares) if w > 0]
-  train_slices = sum(s.train_slices for s, _ in trained)
-  has_val = any(s.files("val") for s in sources)
+  steps_per_epoch, text = epoch_plan(config, sources, shares)
+  print(text, flush=True)
   heads = _model_heads(sources)
   if heads:
     print(f"spine-train: {len(heads)} protocol heads: " + "; ".join(
         f"{h} ({', '.join(s.name for s in sources if s.manifest.protocol == h)})"
         for h in heads), flush=True)
+  # Datasets of weight 0 are validated on only: nothing of them is read for training.
+  return _Plan(image_size=sources[0].manifest.image_size,
+               num_classes=sources[0].manifest.num_classes,
+               steps_per_epoch=steps_per_epoch,
+               trained=[(s, w) for s, w in zip(sources, shares) if w > 0],
+               heads=heads, has_val=any(s.files("val") for s in sources))
 
-  with strategy.scope():
-    model = _build_model(config, num_classes, heads)
-    model.compile(optimizer=_optimizer(config, steps_per_epoch),
-                  loss=losses.make_loss(config.loss, num_classes=num_classes,
-                                        include_background=config.include_background,
-                                        smooth=config.dice_smooth,
-                                        ce_weight=config.ce_weight,
-                                        num_heads=max(1, len(heads))),
-                  jit_compile=config.jit_compile)
-    model.optimizer.build(model.trainable_variables)
+
+def _compiled_model(config: TrainConfig, plan: _Plan):
+  """The U-Net, compiled with its loss and optimizer (optimizer built); call in scope."""
+  model = _build_model(config, plan.num_classes, plan.heads)
+  model.compile(optimizer=_optimizer(config, plan.steps_per_epoch),
+                loss=losses.make_loss(config.loss, num_classes=plan.num_classes,
+                                      include_background=config.include_background,
+                                      smooth=config.dice_smooth,
+                                      ce_weight=config.ce_weight,
+                                      num_heads=max(1, len(plan.heads))),
+                jit_compile=config.jit_compile)
+  model.optimizer.build(model.trainable_variables)
+  return model
+
+
+def _restore(config: TrainConfig, model, model_dir: pathlib.Path, save_dir: str,
+             init: init_lib.Plan | None) -> _State:
+  """Resumes from the last checkpoint of `model_dir` if any, else applies --init_from."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
   best_var = tf.Variable(-1.0, dtype=tf.float64, trainable=False)
   # The key `best_val_mean_dice` predates the metric's rename; kept so old runs resume.
   checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_var,
                                    best_val_mean_dice=best_var)
-  ckpt_dir = model_dir / "checkpoints"
-  latest = tf.train.latest_checkpoint(str(ckpt_dir))
+  latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
   if latest:
     checkpoint.restore(latest).assert_existing_objects_matched()
   initial_epoch = int(epoch_var.numpy())
@@ -447,9 +517,13 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
   _start_fine_tuning(config, model, init, resumed=bool(latest), initial_epoch=initial_epoch)
   manager = tf.train.CheckpointManager(checkpoint, save_dir,
                                        max_to_keep=config.checkpoints_kept)
+  return _State(epoch=epoch_var, best=best_var, manager=manager,
+                initial_epoch=initial_epoch)
 
-  wait = callbacks_lib.InputWait(batches_per_step=len(strategy.extended.worker_devices),
-                                images_per_step=config.global_batch_size)
+
+def _host_augment(config: TrainConfig, model) -> augment_lib.AugmentConfig | None:
+  """The augmentation tf.data applies (None: none, or the train step does it)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   augment = augment_config(config)
   augment_on = config.augment_on
   if augment_on == "auto":
@@ -460,8 +534,13 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
     augment_on = "device" if accelerated else "host"
   if augment is not None and augment_on == "device":
     augment_lib.augment_in_train_step(model, augment, seed=config.seed)
-    augment = None  # The pipeline only reads and batches.
+    return None  # The pipeline only reads and batches.
+  return augment
 
+
+def _train_input(config: TrainConfig, plan: _Plan, augment, initial_epoch: int, wait):
+  """The dataset function of `distribute_datasets_from_function` for training."""
+  trained = plan.trained
   if len(trained) == 1:
     # One dataset: no sampling op at all, the pipeline of a single --data_dir.
     files, compression = trained[0][0].files("train"), trained[0][0].compression
@@ -470,7 +549,6 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
     files = [s.files("train") for s, _ in trained]
     compression = [s.compression for s, _ in trained]
     mix = {"weights": [w for _, w in trained]}
-
   service = {}
   if config.data_service:
     # One job shared by every trainer process of the run (each batch goes to one of
@@ -478,7 +556,9 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
     # run and resume (tf.data: no two training jobs on one name); a rerun from the same
     # epoch may join what is left of its job, the same dataset and so the same stream.
     service = {"data_service": config.data_service,
-               "job_name": f"spine-train {model_dir} from epoch {initial_epoch}"}
+               "job_name": f"spine-train {fileio.path(config.model_dir)} from epoch "
+                           f"{initial_epoch}"}
+  train_slices = sum(s.train_slices for s, _ in trained)
 
   def train_fn(input_context):
     # Distinct per worker and per resumed run, so no example order is replayed.
@@ -489,67 +569,70 @@ def _fit(config: TrainConfig, sources: list[Source], strategy, is_chief: bool,
         # Decoded slices: float32 image + uint8 mask (+ uint8 head index with several
         # heads), 5 or 6 bytes per pixel; every trained dataset together must fit.
         # (The service's workers read every pass instead.)
-        cache=not service and (train_slices * image_size**2 * (6 if heads else 5)
-                               <= config.cache_bytes),
+        cache=not service and (train_slices * plan.image_size**2
+                               * (6 if plan.heads else 5) <= config.cache_bytes),
         deterministic=config.deterministic, **mix, **service)
     return input_pipeline.make_dataset(
-        files, image_size=image_size, compression=compression,
+        files, image_size=plan.image_size, compression=compression,
         global_batch_size=config.global_batch_size, training=options,
-        input_context=input_context, on_batch=wait.batch_ready, protocols=heads)
+        input_context=input_context, on_batch=wait.batch_ready, protocols=plan.heads)
 
-  train_ds = strategy.distribute_datasets_from_function(train_fn)
-  history_path = str(model_dir / "history.json")
-  previous = callbacks_lib.read_history(history_path, initial_epoch) if is_chief else []
-  best_path = str(model_dir / "best.keras") if is_chief else None
+  return train_fn
+
+
+def _callbacks(config: TrainConfig, sources: list[Source], plan: _Plan, model,
+               state: _State, wait, is_chief: bool, previous: list) -> list:
+  """The run's callbacks, in the order they must see each epoch's end."""
+  model_dir = fileio.path(config.model_dir)
   # First: a non-finite loss stops the run before any other callback sees the step.
   cbs = [callbacks_lib.StopOnNonFiniteLoss()]
-  if has_val:
+  if plan.has_val:
     val = {s.name: input_pipeline.make_dataset(
-        s.files("val"), image_size=image_size, compression=s.compression,
+        s.files("val"), image_size=plan.image_size, compression=s.compression,
         global_batch_size=config.global_batch_size)
            for s in sources if s.files("val")}
     # One folder: the split itself, logged and selected exactly as before several existed.
     val_ds = next(iter(val.values())) if len(sources) == 1 else val
     cbs.append(callbacks_lib.SplitDice(
-        val_ds, num_classes=num_classes, best_path=best_path, best_value=best_var,
-        heads=({s.name: heads.index(s.manifest.protocol) for s in sources} if heads
-               else None),
+        val_ds, num_classes=plan.num_classes,
+        best_path=str(model_dir / "best.keras") if is_chief else None,
+        best_value=state.best,
+        heads=({s.name: plan.heads.index(s.manifest.protocol) for s in sources}
+               if plan.heads else None),
         image_dir=str(model_dir / "logs" / "images") if is_chief else None,
         num_images=config.num_overlays))
   elif is_chief:
     cbs.append(callbacks_lib.SaveLastModel(str(model_dir / "best.keras")))
   cbs.append(wait)
   if is_chief:
-    cbs.append(callbacks_lib.HistoryFile(history_path, previous, model.optimizer))
-  cbs.append(callbacks_lib.Checkpoint(manager, epoch_var))
-  if config.freeze and initial_epoch < config.freeze_epochs:
+    cbs.append(callbacks_lib.HistoryFile(str(model_dir / "history.json"), previous,
+                                         model.optimizer))
+  cbs.append(callbacks_lib.Checkpoint(state.manager, state.epoch))
+  if config.freeze and state.initial_epoch < config.freeze_epochs:
     cbs.append(init_lib.Unfreeze(init_lib.encoder_layers(model), config.freeze_epochs))
   if is_chief:
     cbs.append(callbacks_lib.TensorBoardScalars(str(model_dir / "logs")))
-  keras_workarounds.apply(model, strategy, config.global_batch_size // replicas, image_size,
-                          label_channels=2 if heads else 1)
-  if initial_epoch < config.epochs:
-    try:
-      model.fit(train_ds, epochs=config.epochs, initial_epoch=initial_epoch,
-                steps_per_epoch=steps_per_epoch, callbacks=cbs, shuffle=False,
-                verbose=config.verbose if is_chief else 0)
-    except callbacks_lib.NonFiniteLoss as e:
-      kept = tf.train.latest_checkpoint(save_dir)
-      kept = (f"{model_dir} keeps {pathlib.Path(kept).name} (epoch {int(epoch_var.numpy())}),"
-              " best.keras and history.json" if kept else "no epoch had completed")
-      raise TrainingError(f"{e}; stopped before saving anything of that epoch ({kept}). "
-                          "Lower --learning_rate or check the data for extreme or "
-                          "non-finite values") from None
-    except (tf.errors.DataLossError, tf.errors.NotFoundError) as e:
-      raise TrainingError(_read_failure(sources, e)) from None
-  else:
-    print(f"Nothing to do: {initial_epoch} of --epochs={config.epochs} already completed",
-          flush=True)
-  history = callbacks_lib.read_history(history_path, config.epochs) if is_chief else []
-  best = float(best_var.numpy())
-  return {"epochs_completed": int(epoch_var.numpy()), "initial_epoch": initial_epoch,
-          "best_val_dice_mean": best if has_val and best >= 0 else None,
-          "history": history}
+  return cbs
+
+
+def _run_fit(config: TrainConfig, sources: list[Source], model, train_ds, cbs: list,
+             plan: _Plan, state: _State, save_dir: str, is_chief: bool) -> None:
+  """`model.fit` from the initial epoch; its faults become one-line TrainingErrors."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    model.fit(train_ds, epochs=config.epochs, initial_epoch=state.initial_epoch,
+              steps_per_epoch=plan.steps_per_epoch, callbacks=cbs, shuffle=False,
+              verbose=config.verbose if is_chief else 0)
+  except callbacks_lib.NonFiniteLoss as e:
+    model_dir = fileio.path(config.model_dir)
+    kept = tf.train.latest_checkpoint(save_dir)
+    kept = (f"{model_dir} keeps {pathlib.Path(kept).name} (epoch {int(state.epoch.numpy())}),"
+            " best.keras and history.json" if kept else "no epoch had completed")
+    raise TrainingError(f"{e}; stopped before saving anything of that epoch ({kept}). "
+                        "Lower --learning_rate or check the data for extreme or "
+                        "non-finite values") from None
+  except (tf.errors.DataLossError, tf.errors.NotFoundError) as e:
+    raise TrainingError(_read_failure(sources, e)) from None
 
 
 def _start_fine_tuning(config: TrainConfig, model, plan: init_lib.Plan | None, *,

@@ -234,6 +234,8 @@ def head_layer(protocol: str) -> str:
 
 # Names of the split files and the manifest, shared by writer and readers.
 MANIFEST_NAME = "dataset.json"
+# A spine-train model_dir over several folders records each folder's manifest here.
+DATASETS_NAME = "datasets.json"
 SPLITS = ("train", "val", "test")
 
 

@@ -549,9 +549,9 @@ def _check_keras_archive(model_path: pathlib.Path) -> None:
 
 def _kept_classes(drawn: Sequence[Sequence[int]], num_classes: int) -> np.ndarray | None:
   """float32 [heads, C]: 1 where a head draws a class, else 0; None when all draw all."""
-  keep = np.zeros((max(len(drawn), 1), num_classes), np.float32)
   if not drawn:
-    keep[:] = 1.0
+    return None
+  keep = np.zeros((len(drawn), num_classes), np.float32)
   for row, classes in zip(keep, drawn):
     row[[0, *classes]] = 1.0  # background is always drawn
   return None if keep.all() else keep
@@ -568,7 +568,7 @@ def drawn_classes(model_dir: str | os.PathLike, manifest: manifest_lib.Manifest,
   Raises:
     ValueError: `datasets.json` is unreadable or not a spine-train record.
   """
-  record = fileio.path(model_dir) / "datasets.json"
+  record = fileio.path(model_dir) / schema.DATASETS_NAME
   manifests = [manifest]
   if record.is_file():
     try:

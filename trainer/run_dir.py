@@ -16,6 +16,7 @@ from typing import Any
 
 from data_prep import fileio
 from data_prep import manifest as manifest_lib
+from data_prep import schema
 from trainer.config import ConfigError, TrainConfig, resolve_data_dirs
 
 # Settings a resumed run may change; any other difference means another experiment.
@@ -29,7 +30,7 @@ RESUMABLE_CHANGES = ("epochs", "strategy", "jit_compile", "augment_on", "model_d
 INIT_KEYS = ("init_from_resolved", "init_from_sha256")
 LOCK_NAME = ".lock"
 # With several --data_dir folders: {"datasets": [{"name", "data_dir", "manifest"}, ...]}.
-DATASETS_NAME = "datasets.json"
+DATASETS_NAME = schema.DATASETS_NAME
 # What killed runs leave in a model_dir, by subfolder (fileio.TMP_PREFIX* is always
 # included): temporaries of the writers before `fileio` (`.tmp-PID-best.keras`,
 # `.config.json.XXXX.tmp`, ...), and of tf.train.Checkpoint (a save's `ckpt-N_temp/`

@@ -144,7 +144,7 @@ def _write_shard(keyed: tuple[tuple, dict[str, Any]], output_dir: str) -> None:
     shard.close()
 
 
-def _last_line(error: Exception) -> str:
+def last_line(error: Exception) -> str:
   """The line of Beam's error that says what failed (it ends a worker's traceback)."""
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   return (lines[-1] if lines else type(error).__name__).removeprefix("RuntimeError: ")
@@ -187,7 +187,7 @@ def run(tasks: list, split_of_case: dict[str, str], tmp_dir: pathlib.Path,
   try:
     pipeline.run().wait_until_finish()
   except Exception as e:  # pylint: disable=broad-except  # workers' errors come as text
-    line = _last_line(e)  # Our own ConversionErrors already name the output folder.
+    line = last_line(e)  # Our own ConversionErrors already name the output folder.
     raise shards.ConversionError(line if line.startswith(out) else
                                  f"{out}: the Beam pipeline failed: {line}") from None
   with fileio.open_file(cases_path) as f:

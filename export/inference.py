@@ -36,10 +36,11 @@ per protocol too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -540,24 +541,41 @@ def orientation_back(case: readers.Case, mask: np.ndarray) -> np.ndarray:
   return orientation.from_display(mask, case.transform)
 
 
+def batch_key(model: Model, case: readers.Case) -> tuple:
+  """What 2D cases must share to go to the model in one call: (rows, columns, the
+  spacing sent with them, `spacing_for`).
+
+  Raises:
+    InputError: as `spacing_for`.
+  """
+  return tuple(case.image.shape[1:]) + (spacing_for(model, case),)
+
+
 def batches_2d(model: Model, cases: Iterable[readers.Case],
                batch_size: int) -> Iterable[tuple[list[readers.Case], Any]]:
   """Groups 2D cases into model calls: yields (cases, their spacing) per batch.
 
-  Slices of one size and spacing wait in a bucket until it holds `batch_size` (a
-  signature call takes one size and one spacing); leftovers are flushed at the end, in
-  the order their buckets opened. The batches are a function of the cases' order alone,
-  so every caller (sequential or streaming) sends the model the same batches. Check each
-  case with `spacing_for` before: here an unknown spacing raises.
+  The batches are those of `buckets` with `batch_key`: a signature call takes one size
+  and one spacing. The batches are a function of the cases' order alone, so every caller
+  (sequential, streaming, Beam) sends the model the same batches. Check each case with
+  `spacing_for` before: here an unknown spacing raises.
   """
-  buckets: dict[tuple, list[readers.Case]] = {}
-  for case in cases:
-    key = tuple(case.image.shape[1:]) + (spacing_for(model, case),)
-    buckets.setdefault(key, []).append(case)
-    if len(buckets[key]) >= batch_size:
-      yield buckets.pop(key), key[2]
-  for key in list(buckets):
-    yield buckets.pop(key), key[2]
+  for batch, key in buckets(cases, functools.partial(batch_key, model), batch_size):
+    yield batch, key[2]
+
+
+def buckets(items: Iterable[Any], key: Callable[[Any], Hashable],
+            size: int) -> Iterable[tuple[list[Any], Hashable]]:
+  """Yields (items, their key): items of one key wait in a bucket until it holds `size`;
+  leftovers are flushed at the end, in the order their buckets opened."""
+  open_buckets: dict[Hashable, list[Any]] = {}
+  for item in items:
+    k = key(item)
+    open_buckets.setdefault(k, []).append(item)
+    if len(open_buckets[k]) >= size:
+      yield open_buckets.pop(k), k
+  for k in list(open_buckets):
+    yield open_buckets.pop(k), k
 
 
 def cases_2d_probabilities(

@@ -44,6 +44,12 @@ default); --protocol=list prints each model's protocols and exits.
 model replica per local GPU); --pipeline=sequential: one input after another. Same bytes.
 
   spine-predict --saved_model=a/1,b/1 --input=scans/ --output=out/ --save_probabilities
+
+  # The same on Apache Beam (pip install -e ".[beam]"); Beam's pipeline options follow
+  # `--`. The same files, byte for byte, and the same failures.
+  spine-predict --saved_model=models/spineseg/1 --input=scans/ --output=masks/ \
+      --runner=DirectRunner -- --direct_num_workers=2 \
+      --direct_running_mode=multi_processing
 """
 from __future__ import annotations
 
@@ -109,6 +115,14 @@ _PIPELINE = flags.DEFINE_enum(
     "one model replica per local GPU; memory stays bounded whatever the number of "
     "inputs. sequential: read, segment and write one input after the other. Both write "
     "the same bytes and report the same failures.")
+_RUNNER = flags.DEFINE_string(
+    "runner", None, help="Segment on Apache Beam with this runner (DirectRunner, "
+    "DataflowRunner, FlinkRunner, SparkRunner, ...; needs the [beam] extra); Beam's "
+    "pipeline options follow `--`, e.g. `-- --direct_num_workers=2 "
+    "--direct_running_mode=multi_processing`. The files, the failures and --report are "
+    "a local run's, byte for byte, except that a write error fails only the inputs it "
+    "hits instead of stopping the run. Not with --pipeline (a local setting). Default: "
+    "this process, no Beam.")
 _REPORT_MIN_SLICES = flags.DEFINE_integer(
     "report_min_slices", 3, help="--report flags a volume's class found in fewer "
     "sagittal slices than this.", lower_bound=1)
@@ -117,9 +131,26 @@ _REPORT_MAX_COMPONENTS = flags.DEFINE_integer(
     "than this (a whole spine has 23 discs and 24 vertebrae).", lower_bound=1)
 
 
+def _beam_engine(runner: str, beam_args: list[str]):
+  """The Beam engine of `predict_lib.predict` (`beam_predict`), or one line and exit 1:
+  Beam not installed, an unknown runner or Beam option."""
+  from data_prep import options  # pylint: disable=g-import-not-at-top
+  try:
+    options.beam_engine()  # imports Beam, or says which extra installs it
+    from export import beam_predict  # pylint: disable=g-import-not-at-top
+    return beam_predict.engine(runner, beam_args)
+  except (options.ConversionError, ValueError) as e:
+    cli.fail(str(e))
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  beam_args = argv[1:]  # what follows `--`: Beam's pipeline options
+  if beam_args and not _RUNNER.value:
+    raise app.UsageError(f"unexpected arguments: {beam_args} (Beam pipeline options after "
+                         "`--` need --runner)")
+  if _RUNNER.value and _PIPELINE.present:
+    cli.fail("--pipeline chooses how this process runs the steps; with --runner Beam's "
+             "workers run them: drop --pipeline")
   if _BATCH_SIZE.value < 1:
     raise app.UsageError(f"--batch_size must be >= 1, found {_BATCH_SIZE.value}")
   from data_prep import fileio, readers, schema  # pylint: disable=g-import-not-at-top
@@ -129,6 +160,8 @@ def main(argv):
     cli.fail(str(e))
   # Imported here so that --help and flag errors do not pay for loading TensorFlow.
   from export import inference, portable, predict_lib, predict_report  # pylint: disable=g-import-not-at-top
+  # Before the model loads: a bad Beam option must not cost it.
+  engine = _beam_engine(_RUNNER.value, beam_args) if _RUNNER.value else None
   report = None
   if _REPORT.value:
     report = predict_report.Options(
@@ -144,7 +177,7 @@ def main(argv):
         overlay=_OVERLAY.value, overwrite=_OVERWRITE.value, spacing_2d_mm=spacing_2d,
         tta=_TTA.value, save_probabilities=_SAVE_PROBABILITIES.value,
         postprocess=_POSTPROCESS.value, report=report, protocol=_PROTOCOL.value,
-        output_format=_OUTPUT_FORMAT.value, pipeline=_PIPELINE.value,
+        output_format=_OUTPUT_FORMAT.value, pipeline=_PIPELINE.value, engine=engine,
         progress=sys.stderr.isatty())  # no bar in logs and captured output
     # The inputs counted again only to say "N of M failed" (a folder listing).
     total = len(inference.list_inputs(_INPUT.value)) if failures else 0

@@ -270,6 +270,12 @@ class _Run:
       sys.stderr.write("\n")
 
 
+# Segments a run's inputs elsewhere (`predict(engine=...)`, e.g. `beam_predict`): called
+# with the run's settings, its record (`targets`, the inputs to segment; each recorded
+# with `fail` or `done` in the order the sequential loop would) and the output folder.
+Engine = Callable[[_Job, _Run, pathlib.Path], None]
+
+
 def predict(model: inference.Model, input_path: str | os.PathLike,
             output_dir: str | os.PathLike, *, batch_size: int = 8, overlay: bool = False,
             overwrite: bool = False, progress: bool = True,
@@ -277,7 +283,8 @@ def predict(model: inference.Model, input_path: str | os.PathLike,
             save_probabilities: bool = False, postprocess: bool = False,
             report: predict_report.Options | None = None, protocol: str | None = None,
             output_format: str = "nifti", pipeline: str = "streaming",
-            devices: Sequence[str | None] | None = None
+            devices: Sequence[str | None] | None = None,
+            engine: Engine | None = None
             ) -> tuple[list[pathlib.Path], list[tuple[str, str]]]:
   """Segments every input and writes the masks.
 
@@ -311,6 +318,8 @@ def predict(model: inference.Model, input_path: str | os.PathLike,
       outputs, the files listed and the failures are the same.
     devices: "streaming" only: the devices of the model replicas (one thread each),
       e.g. ["/GPU:0", "/GPU:1"]; None: every local GPU, else the default device.
+    engine: segments the inputs elsewhere (`Engine`, e.g. `beam_predict`), in place
+      of `pipeline` and `devices`; None: in this process.
 
   Returns:
     (written, failures): the files written, and (input path, message) per failed input;
@@ -347,10 +356,39 @@ def predict(model: inference.Model, input_path: str | os.PathLike,
                              enabled=progress))
   _claim_outputs(run, files, output_dir, overlay, save_probabilities, overwrite,
                  output_format)
-  _segment_inputs(job, run, len(files), stream.Stages(pipeline, devices))
+  if engine is None:
+    _segment_inputs(job, run, len(files), stream.Stages(pipeline, devices))
+  else:
+    engine(job, run, output_dir)
   if report is not None:
     _write_report(job, run, files, input_path, output_dir, overwrite)
   return run.written, run.failures
+
+
+def segment(job: _Job, targets: dict[str, dict[str, pathlib.Path]]
+            ) -> tuple[list[pathlib.Path], list[tuple[str, str]],
+                       dict[str, predict_report.Entry]]:
+  """Segments and writes some inputs of a run, one after the other, in this process.
+
+  The steps of `predict` with the "sequential" pipeline, for an `Engine`'s workers: an
+  `Engine` that hands each the inputs of one model call of the whole run (a volume, a
+  batch of 2D inputs: `inference.buckets`) gets the run's bytes.
+
+  Args:
+    job: the run's settings, its `model` this process's.
+    targets: input path -> its output files (`output_paths`), in the run's order.
+
+  Returns:
+    (written, failures, report entries) as `predict` records them; an OS error while
+    writing fails the input it hit and every later one of `targets`, as it stops a run.
+  """
+  run = _Run(fileio.Progress(len(targets), "spine-predict", enabled=False),
+             targets=dict(targets))
+  try:
+    _segment_inputs(job, run, len(targets), stream.Stages("sequential"))
+  except OutputError:
+    pass  # `run.failures` holds the inputs it left unwritten
+  return run.written, run.failures, run.entries
 
 
 def _claim_outputs(run: _Run, files: list[pathlib.Path], output_dir: pathlib.Path,

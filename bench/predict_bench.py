@@ -7,7 +7,11 @@ in-plane sizes, RAS and scanner order alternating; PNG slices of mixed sizes), a
 (--postprocess on, as spine-predict's default). Each row: wall seconds of one run after
 a warm-up run on the same folder, inputs per minute, the ratio to the sequential run of
 the same folder, and the fraction of the wall time the model was busy (time inside
-`probabilities` calls, summed over devices, / wall). A second table gives the peak
+`probabilities` calls, summed over devices, / wall). A third row per folder runs it on
+Apache Beam (`--runner=DirectRunner`, 2 worker processes, each loading the model;
+`export/beam_predict.py`): one run, whose start-up (a run on one input of the folder:
+workers starting, TensorFlow imported, the model loaded) is given apart; its inputs per
+minute and ratio leave the start-up out (issue 22 goal: within 2x of the local command). A second table gives the peak
 Python heap (tracemalloc: NumPy arrays included, TensorFlow's own buffers not) of a
 streaming run on few and on many tiny slices: bounded memory keeps the two alike.
 Issue 22 goals on 2 CPU cores: streaming >= 1.5x the sequential inputs/minute on 32
@@ -47,6 +51,8 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, help="Model input square s
 _BASE_FILTERS = flags.DEFINE_integer("base_filters", 8, help="U-Net base filters.")
 _DEPTH = flags.DEFINE_integer("depth", 3, help="U-Net depth.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, help="2D slices per model call.")
+_BEAM = flags.DEFINE_bool("beam", True, help="Also the Beam DirectRunner row (needs "
+                          "the [beam] extra).")
 _WORK_DIR = flags.DEFINE_string("work_dir", None, help="Scratch folder (default: temp).")
 
 
@@ -103,6 +109,35 @@ def _run(model, inputs: pathlib.Path, out: pathlib.Path, pipeline: str) -> tuple
   return wall, timed.busy_s
 
 
+# Beam's Python DirectRunner with two worker processes (the Prism runner it would try
+# first needs a download; see docs/scaling_out.md).
+BEAM_ARGS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing",
+             "--prism_location=/nonexistent/prism"]
+
+
+def _run_beam(model, inputs: pathlib.Path, out: pathlib.Path) -> tuple[float, float]:
+  """(wall seconds, start-up seconds) of one predict run on Beam; the start-up is the
+  wall time of a run on the folder's first input alone."""
+  from export import beam_predict, predict_lib  # pylint: disable=g-import-not-at-top
+  # The worker processes import spineseg as this process does.
+  os.environ["PYTHONPATH"] = os.pathsep.join(
+      [str(pathlib.Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])
+  one = out.parent / "beam-one-input"
+  one.mkdir(parents=True, exist_ok=True)
+  first = sorted(inputs.iterdir())[0]
+  shutil.copy(first, one / first.name)
+  walls = []
+  for folder in (one, inputs):
+    start = time.perf_counter()
+    _, failures = predict_lib.predict(
+        model, folder, out, batch_size=_BATCH_SIZE.value, overwrite=True, progress=False,
+        postprocess=True, engine=beam_predict.engine("DirectRunner", BEAM_ARGS))
+    walls.append(time.perf_counter() - start)
+    if failures:
+      raise RuntimeError(f"bench inputs failed: {failures[:3]}")
+  return walls[1], walls[0]
+
+
 def _peak_heap_mb(model, folder: pathlib.Path, count: int, out: pathlib.Path) -> float:
   from data_prep import phantom  # pylint: disable=g-import-not-at-top
   from export import predict_lib  # pylint: disable=g-import-not-at-top
@@ -145,7 +180,11 @@ def main(argv):
       base = base or rate
       rows.append(f"| {name} | {pipeline} | {wall:.2f} | {rate:.1f} | {rate / base:.2f} "
                   f"| {busy / wall:.0%} |")
-    rows.append(f"| {name} | Beam DirectRunner, 2 workers | not built | | | |")
+    if _BEAM.value:
+      wall, start_up = _run_beam(model, folder, work / "out" / "beam")
+      rate = count / (wall - start_up) * 60
+      rows.append(f"| {name} | Beam DirectRunner (2 workers) | {wall:.2f} (start-up "
+                  f"{start_up:.2f}) | {rate:.1f} | {rate / base:.2f} | n/a |")
 
   print(f"\nU-Net base_filters={_BASE_FILTERS.value} depth={_DEPTH.value} group norm, "
         f"untrained, image {_IMAGE_SIZE.value}; batch {_BATCH_SIZE.value}; "
@@ -155,6 +194,9 @@ def main(argv):
   print("| inputs | pipeline | wall s | inputs/min | ratio vs sequential | model busy |")
   print("| --- | --- | ---: | ---: | ---: | ---: |")
   print("\n".join(rows))
+  if _BEAM.value:
+    print("\nBeam: inputs/min and ratio without the start-up (a run on one input); the "
+          "model runs in the workers, so its busy time is not measured.")
   if _MEMORY_INPUTS.value:
     print("\n| streaming, tiny 64x64 PNG slices | peak Python heap MiB |")
     print("| --- | ---: |")

@@ -26,7 +26,8 @@ A bad input is reported with its file name; the others are still processed, and 
 exits non-zero listing the failures, then `spine-predict: error: N of M inputs failed`. Existing outputs are kept unless --overwrite. An
 input's outputs appear all together or not at all; an OS error while writing (full disk,
 read-only folder) stops the run with one line naming the file and the reason, followed by
-every input not written.
+every input not written (with --runner: only the inputs of that model call fail, the
+other workers go on).
 --tta (off by default; about 3x the time): scale test-time augmentation for a model
 trained at a target spacing: the input is segmented with its spacing times 0.85, 1.0 and
 1.15 and the mean probabilities decide; a model without a target spacing refuses it.

@@ -165,7 +165,7 @@ def table(summary: dict[tuple[str, int], Stat]) -> str:
   def minutes(stat):
     return "" if stat is None else f"{stat.minutes:.1f}"
 
-  header = ["k"] + [f"{ARMS[a]}: Dice" for a in ARMS] + [f"{a} min" for a in ARMS]
+  header = ["k"] + [f"{ARMS[a]}: Dice" for a in ARMS] + [f"({a}) min" for a in ARMS]
   lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
   for k in ks_of(summary):
     stats = [summary.get((a, k)) for a in ARMS]

@@ -213,7 +213,8 @@ class ConvertOptions:
     for an absent label map or regex, the examples per shard used), so that a
     conversion's manifest bytes stay put; `slices_per_case` is added only when set.
     """
-    given = {} if self.slices_per_case is None else {"slices_per_case": self.slices_per_case}
+    given = ({} if self.slices_per_case is None
+             else {"slices_per_case": self.slices_per_case})
     return dict(images_dir=str(images_dir), masks_dir=str(masks_dir),
                 output_dir=str(output_dir), required_labels=list(self.required_labels),
                 annotated_labels=list(self.annotated_labels),

@@ -4,8 +4,8 @@
 collapses labels with the label map, normalizes the intensities once (per image for a 2D
 file, per volume for NIfTI) with `preprocess`, keeps the slices whose mask holds every
 required label (at most `slices_per_case` of them, `pick_slices`), fits each kept slice
-into the square and serializes it with `schema.make_example`. It returns plain picklable data (bytes, lists, numbers), so the
-parent process only writes bytes to the shards.
+into the square and serializes it with `schema.make_example`. It returns plain picklable
+data (bytes, lists, numbers), so the parent process only writes bytes to the shards.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def _bisection_positions(count: int) -> Iterator[int]:
   seen: set[int] = set()
   denominator = 2
   while len(seen) < count:
-    # Level by level; at a level whose spacing count/denominator is <= 1 every position
-    # is named, so the loop ends.
+    # The fractions up to this level lie count/denominator apart: once that is <= 1,
+    # every position has been named and the loop ends.
     numerators = sorted(range(1, denominator, 2),
                         key=lambda n: (abs(2 * n - denominator), n))
     for numerator in numerators:

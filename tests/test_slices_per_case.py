@@ -1,4 +1,4 @@
-"""spine-convert --slices_per_case: which slices a volume keeps, and nothing else changes."""
+"""spine-convert --slices_per_case: which slices a volume keeps; nothing else changes."""
 import os
 import pathlib
 import subprocess
@@ -39,7 +39,8 @@ def test_every_count_is_nested_in_the_next_and_reaches_every_slice(count):
 
 
 def _records(data_dir):
-  return [r.numpy() for r in tf.data.TFRecordDataset(manifest.load(data_dir).files("train"))]
+  files = manifest.load(data_dir).files("train")
+  return [r.numpy() for r in tf.data.TFRecordDataset(files)]
 
 
 def test_conversion_keeps_the_picked_slices_byte_for_byte_and_records_the_option(tmp_path):

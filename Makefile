@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 BAZEL_DEBS := bazel-bootstrap bazel-platforms
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv test demo recipe bench quality bazel-test build-file clean
+.PHONY: venv test demo recipe finetune-study bench quality bazel-test build-file clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ demo: $(STAMP)
 # convert each folder, train three seeds, export, score the ensemble with --tta.
 recipe: $(STAMP)
 	tools/recipe.sh
+
+# "How many slices must I label?" (docs/training.md): the base model as it is, fine-tuned
+# on k slices of a new scanner, and retrained with them, under out/finetune_study/.
+finetune-study: $(STAMP)
+	tools/finetune_study.sh
 
 # Every benchmark in bench/ with its default (small) settings; the quality bench (hours
 # of training at full size) only as a --quick smoke run: `make quality` runs it in full.

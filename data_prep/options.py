@@ -14,7 +14,7 @@ import os
 import re
 from typing import Any, Optional
 
-from data_prep import preprocess, readers, schema
+from data_prep import preprocess, readers, schema, slices
 from data_prep.shards import ConversionError
 
 DEFAULT_EXAMPLES_PER_SHARD = 512  # ~170 MB shards at 256 px: large reads, few files.
@@ -51,6 +51,10 @@ class ConvertOptions:
       None, "Keep only slices whose mask contains every one of these labels (after "
       "--label_map); default: 0 and every --annotated_labels class. An empty value keeps "
       "all slices.")
+  slices_per_case: Optional[int] = _setting(
+      None, "Keep at most this many of each case's slices that pass the label filter, "
+      f"chosen deterministically: {slices.PICK_RULE}. For studies of how many labelled "
+      "slices a new scanner needs. Default: every one.")
   label_map: Optional[str] = _setting(
       None, "Collapse source label ids before filtering, e.g. '1-5:1,6-12:2' (0 maps to 0 "
       "unless listed). Unmapped values are an error.")
@@ -167,6 +171,9 @@ class ConvertOptions:
       raise ValueError("num_shards and examples_per_shard must be positive")
     if self.workers < 1:
       raise ValueError(f"num_workers must be positive, found {self.workers}")
+    if self.slices_per_case is not None and self.slices_per_case < 1:
+      raise ValueError(f"--slices_per_case must be a positive number of slices, found "
+                       f"{self.slices_per_case} (leave it out to keep every slice)")
     bad = [x for x in self.required_labels if not 0 <= x < schema.NUM_CLASSES]
     if bad:
       raise ValueError(f"required_labels {bad} are not class ids "
@@ -192,7 +199,7 @@ class ConvertOptions:
                 label_map=schema.parse_label_map(self.label_map),
                 annotated_labels=list(self.annotated_labels),
                 target_spacing_mm=self.target_spacing_mm, spacing_2d_mm=self.spacing_2d_mm,
-                protocol=self.protocol)
+                protocol=self.protocol, slices_per_case=self.slices_per_case)
 
   def pipeline_options(self):
     """Beam's PipelineOptions for `runner` and `beam_args` (`beam_convert`)."""
@@ -204,8 +211,10 @@ class ConvertOptions:
 
     Key order and values are those dataset.json has always held (JSON-ready: lists, ""
     for an absent label map or regex, the examples per shard used), so that a
-    conversion's manifest bytes stay put.
+    conversion's manifest bytes stay put; `slices_per_case` is added only when set.
     """
+    given = ({} if self.slices_per_case is None
+             else {"slices_per_case": self.slices_per_case})
     return dict(images_dir=str(images_dir), masks_dir=str(masks_dir),
                 output_dir=str(output_dir), required_labels=list(self.required_labels),
                 annotated_labels=list(self.annotated_labels),
@@ -216,7 +225,8 @@ class ConvertOptions:
                 compression=self.compression, strict=self.strict,
                 case_id_regex=self.case_id_regex or "",
                 target_spacing_mm=self.target_spacing_mm,
-                spacing_2d_mm=list(self.spacing_2d_mm) if self.spacing_2d_mm else None)
+                spacing_2d_mm=list(self.spacing_2d_mm) if self.spacing_2d_mm else None,
+                **given)
 
 
 def beam_engine():

@@ -3,18 +3,64 @@
 `process_case` is the unit of work of the converter's worker processes. It reads the case,
 collapses labels with the label map, normalizes the intensities once (per image for a 2D
 file, per volume for NIfTI) with `preprocess`, keeps the slices whose mask holds every
-required label, fits each kept slice into the square and serializes it with
-`schema.make_example`. It returns plain picklable data (bytes, lists, numbers), so the
-parent process only writes bytes to the shards.
+required label (at most `slices_per_case` of them, `pick_slices`), fits each kept slice
+into the square and serializes it with `schema.make_example`. It returns plain picklable
+data (bytes, lists, numbers), so the parent process only writes bytes to the shards.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from data_prep import preprocess, readers, schema
+
+# The rule `pick_slices` follows, as spine-convert --slices_per_case's help states it.
+PICK_RULE = (
+    "the slices that pass the label filter, in display order, are positions 0..M-1; the "
+    "fractions 1/2; 1/4, 3/4; 1/8, 3/8, 5/8, 7/8; ... are taken level by level (within a "
+    "level the one nearest 1/2 first, the smaller on a tie), each naming position "
+    "floor(fraction * M), one already taken passed over; the first N positions named are "
+    "kept (all M when N >= M). So N=1 keeps the middle labelled slice, a larger N keeps "
+    "every smaller N's slices, and N=3, 7, 15 are evenly spread")
+
+
+def _bisection_positions(count: int) -> Iterator[int]:
+  """Positions 0..count-1, each once, in `PICK_RULE`'s order."""
+  seen: set[int] = set()
+  denominator = 2
+  while len(seen) < count:
+    # The fractions up to this level lie count/denominator apart: once that is <= 1,
+    # every position has been named and the loop ends.
+    numerators = sorted(range(1, denominator, 2),
+                        key=lambda n: (abs(2 * n - denominator), n))
+    for numerator in numerators:
+      position = numerator * count // denominator
+      if position not in seen:
+        seen.add(position)
+        yield position
+    denominator *= 2
+
+
+def pick_slices(candidates: Sequence[int], limit: Optional[int]) -> list[int]:
+  """The slices of one case that `--slices_per_case=limit` keeps (`PICK_RULE`).
+
+  The picks spread over the labelled range, the middle one first, so that a study of "how
+  many labelled slices are needed" labels the same slices again when it asks for more.
+
+  Args:
+    candidates: the case's slice indices that pass the label filter, in display order.
+    limit: at most this many are kept (a positive number); None keeps every one.
+
+  Returns:
+    The kept indices, in display order.
+  """
+  if limit is None or limit >= len(candidates):
+    return list(candidates)
+  positions = _bisection_positions(len(candidates))
+  return sorted(candidates[next(positions)] for _ in range(limit))
+
 
 def missing_labels(mask_slice: np.ndarray, required: Sequence[int]) -> list[int]:
   """Required labels that do not occur in one 2D mask slice."""
@@ -74,7 +120,8 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
                  annotated_labels: Sequence[int] = tuple(range(schema.NUM_CLASSES)),
                  target_spacing_mm: Optional[float] = None,
                  spacing_2d_mm: Optional[tuple[float, float]] = None,
-                 protocol: str = schema.DEFAULT_PROTOCOL) -> CaseResult:
+                 protocol: str = schema.DEFAULT_PROTOCOL,
+                 slices_per_case: Optional[int] = None) -> CaseResult:
   """Reads one case and turns its kept slices into serialized examples.
 
   Args:
@@ -91,6 +138,8 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
       it into the square (`preprocess.spacing_geometry`); None: fit by the longer side.
     spacing_2d_mm: (row, column) mm per pixel of 2D files (NIfTI: from the affine).
     protocol: the labelling protocol of the masks, stored with every example.
+    slices_per_case: keep at most this many of the slices that pass the label filter,
+      chosen by `pick_slices`; the others are reported as skipped. None: all of them.
 
   Returns:
     A CaseResult. Input problems are reported in `error` (the case is skipped), label
@@ -130,14 +179,21 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
   else:  # Every stored pixel covers target_spacing_mm; what overflows the square is cut.
     geometry = preprocess.spacing_geometry(case.image.shape[1], case.image.shape[2],
                                            case.spacing, target_spacing_mm, image_size)
+  missing = [missing_labels(mask[index], required_labels)
+             for index in range(case.image.shape[0])]
+  picked = set(pick_slices([i for i, m in enumerate(missing) if not m], slices_per_case))
   for index in range(case.image.shape[0]):
-    missing = missing_labels(mask[index], required_labels)
-    if missing:
+    if missing[index]:
       present = sorted(set(np.unique(mask[index]).tolist()))
       result.skipped_slices.append(
-          (index, f"missing label(s) {missing} "
-                  f"({', '.join(schema.CLASS_NAMES[m] for m in missing)}); "
+          (index, f"missing label(s) {missing[index]} "
+                  f"({', '.join(schema.CLASS_NAMES[m] for m in missing[index])}); "
                   f"present {present}"))
+      continue
+    if index not in picked:
+      result.skipped_slices.append(
+          (index, f"not among the {slices_per_case} labelled slices --slices_per_case "
+                  "keeps"))
       continue
     normalized = preprocess.apply_normalization(case.image[index], normalization, offset,
                                                 scale)

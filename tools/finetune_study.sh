@@ -22,6 +22,8 @@
 # Shrink it with the environment (tests/test_finetune_study.py does):
 #   STUDY_SEEDS="0 1"        training seeds
 #   STUDY_K="1 2 4 8"        labelled slices of the new scanner: 1 or even numbers
+#   STUDY_ARMS="a b c"       the arms to run now (b needs a's base); the others' cells
+#                            can follow in a later run
 #   STUDY_EPOCHS, STUDY_STEPS        override train.flags' --epochs / --steps_per_epoch for
 #                            the base and (c)
 #   STUDY_FT_EPOCHS, STUDY_FT_STEPS  the fine-tuning's epochs and steps (default 10 x 10)
@@ -39,6 +41,7 @@ DATA="${STUDY_DATA:-../shared/data}"
 OUT="${STUDY_OUT:-out/finetune_study}"
 SEEDS="${STUDY_SEEDS:-0 1}"
 KS="${STUDY_K:-1 2 4 8}"
+ARMS=" ${STUDY_ARMS:-a b c} "
 SCORE="${STUDY_SCORE:-vb1_06 vb1_07 vb1_08}"
 FLAGS=experiments/multi_scanner
 # Fine-tuning: 100 steps, a sixth of the recipe's 600, so that (b) can meet the goal of a
@@ -185,14 +188,14 @@ for seed in $SEEDS; do
   fi
   for k in $KS; do
     step "3/3 seed $seed, k=$k: (b) fine-tuned from the base, (c) the recipe from scratch"
-    if begin_cell "b_k${k}_seed$seed" "a_k0_seed$seed" "data_new_k$k"; then
+    if [[ "$ARMS" == *" b "* ]] && begin_cell "b_k${k}_seed$seed" "a_k0_seed$seed" "data_new_k$k"; then
       train --data_dir="$OUT/data/new_k$k" --dataset_weights=1 --init_from="$base" \
         --model_dir="$OUT/runs/b_k${k}_seed$seed" --seed="$seed" --epochs="$FT_EPOCHS" \
         --steps_per_epoch="$FT_STEPS" "${ft_flags[@]}" "${extra[@]}"
       score b "$k" "$seed" "$OUT/runs/b_k${k}_seed$seed" vb1 --slices="$k" \
         --init_from="a_k0_seed$seed"
     fi
-    if begin_cell "c_k${k}_seed$seed" data_spine2d data_ivd_11 "data_new_k$k"; then
+    if [[ "$ARMS" == *" c "* ]] && begin_cell "c_k${k}_seed$seed" data_spine2d data_ivd_11 "data_new_k$k"; then
       train --data_dir="$OUT/data/spine2d,$OUT/data/ivd_11,$OUT/data/new_k$k" \
         --model_dir="$OUT/runs/c_k${k}_seed$seed" --seed="$seed" "${train_more[@]}" \
         "${extra[@]}"

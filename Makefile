@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 BAZEL_DEBS := bazel-bootstrap bazel-platforms
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv test demo recipe bench quality bazel-test build-file clean
+.PHONY: venv test demo recipe pretrained bench quality bazel-test build-file clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ demo: $(STAMP)
 # convert each folder, train three seeds, export, score the ensemble with --tta.
 recipe: $(STAMP)
 	tools/recipe.sh
+
+# The model that ships with spineseg (export/pretrained_model/): the recipe with one seed,
+# --deterministic, packed without optimizer state (about 30 minutes on 2 CPU cores).
+pretrained: $(STAMP)
+	tools/pretrained.sh
 
 # Every benchmark in bench/ with its default (small) settings; the quality bench (hours
 # of training at full size) only as a --quick smoke run: `make quality` runs it in full.

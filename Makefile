@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 BAZEL_DEBS := bazel-bootstrap bazel-platforms
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv test demo recipe finetune-study bench quality bazel-test build-file clean
+.PHONY: venv test demo recipe finetune-study pretrained bench quality bazel-test build-file clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,11 @@ recipe: $(STAMP)
 # on k slices of a new scanner, and retrained with them, under out/finetune_study/.
 finetune-study: $(STAMP)
 	tools/finetune_study.sh
+
+# The model that ships with spineseg (export/pretrained_model/): the recipe with one seed,
+# --deterministic, packed without optimizer state (about 30 minutes on 2 CPU cores).
+pretrained: $(STAMP)
+	tools/pretrained.sh
 
 # Every benchmark in bench/ with its default (small) settings; the quality bench (hours
 # of training at full size) only as a --quick smoke run: `make quality` runs it in full.

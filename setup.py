@@ -7,6 +7,8 @@ setuptools.setup(
     description="Spine T2 MRI segmentation: convert -> train -> export -> serve.",
     python_requires=">=3.11",
     packages=["data_prep", "trainer", "export"],
+    # The model that ships with spineseg (export/pretrained.py, MODEL_CARD.md beside it).
+    package_data={"export": ["pretrained_model/*"]},
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "numpy>=1.26",

@@ -41,8 +41,8 @@ from data_prep import cli  # first: it quiets TensorFlow before anything loads i
 
 _SAVED_MODEL = flags.DEFINE_string(
     "saved_model", None, help="SavedModel version folder written by spine-export, or a "
-    "comma-separated list of them (A,B,C): an ensemble averaging their probabilities.",
-    required=True)
+    "comma-separated list of them (A,B,C): an ensemble averaging their probabilities. "
+    "`pretrained`: the model that ships with spineseg.", required=True)
 _IMAGES_DIR = flags.DEFINE_string("images_dir", None, help="Folder of images (mode 1).")
 _MASKS_DIR = flags.DEFINE_string(
     "masks_dir", None, help="Folder of ground-truth masks paired by file stem (mode 1).")

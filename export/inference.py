@@ -50,6 +50,7 @@ from data_prep import fileio
 from data_prep import orientation
 from data_prep import readers
 from export import postprocess as postprocess_lib
+from export import pretrained
 
 INPUT_SUFFIXES = readers.IMAGE_2D_SUFFIXES + (".npy",) + readers.NIFTI_SUFFIXES
 REQUIRED_SIGNATURES = ("serving_default", "segment_volume")
@@ -273,10 +274,20 @@ Model = LoadedModel | Ensemble
 def load_saved_model(path: str | os.PathLike) -> LoadedModel:
   """Loads an exported spineseg SavedModel with its metadata (`LoadedModel`).
 
+  `pretrained` (`pretrained.NAME`; a folder of that name: ./pretrained) is the model
+  that ships with spineseg, exported into its cache on first use (export/pretrained.py).
+
   Raises:
     InputError: the folder is missing, holds no SavedModel, cannot be loaded, lacks
-      the spineseg signatures, or its metadata is corrupt.
+      the spineseg signatures, or its metadata is corrupt; the shipped model cannot be
+      found or exported.
   """
+  if str(path) == pretrained.NAME:
+    try:
+      path = pretrained.saved_model()
+    except (OSError, ValueError) as e:  # ValueError: serving cannot load best.keras
+      where = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.strerror else e
+      raise InputError(f"--saved_model={pretrained.NAME}: {where}") from e
   path = fileio.path(path)
   if not path.is_dir():
     raise InputError(f"{path}: SavedModel directory does not exist")

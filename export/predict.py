@@ -1,6 +1,7 @@
 """Segments new scans with an exported SavedModel (no training code needed).
 
   spine-predict --saved_model=models/spineseg/1 --input=scans/ --output=masks/ --overlay
+  spine-predict --saved_model=pretrained --input=scans/ --output=masks/  # shipped model
 
 Input: one 2D slice (PNG/JPEG/TIFF/.npy), one NIfTI volume, one folder `NAME` holding
 one DICOM series (*.dcm or files with the DICOM preamble; needs `pip install -e
@@ -64,7 +65,8 @@ from data_prep import cli  # first: it quiets TensorFlow before anything loads i
 _SAVED_MODEL = flags.DEFINE_string(
     "saved_model", None, help="SavedModel version folder written by spine-export, or a "
     "comma-separated list of them (A,B,C): an ensemble averaging their probabilities "
-    "(one model time per member).", required=True)
+    "(one model time per member). `pretrained`: the model that ships with spineseg "
+    "(export/pretrained_model/MODEL_CARD.md).", required=True)
 _INPUT = flags.DEFINE_string(
     "input", None, help="An image/.npy/NIfTI file, a folder holding one DICOM series, or "
     "a folder of them (series in subfolders).", required=True)

@@ -112,7 +112,7 @@ class TrainConfig:
   init_from: str = _setting(
       "", "Fine-tune: start from the weights of a spine-train model_dir (its best.keras, "
       "else its latest checkpoint), a .keras file or a spine-export SavedModel folder "
-      "(`pretrained` is reserved for a model shipped with the package). Layers must match "
+      "(`pretrained`: the model that ships with spineseg). Layers must match "
       "by name and shape (same --base_filters, --depth, --norm, image size and target "
       "spacing); an output head is loaded when its protocol and classes match, else "
       "re-initialized. config.json records the file read and its SHA-256. Empty: random "

@@ -5,7 +5,8 @@ A source is one of:
   a .keras file             e.g. a model_dir's best.keras given directly;
   a SavedModel folder       written by spine-export (`assets.extra/spineseg.json`): the
                             weights are read from its `variables/` checkpoint;
-  `pretrained`              reserved for a model shipped with the package (none yet).
+  `pretrained`              the model that ships with spineseg (export/pretrained.py):
+                            a model_dir inside the package.
 
 Weights are matched by Keras variable path (`LAYER/WEIGHT`, e.g. `down0_conv1/kernel`):
 a checkpoint's object graph records each variable's path as its `full_name`, so a
@@ -37,10 +38,9 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 from data_prep import fileio
 from data_prep import manifest as manifest_lib
 from data_prep import schema
+from export import pretrained
 from trainer.config import ConfigError
 
-# Reserved for a model that will ship with the package; until then refused by name.
-PRETRAINED = "pretrained"
 # What spine-export writes next to a SavedModel (export/serving.py METADATA_FILE).
 _EXPORT_METADATA = "assets.extra/spineseg.json"
 # The one-head model's output layer (trainer/unet.py); several heads: schema.head_layer.
@@ -105,14 +105,15 @@ def resolve(given: str) -> Source:
   """Finds the file(s) that `given` names and hashes them (no TensorFlow op runs).
 
   Raises:
-    ConfigError: `pretrained` (no model ships yet), a missing path, or one that is no
-      model_dir, .keras file or spine-export SavedModel; naming the path.
+    ConfigError: a missing path, one that is no model_dir, .keras file or spine-export
+      SavedModel, or an installation without the shipped model; naming the path.
   """
   flag = f"--init_from={given}"
-  if given == PRETRAINED:
-    raise ConfigError(f"{flag}: no pretrained model ships with this version of spineseg "
-                      "yet; pass a spine-train model_dir, a .keras file or a spine-export "
-                      "SavedModel folder (a folder named pretrained: ./pretrained)")
+  if given == pretrained.NAME:  # a folder of that name: ./pretrained
+    try:
+      return _model_dir(given, pretrained.model_dir())
+    except FileNotFoundError as e:
+      raise ConfigError(f"{flag}: {e}") from e
   where = fileio.path(given).expanduser().resolve()
   if not where.exists():
     raise ConfigError(f"{flag}: {where} does not exist")

@@ -32,19 +32,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-import pickle
+import io
+import json
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.options import pipeline_options as options_lib
 
 from data_prep import beam_convert, fileio, readers
-from export import inference, predict_lib
+from export import inference, predict_lib, predict_report
 
 # Written by the pipeline's last step into the output folder, read and removed by the
 # launcher; its hidden temporary name is cleared by the next run if the launcher dies.
-_OUTCOMES = "beam-outcomes.pkl"
+# An .npz read with allow_pickle=False: JSON of the outcomes plus the report mosaics.
+_OUTCOMES = "beam-outcomes.npz"
 
 # One model (or ensemble) per worker process and folders: loaded by the first DoFn that
 # needs it, shared by the others (and threads); the launcher lends its own to in-process
@@ -142,7 +145,41 @@ def _segment(settings: Any, model: inference.Model,
 
 
 def _save(outcomes: list, path: str) -> None:
-  fileio.write_bytes_atomic(path, pickle.dumps(outcomes))
+  """Writes the `_segment` outcomes as an .npz: no pickle crosses from the workers."""
+  mosaics, records = {}, []
+  for call, paths, written, failures, entries in outcomes:
+    shown = {}
+    for input_path, entry in entries.items():
+      fields = dataclasses.asdict(entry)
+      mosaics[f"mosaic{len(mosaics)}"] = fields.pop("mosaic")
+      fields["mosaic"] = f"mosaic{len(mosaics) - 1}"
+      shown[input_path] = fields
+    records.append({"call": call, "paths": paths, "written": [str(f) for f in written],
+                    "failures": failures, "entries": shown})
+  # NumPy scalars (counts, sizes) as plain numbers.
+  text = json.dumps(records, default=lambda v: v.item() if isinstance(v, np.generic) else v)
+  record = np.frombuffer(text.encode(), np.uint8)
+  buffer = io.BytesIO()
+  np.savez(buffer, outcomes=record, **mosaics)
+  fileio.write_bytes_atomic(path, buffer.getvalue())
+
+
+def _load(path: str) -> list:
+  """The outcomes `_save` wrote, as `_segment` returned them."""
+  with fileio.open_file(path, "rb") as f, np.load(io.BytesIO(f.read()),
+                                                   allow_pickle=False) as arrays:
+    records = json.loads(arrays["outcomes"].tobytes().decode())
+    outcomes = []
+    for r in records:
+      entries = {}
+      for input_path, fields in r["entries"].items():
+        for name in ("size", "slices", "components"):  # JSON made the class ids text
+          fields[name] = {int(c): v for c, v in fields[name].items()}
+        fields["mosaic"] = arrays[fields["mosaic"]]
+        entries[input_path] = predict_report.Entry(**fields)
+      outcomes.append((r["call"], r["paths"], [fileio.path(f) for f in r["written"]],
+                       [tuple(f) for f in r["failures"]], entries))
+  return outcomes
 
 
 def _check_writable(out: pathlib.Path) -> None:
@@ -200,8 +237,7 @@ def _run(options: options_lib.PipelineOptions, job: Any, run: Any,
   finally:
     with _MODELS_LOCK:
       _MODELS.pop(paths, None)
-  with fileio.open_file(outcomes_path, "rb") as f:
-    outcomes = pickle.load(f)
+  outcomes = _load(outcomes_path)
   fileio.path(outcomes_path).unlink()
   _record(run, outcomes)
 

@@ -262,3 +262,25 @@ def test_the_plan_is_the_local_model_calls():
   assert [[c[k] for k in sorted(c)] for _, c in sorted(calls.items())] == [
       [1], [0, 3], [5], [2, 6], [4, 7]]
   np.testing.assert_equal(sorted(plan), list(range(8)))
+
+
+def test_outcomes_cross_from_the_workers_without_pickle(tmp_path):
+  # The launcher reads what the workers wrote into the output folder: an .npz it opens
+  # with allow_pickle=False, never a pickle.
+  entry = predict_report.Entry(
+      input_path="a.nii.gz", kind="3d", mosaic=np.arange(24, dtype=np.uint8).reshape(2, 4, 3),
+      size={1: 12.5, 2: np.float64(3.0)}, unit="mm^3", slices={1: np.int64(2), 2: 0},
+      components={1: np.int64(1), 2: 0}, flags=["few slices"], notes=[])
+  outcomes = [(1, ["b.png"], [], [("b.png", "b.png: unreadable")], {}),
+              (0, ["a.nii.gz"], [tmp_path / "a_mask.nii.gz"], [], {"a.nii.gz": entry})]
+  path = str(tmp_path / "outcomes.npz")
+  beam_predict._save(outcomes, path)
+  with np.load(path, allow_pickle=False) as arrays:
+    assert "outcomes" in arrays
+  loaded = beam_predict._load(path)
+  assert [o[:4] for o in loaded] == [o[:4] for o in outcomes]
+  got = loaded[1][4]["a.nii.gz"]
+  np.testing.assert_array_equal(got.mosaic, entry.mosaic)
+  assert (got.size, got.slices, got.components) == ({1: 12.5, 2: 3.0}, {1: 2, 2: 0},
+                                                    {1: 1, 2: 0})
+  assert (got.kind, got.unit, got.flags) == ("3d", "mm^3", ["few slices"])

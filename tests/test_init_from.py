@@ -264,3 +264,25 @@ def _learning_rates(config, steps):
     optimizer.iterations.assign(step)
     rates.append(float(optimizer.learning_rate))
   return rates
+
+
+def test_fine_tuned_model_exports_every_signature_onnx_litert_and_ensembles(source,
+                                                                           tmp_path):
+  from data_prep import phantom  # pylint: disable=g-import-not-at-top
+  from export import inference, portable, predict_lib  # pylint: disable=g-import-not-at-top
+  model_dir = tmp_path / "ft"
+  train.train_and_evaluate(_config(source["data"], model_dir,
+                                   init_from=str(source["model_dir"])))
+  out = serving.export(model_dir, tmp_path / "ft_export" / "1")
+  metadata = json.loads((out / serving.METADATA_FILE).read_text())
+  source_metadata = json.loads((source["export"] / serving.METADATA_FILE).read_text())
+  assert metadata["signatures"] == source_metadata["signatures"]
+  assert portable.to_onnx(out).is_file()
+  assert portable.to_litert(model_dir, out).is_file()
+  # An ensemble of the source and the fine-tuned model segments like any other.
+  phantom.write_2d_dataset(tmp_path / "scans", num_cases=2, seed=0, min_size=32,
+                           max_size=48)
+  model = inference.load_ensemble([source["export"], out])
+  written, failures = predict_lib.predict(model, tmp_path / "scans" / "images",
+                                          tmp_path / "masks", progress=False)
+  assert not failures and len(written) == 4  # a PNG and a .npy mask per slice

@@ -97,7 +97,9 @@ def test_a_console_script_is_named_by_its_own_name(tmp_path):
   script.write_text("import sys\nfrom export.predict import run\nsys.exit(run())\n")
   proc = _run([str(script), "--saved_model=/x", "--input=/x", "--output=/x", "stray"],
               env=dict(QUIET_ENV, PYTHONPATH=str(REPO)))
-  assert _one_error_line(proc, "spine-predict") == "unexpected arguments: ['stray']"
+  # spine-predict takes Beam's options after `--` (as spine-convert), hence the hint.
+  assert _one_error_line(proc, "spine-predict") == (
+      "unexpected arguments: ['stray'] (Beam pipeline options after `--` need --runner)")
 
 
 def test_tensorflow_start_up_lines_are_hidden_unless_asked_for():

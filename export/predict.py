@@ -67,11 +67,12 @@ _SAVED_MODEL = flags.DEFINE_string(
     "comma-separated list of them (A,B,C): an ensemble averaging their probabilities "
     "(one model time per member). `pretrained`: the model that ships with spineseg "
     "(export/pretrained_model/MODEL_CARD.md).", required=True)
+# --input and --output are required but for --protocol=list (checked in main).
 _INPUT = flags.DEFINE_string(
     "input", None, help="An image/.npy/NIfTI file, a folder holding one DICOM series, or "
-    "a folder of them (series in subfolders).", required=True)
-_OUTPUT = flags.DEFINE_string("output", None, help="Output folder (created if needed).",
-                              required=True)
+    "a folder of them (series in subfolders). Required (not with --protocol=list).")
+_OUTPUT = flags.DEFINE_string("output", None, help="Output folder (created if needed). "
+                              "Required (not with --protocol=list).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, help="2D slices per model call.")
 _OVERLAY = flags.DEFINE_bool("overlay", False, help="Also write PNG overlays.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, help="Replace existing outputs.")
@@ -157,6 +158,11 @@ def main(argv):
   if _BATCH_SIZE.value < 1:
     raise app.UsageError(f"--batch_size must be >= 1, found {_BATCH_SIZE.value}")
   from data_prep import fileio, readers, schema  # pylint: disable=g-import-not-at-top
+  if _PROTOCOL.value != schema.LIST_PROTOCOLS:
+    for flag in (_INPUT, _OUTPUT):
+      if flag.value is None:  # absl's own wording (data_prep/cli.py)
+        raise app.UsageError(f"missing --{flag.name}, a required flag (--help lists the "
+                             "flags)")
   try:
     spacing_2d = readers.parse_spacing_mm(_SPACING_2D_MM.value)
   except ValueError as e:  # one line, as every other fault

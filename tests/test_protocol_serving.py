@@ -268,8 +268,7 @@ def test_spine_predict_writes_the_chosen_heads_masks_and_names_it(exports, folde
                      "head for it; its protocols are full, vb")
   assert not (tmp_path / "x").exists()
   listed = _cli("export.predict", f"--saved_model={exports['all_full']},"
-                f"{exports['one_vb']}", "--input=/nonexistent", "--output=/nonexistent",
-                "--protocol=list")
+                f"{exports['one_vb']}", "--protocol=list")  # no --input, --output needed
   assert listed.returncode == 0, listed.stderr[-3000:]
   assert listed.stdout.splitlines() == [f"{exports['all_full']}: full (default), vb",
                                         f"{exports['one_vb']}: vb (default)"]

@@ -64,16 +64,8 @@ for k in $KS; do
   fail "STUDY_K: $k is not 1 or an even number of slices (k/2 of each of ${NEW[*]})"
 done
 
-convert_size=()
-if [ -n "${STUDY_IMAGE_SIZE:-}" ]; then  # the same field of view on a smaller square
-  fov=$(awk -F= '/^--image_size=/ {s=$2} /^--target_spacing_mm=/ {t=$2} END {print s * t}' \
-    $FLAGS/convert_2d.flags)
-  spacing=$(awk -v f="$fov" -v s="$STUDY_IMAGE_SIZE" 'BEGIN { printf "%.4g", f / s }')
-  convert_size=(--image_size="$STUDY_IMAGE_SIZE" --target_spacing_mm="$spacing")
-fi
-train_more=()
-[ -n "${STUDY_EPOCHS:-}" ] && train_more+=(--epochs="$STUDY_EPOCHS")
-[ -n "${STUDY_STEPS:-}" ] && train_more+=(--steps_per_epoch="$STUDY_STEPS")
+source tools/recipe_lib.sh
+recipe_overrides "${STUDY_IMAGE_SIZE:-}" "${STUDY_EPOCHS:-}" "${STUDY_STEPS:-}"
 read -r -a extra <<< "${STUDY_TRAIN_FLAGS:-}"
 read -r -a ft_flags <<< "$FT_FLAGS"
 

@@ -34,16 +34,8 @@ for sub in spine2d spine3d_extra spine3d; do
   fi
 done
 
-convert_size=()
-if [ -n "${RECIPE_IMAGE_SIZE:-}" ]; then  # the same field of view on a smaller square
-  fov=$(awk -F= '/^--image_size=/ {s=$2} /^--target_spacing_mm=/ {t=$2} END {print s * t}' \
-    $FLAGS/convert_2d.flags)
-  spacing=$(awk -v f="$fov" -v s="$RECIPE_IMAGE_SIZE" 'BEGIN { printf "%.4g", f / s }')
-  convert_size=(--image_size="$RECIPE_IMAGE_SIZE" --target_spacing_mm="$spacing")
-fi
-train_more=()
-[ -n "${RECIPE_EPOCHS:-}" ] && train_more+=(--epochs="$RECIPE_EPOCHS")
-[ -n "${RECIPE_STEPS:-}" ] && train_more+=(--steps_per_epoch="$RECIPE_STEPS")
+source tools/recipe_lib.sh
+recipe_overrides "${RECIPE_IMAGE_SIZE:-}" "${RECIPE_EPOCHS:-}" "${RECIPE_STEPS:-}"
 read -r -a extra <<< "${RECIPE_TRAIN_FLAGS:-}"
 train_more+=("${extra[@]}")
 

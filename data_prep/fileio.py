@@ -19,6 +19,7 @@ imported only when a URL is touched.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
@@ -211,6 +212,19 @@ def open_file(p: str | os.PathLike, mode: str = "r"):
   if is_remote(p):
     return RemotePath(os.fspath(p)).open(mode)
   return open(p, mode, encoding=None if "b" in mode else "utf-8")  # pylint: disable=consider-using-with
+
+
+def sha256(p: str | os.PathLike) -> str:
+  """SHA-256 of a file's bytes (local or URL), as `sha256sum` prints it.
+
+  Raises:
+    OSError: the file cannot be read.
+  """
+  digest = hashlib.sha256()
+  with open_file(p, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -314,7 +314,6 @@ def verify_shards(shards: Sequence[Shard], progress: bool = False) -> list[str]:
     starting with the shard's path; empty when every shard is intact. A dry-run
     manifest (no sha256 recorded) yields a message per shard as well.
   """
-  import hashlib  # pylint: disable=g-import-not-at-top
   problems = []
   bar = fileio.Progress(len(shards), "verify", unit="shards", enabled=progress)
   for shard in shards:
@@ -326,16 +325,13 @@ def verify_shards(shards: Sequence[Shard], progress: bool = False) -> list[str]:
       problems.append(f"{path}: missing ({shard.split} shard listed in "
                       f"{schema.MANIFEST_NAME})")
     else:
-      h = hashlib.sha256()
       try:
-        with fileio.open_file(path, "rb") as f:
-          for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        digest = fileio.sha256(path)
       except OSError as e:
         problems.append(f"{path}: unreadable: {e.strerror or e}")
       else:
-        if h.hexdigest() != expected:
-          problems.append(f"{path}: corrupted or truncated: SHA-256 {h.hexdigest()[:12]}... "
+        if digest != expected:
+          problems.append(f"{path}: corrupted or truncated: SHA-256 {digest[:12]}... "
                           f"differs from {expected[:12]}... recorded at conversion "
                           f"({path.stat().st_size} bytes now); convert the data again")
     bar.step()

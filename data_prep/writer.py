@@ -89,14 +89,6 @@ def group_of(case_id: str, case_id_regex: Optional[str]) -> str:
   return m.group(1) if m.groups() else m.group(0)
 
 
-def _sha256(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  with fileio.open_file(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 # A "spawn" worker is a fresh interpreter that imports TensorFlow (via schema/preprocess):
 # 7.5 s and 620 MB each on the loaded 2-core dev machine (bench/convert_bench.py). Cases
 # therefore run in the parent until the estimated remaining work exceeds what a pool of W
@@ -382,7 +374,7 @@ def _close_shards(shard_sets: dict[str, shards.ShardSet], acc: "_Accumulator",
       entry = {"file": name, "examples": count}
       if not dry_run:
         with shards.output_errors("read back the shards", tmp):
-          entry["sha256"] = _sha256(tmp)
+          entry["sha256"] = fileio.sha256(tmp)
         staged.append((tmp, name))
       entries.append(entry)
     split_info[split] = {"cases": acc.cases_per_split[split],

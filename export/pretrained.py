@@ -27,6 +27,8 @@ from typing import Iterable
 
 import numpy as np
 
+from data_prep import fileio
+
 # The name that selects the shipped model (a folder of that name: ./pretrained).
 NAME = "pretrained"
 MODEL_DIR = pathlib.Path(__file__).resolve().parent / "pretrained_model"
@@ -64,11 +66,7 @@ def cache_dir() -> pathlib.Path:
 
 def weights_sha256() -> str:
   """SHA-256 of the shipped `best.keras` (names the cached export)."""
-  digest = hashlib.sha256()
-  with (model_dir() / MODEL_FILE).open("rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+  return fileio.sha256(model_dir() / MODEL_FILE)
 
 
 def saved_model() -> pathlib.Path:
@@ -94,13 +92,10 @@ def saved_model() -> pathlib.Path:
                   f"${CACHE_ENV} to a writable folder", str(target.parent)) from e
   # Imported here: it loads Keras, which predict and evaluate otherwise never need.
   from export import serving  # pylint: disable=g-import-not-at-top
-  # overwrite: a half-finished export of a killed process may hold the name.
+  # overwrite: a folder of that name without a SavedModel in it (the export itself is
+  # renamed into place whole, so it is none of ours).
   return serving.export(model_dir(), target, overwrite=True, protocol=DEFAULT_PROTOCOL)
 
-
-def resolve_saved_models(paths: list[str]) -> list[str]:
-  """`--saved_model` members with `pretrained` replaced by the cached export's folder."""
-  return [str(saved_model()) if p == NAME else p for p in paths]
 
 
 def weights_digest(weights: Iterable[np.ndarray]) -> str:

@@ -188,7 +188,7 @@ def _manifest_facts(given: str, folder) -> dict[str, Any]:
 
 
 def _source(given: str, path, kind: str, files: list, facts: dict[str, Any]) -> Source:
-  digests = [(_sha256(f), f) for f in files]
+  digests = [(fileio.sha256(f), f) for f in files]
   if len(digests) == 1:
     sha = digests[0][0]
   else:
@@ -196,14 +196,6 @@ def _source(given: str, path, kind: str, files: list, facts: dict[str, Any]) -> 
     lines = sorted(f"{d}  {f.relative_to(base)}\n" for d, f in digests)
     sha = hashlib.sha256("".join(lines).encode()).hexdigest()
   return Source(given, str(path), kind, tuple(str(f) for f in files), sha, facts)
-
-
-def _sha256(path) -> str:
-  digest = hashlib.sha256()
-  with path.open("rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def check_data(source: Source, image_size: int, target_spacing_mm: float | None) -> None:

@@ -11,13 +11,16 @@ spine-predict and spine-evaluate run SavedModels, so `saved_model()` exports it 
 a cache folder (`$SPINESEG_CACHE`, else `$XDG_CACHE_HOME/spineseg`, else
 `~/.cache/spineseg`) named by the SHA-256 of `best.keras`, and reuses that export from
 then on; the export is written aside and renamed into place, so a cache folder that
-exists is complete. spine-train's `--init_from=pretrained` reads the model directory
+exists is complete. Processes that need it at once (a shell loop run with `&`, Beam
+workers on one machine) take turns on a lock file beside it: the first exports, the
+others wait and then use that export, so no process replaces a folder another is reading. spine-train's `--init_from=pretrained` reads the model directory
 itself (trainer/init_from.py).
 
 Nothing here imports TensorFlow until an export is needed.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import pathlib
@@ -87,14 +90,19 @@ def saved_model() -> pathlib.Path:
         f"${CACHE_ENV} moves the cache)", file=sys.stderr, flush=True)
   try:
     target.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(target.parent / ".export.lock", "a")  # pylint: disable=consider-using-with
   except OSError as e:
     raise OSError(e.errno, f"cannot create the model cache ({e.strerror}); set "
                   f"${CACHE_ENV} to a writable folder", str(target.parent)) from e
-  # Imported here: it loads Keras, which predict and evaluate otherwise never need.
-  from export import serving  # pylint: disable=g-import-not-at-top
-  # overwrite: a folder of that name without a SavedModel in it (the export itself is
-  # renamed into place whole, so it is none of ours).
-  return serving.export(model_dir(), target, overwrite=True, protocol=DEFAULT_PROTOCOL)
+  with lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if (target / "saved_model.pb").is_file():
+      return target  # another process exported it while this one waited
+    # Imported here: it loads Keras, which predict and evaluate otherwise never need.
+    from export import serving  # pylint: disable=g-import-not-at-top
+    # overwrite: a folder of that name without a SavedModel in it (the export itself is
+    # renamed into place whole, so it is none of ours).
+    return serving.export(model_dir(), target, overwrite=True, protocol=DEFAULT_PROTOCOL)
 
 
 

@@ -1,10 +1,12 @@
 """The model that ships with spineseg: export/pretrained_model/ (export/pretrained.py)."""
+import fcntl
 import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -90,6 +92,27 @@ def test_segments_phantom_and_shared_slices_in_a_fresh_process(tmp_path):
   dice = _dice(tmp_path / "s2d.json")
   for name, floor in SPINE2D_VAL_FLOOR.items():
     assert dice[name] >= floor, dice
+
+
+def test_a_process_that_waits_for_the_cache_lock_uses_the_export_made_meanwhile(
+    tmp_path, monkeypatch):
+  from export import serving  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("SPINESEG_CACHE", str(tmp_path))
+  exports = []
+  monkeypatch.setattr(serving, "export", lambda *args, **kwargs: exports.append(args))
+  target = tmp_path / f"pretrained-{pretrained.weights_sha256()[:16]}" / "1"
+  target.parent.mkdir(parents=True)
+  result = {}
+  with open(target.parent / ".export.lock", "a") as other:  # another process exporting
+    fcntl.flock(other, fcntl.LOCK_EX)
+    waiter = threading.Thread(target=lambda: result.update(path=pretrained.saved_model()))
+    waiter.start()
+    waiter.join(timeout=2)
+    assert waiter.is_alive() and not exports  # it waits instead of exporting too
+    target.mkdir()
+    (target / "saved_model.pb").write_bytes(b"the other process's export")
+  waiter.join(timeout=30)
+  assert result == {"path": target} and not exports  # used, not exported again
 
 
 def test_unwritable_cache_is_one_line(tmp_path):

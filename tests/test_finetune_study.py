@@ -68,9 +68,10 @@ def test_table_has_a_row_per_k_with_each_arms_mean_spread_and_minutes():
 
 
 def test_goal_holds_when_b_reaches_c_fast_and_beats_a_by_the_margin():
-  holds, lines = st.verdict(st.summarize(_cells()))
+  holds, lines = st.verdict(_cells())
   assert holds is True, lines
-  assert "k=4: (b) - (a) = +0.110 (>= 0.05; outside the seed spread)" in lines
+  assert ("k=4: (b) - (a) = +0.110; per seed, against its own base: +0.100 (seed 0), "
+          "+0.120 (seed 1) (every seed >= 0.05)") in lines
   assert "k=1: (b) - (c) = -0.020 (inside the seed spread): reaches (c); minutes (b)/(c) " \
          "= 0.17 (<= 0.20)" in lines
 
@@ -78,20 +79,43 @@ def test_goal_holds_when_b_reaches_c_fast_and_beats_a_by_the_margin():
 @pytest.mark.parametrize("change, why", [
     (dict(b4=(0.60, 0.62), c4=(0.70, 0.72)), "below (c)"),          # b under c, apart
     (dict(b_minutes=3.0), "0.25 (> 0.20)"),                         # more than a fifth
-    (dict(b4=(0.63, 0.66)), "+0.035 (< 0.05"),                      # gain under 0.05
-    (dict(b4=(0.60, 0.74), c4=(0.60, 0.74)), "+0.060 (>= 0.05; inside the seed spread)"),
+    (dict(b4=(0.63, 0.66)), "+0.030 (seed 0), +0.040 (seed 1) (not every"),  # under 0.05
+    # The mean gains 0.06, but seed 0's model is no better than its own base.
+    (dict(b4=(0.60, 0.74), c4=(0.60, 0.74)), "+0.000 (seed 0), +0.120 (seed 1) (not every"),
 ])
 def test_goal_fails_on_each_condition(change, why):
-  holds, lines = st.verdict(st.summarize(_cells(**change)))
+  holds, lines = st.verdict(_cells(**change))
   assert holds is False, lines
   assert any(why in line for line in lines), lines
 
 
+def test_gain_over_the_base_is_paired_by_seed():
+  # The bases' seeds lie 0.20 apart and each fine-tuned model gains 0.08 on its own base:
+  # the arms' ranges overlap, yet every seed gains (the goal holds).
+  cells = _cells(a=(0.50, 0.70), b4=(0.58, 0.78), c4=(0.58, 0.78))
+  holds, lines = st.verdict(cells)
+  assert holds is True, lines
+  assert st.paired_gains(cells, 4) == pytest.approx({0: 0.08, 1: 0.08})
+  # A seed of (b) without its base is not paired.
+  assert st.paired_gains([c for c in cells if (c["arm"], c["seed"]) != ("a", 1)], 4) == \
+      pytest.approx({0: 0.08})
+
+
+def test_a_failed_condition_fails_the_goal_with_cells_missing():
+  cells = [c for c in _cells(b4=(0.60, 0.62), c4=(0.70, 0.72))
+           if not (c["arm"] == "c" and c["k"] == 1)]
+  holds, lines = st.verdict(cells)
+  assert holds is False and "k=1: (b) or (c) not measured" in lines, lines
+  assert lines[-1].startswith("goal: does not hold"), lines
+  # With one seed a failure is no result either.
+  assert st.verdict([c for c in cells if c["seed"] == 0])[0] is None
+
+
 def test_no_verdict_with_one_seed_or_a_missing_cell():
   one_seed = [c for c in _cells() if c["seed"] == 0]
-  assert st.verdict(st.summarize(one_seed))[0] is None
+  assert st.verdict(one_seed)[0] is None
   no_k4 = [c for c in _cells() if not (c["arm"] == "b" and c["k"] == 4)]
-  holds, lines = st.verdict(st.summarize(no_k4))
+  holds, lines = st.verdict(no_k4)
   assert holds is None and "k=4: (b) or (c) not measured" in lines
 
 

@@ -13,8 +13,9 @@ a cache folder (`$SPINESEG_CACHE`, else `$XDG_CACHE_HOME/spineseg`, else
 then on; the export is written aside and renamed into place, so a cache folder that
 exists is complete. Processes that need it at once (a shell loop run with `&`, Beam
 workers on one machine) take turns on a lock file beside it: the first exports, the
-others wait and then use that export, so no process replaces a folder another is reading. spine-train's `--init_from=pretrained` reads the model directory
-itself (trainer/init_from.py).
+others wait and then use that export, so no process replaces a folder another is
+reading. spine-train's `--init_from=pretrained` reads the model directory itself
+(trainer/init_from.py).
 
 Nothing here imports TensorFlow until an export is needed.
 """

@@ -191,7 +191,8 @@ def paired_gains(cells: Sequence[dict[str, Any]], k: int) -> dict[int, float]:
   """{seed: (b)'s Dice at k minus (a)'s} over the seeds that have both cells."""
   dice = {(c["arm"], int(c["k"]), c["seed"]): c["dice_vertebra"] for c in cells}
   return {seed: dice[("b", k, seed)] - dice[("a", 0, seed)]
-          for arm, kk, seed in sorted(dice) if (arm, kk) == ("b", k) and ("a", 0, seed) in dice}
+          for arm, kk, seed in sorted(dice)
+          if (arm, kk) == ("b", k) and ("a", 0, seed) in dice}
 
 
 def verdict(cells: Sequence[dict[str, Any]]) -> tuple[Optional[bool], list[str]]:

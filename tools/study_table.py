@@ -199,8 +199,8 @@ def verdict(cells: Sequence[dict[str, Any]]) -> tuple[Optional[bool], list[str]]
   """Whether the issue's goal holds (module docstring), with one line per check.
 
   Returns:
-    (True or False; None when it cannot be judged: a cell missing, or one seed only),
-    the lines.
+    (True or False; None when it cannot be judged: one seed only in some cell, or a cell
+    missing while every measured condition holds), the lines.
   """
   summary = summarize(cells)
   lines, checks, judged = [], [], True
@@ -229,11 +229,12 @@ def verdict(cells: Sequence[dict[str, Any]]) -> tuple[Optional[bool], list[str]]
     lines.append(f"k={GOAL_K}: (b) - (a) = {b4.mean - base.mean:+.3f}; per seed, against "
                  f"its own base: {per_seed or 'no seed has both'} "
                  f"({'every seed >=' if every else 'not every seed >='} {GOAL_MARGIN})")
-  if any(s.seeds < 2 for s in summary.values()):
+  one_seed = any(s.seeds < 2 for s in summary.values())
+  if one_seed:
     lines.append("fewer than 2 seeds in some cell: no spread, no verdict")
     judged = False
   if not judged:
-    if not all(checks) and all(s.seeds >= 2 for s in summary.values()):
+    if not all(checks) and not one_seed:
       # A condition that failed on cells of two seeds or more fails whatever the missing
       # cells show.
       lines.append("goal: does not hold (a condition above fails; the cells not "

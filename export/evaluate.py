@@ -38,11 +38,9 @@ from absl import app
 from absl import flags
 
 from data_prep import cli  # first: it quiets TensorFlow before anything loads it
+from export import model_flags
 
-_SAVED_MODEL = flags.DEFINE_string(
-    "saved_model", None, help="SavedModel version folder written by spine-export, or a "
-    "comma-separated list of them (A,B,C): an ensemble averaging their probabilities. "
-    "`pretrained`: the model that ships with spineseg.", required=True)
+_SAVED_MODEL = model_flags.define_saved_model()
 _IMAGES_DIR = flags.DEFINE_string("images_dir", None, help="Folder of images (mode 1).")
 _MASKS_DIR = flags.DEFINE_string(
     "masks_dir", None, help="Folder of ground-truth masks paired by file stem (mode 1).")
@@ -70,14 +68,9 @@ _POSTPROCESS = flags.DEFINE_bool(
     "scores the raw argmax): per class, connected components smaller than 10 percent of "
     "the class's largest become background. A converted split (--data_dir) is scored "
     "without it, as the trainer's validation does.")
-_PROTOCOL = flags.DEFINE_string(
-    "protocol", None, help="The labelling protocol (spine-convert --protocol) whose "
-    "output head segments, for models exported with one head per protocol (every "
-    "--saved_model must have it); default: each model's own default. The names are in "
-    "the export's metadata (assets.extra/spineseg.json, 'protocols'), and the error "
-    "for an unknown name lists them. --protocol=list prints each model's protocols (the "
-    "default marked) and exits without scoring (no other flag is needed then). The "
-    "JSON ('protocol') and the line after the table name the protocol scored.")
+_PROTOCOL = model_flags.define_protocol(
+    "scoring", "The JSON ('protocol') and the line after the table name the protocol scored.")
+flags.adopt_module_key_flags(model_flags)  # --help lists the two flags above
 _WITHIN_LEVELS = flags.DEFINE_bool(
     "within_labelled_levels", False, help="Score each class only between the first "
     "and last image rows (superior -> inferior) its ground truth labels in a case; "

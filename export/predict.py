@@ -61,12 +61,9 @@ from absl import app
 from absl import flags
 
 from data_prep import cli  # first: it quiets TensorFlow before anything loads it
+from export import model_flags
 
-_SAVED_MODEL = flags.DEFINE_string(
-    "saved_model", None, help="SavedModel version folder written by spine-export, or a "
-    "comma-separated list of them (A,B,C): an ensemble averaging their probabilities "
-    "(one model time per member). `pretrained`: the model that ships with spineseg "
-    "(export/pretrained_model/MODEL_CARD.md).", required=True)
+_SAVED_MODEL = model_flags.define_saved_model(" (one model time per member)")
 # --input and --output are required but for --protocol=list (checked in main).
 _INPUT = flags.DEFINE_string(
     "input", None, help="An image/.npy/NIfTI file, a folder holding one DICOM series, or "
@@ -105,14 +102,9 @@ _REPORT = flags.DEFINE_bool(
     "and one PNG mosaic per input): per input the outlined slice (a volume: its middle "
     "sagittal slice and neighbours), the predicted size of each class and flags for "
     "outputs that look wrong. An existing report needs --overwrite.")
-_PROTOCOL = flags.DEFINE_string(
-    "protocol", None, help="The labelling protocol (spine-convert --protocol) whose "
-    "output head segments, for models exported with one head per protocol (every "
-    "--saved_model must have it); default: each model's own default. The names are in "
-    "the export's metadata (assets.extra/spineseg.json, 'protocols'), and the error "
-    "for an unknown name lists them. --protocol=list prints each model's protocols (the "
-    "default marked) and exits without predicting (--input and --output are still "
-    "required, and left untouched). --report names the protocol used.")
+_PROTOCOL = model_flags.define_protocol(
+    "predicting", "--report names the protocol used.")
+flags.adopt_module_key_flags(model_flags)  # --help lists the two flags above
 _PIPELINE = flags.DEFINE_enum(
     "pipeline", "streaming", ["streaming", "sequential"], help="streaming: inputs are "
     "read and decoded a few ahead of the model and written behind it, in threads, with "

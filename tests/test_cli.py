@@ -24,6 +24,9 @@ SCRIPTS = _console_scripts()
 ANCHORS = {"spine-convert": "verify", "spine-train": "model_dir", "spine-export": "export_dir",
            "spine-predict": "saved_model", "spine-evaluate": "saved_model",
            "spine-phantom": "num_cases", "spine-inspect": "max_tiles_per_mosaic"}
+# Modules whose flags a binary defines through them (and adopts, so --help lists them).
+SHARED_FLAG_MODULES = {"spine-predict": ("export.model_flags",),
+                       "spine-evaluate": ("export.model_flags",)}
 
 
 def _run(cmd: list[str]) -> str:
@@ -52,10 +55,15 @@ def _flag_sections(text: str) -> dict[str, dict[str, str]]:
 
 @functools.lru_cache(maxsize=None)
 def _own_flags(name: str) -> dict[str, str]:
-  """The flags the binary's module defines, with help, as `--helpfull` groups them."""
+  """The flags the binary's module (and its shared flag modules) define, with help, as
+  `--helpfull` groups them."""
   script = pathlib.Path(sys.executable).parent / name
   assert script.is_file(), f"{script} is missing: run `make venv` (setup.py changed)"
-  return _flag_sections(_run([str(script), "--helpfull"]))[SCRIPTS[name]]
+  sections = _flag_sections(_run([str(script), "--helpfull"]))
+  own = dict(sections[SCRIPTS[name]])
+  for module in SHARED_FLAG_MODULES.get(name, ()):
+    own.update(sections[module])
+  return own
 
 
 def test_console_scripts_are_setup_pys():

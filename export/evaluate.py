@@ -54,14 +54,8 @@ _SPLIT = flags.DEFINE_string("split", "val", help="Split of --data_dir to score.
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, help="Write the scores here.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, help="Slices per model call.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, help="Replace an existing JSON.")
-_SPACING_2D_MM = flags.DEFINE_string(
-    "spacing_2d_mm", None, help="mm per pixel of 2D images in --images_dir (one value, "
-    "or ROW,COLUMN); required for them when the model was trained with spine-convert "
-    "--target_spacing_mm. NIfTI volumes carry their own spacing.")
-_TTA = flags.DEFINE_bool(
-    "tta", False, help="Scale test-time augmentation (--images_dir only): average the "
-    "probabilities of each image sent at its spacing times 0.85, 1.0, 1.15 (about 3x "
-    "slower). Needs a model exported with --target_spacing_mm.")
+_SPACING_2D_MM = model_flags.define_spacing_2d("2D images in --images_dir")
+_TTA = model_flags.define_tta(" (--images_dir only)")
 _POSTPROCESS = flags.DEFINE_bool(
     "postprocess", None, help="Score cleaned masks, as spine-predict --postprocess "
     "(--images_dir only; on by default there, as in spine-predict; --nopostprocess "
@@ -70,13 +64,15 @@ _POSTPROCESS = flags.DEFINE_bool(
     "without it, as the trainer's validation does.")
 _PROTOCOL = model_flags.define_protocol(
     "scoring", "The JSON ('protocol') and the line after the table name the protocol scored.")
-flags.adopt_module_key_flags(model_flags)  # --help lists the two flags above
 _WITHIN_LEVELS = flags.DEFINE_bool(
     "within_labelled_levels", False, help="Score each class only between the first "
     "and last image rows (superior -> inferior) its ground truth labels in a case; "
     "predictions of it above or below become background (--images_dir only). For masks "
     "labelled at some levels only, e.g. vertebral bodies T11-L5, where a predicted "
     "sacrum is unknown, not wrong. A diagnostic: the default scores every pixel.")
+
+# After the last model_flags flag: --help lists those as this command's own.
+flags.adopt_module_key_flags(model_flags)
 
 
 def _unwritable(path: pathlib.Path) -> str | None:

@@ -32,3 +32,19 @@ def define_protocol(action: str, named_in: str) -> flags.FlagHolder:
       "for an unknown name lists them. --protocol=list prints each model's protocols "
       f"(the default marked) and exits without {action} (no other flag is needed then). "
       f"{named_in}")
+
+
+def define_spacing_2d(inputs: str) -> flags.FlagHolder:
+  """--spacing_2d_mm: the pixel size of 2D `inputs` (e.g. "2D inputs")."""
+  return flags.DEFINE_string(
+      "spacing_2d_mm", None, help=f"mm per pixel of {inputs} (one value, or ROW,COLUMN); "
+      "required for them when the model was trained with spine-convert "
+      "--target_spacing_mm. NIfTI volumes carry their own spacing.")
+
+
+def define_tta(scope: str = "") -> flags.FlagHolder:
+  """--tta: scale test-time augmentation; `scope` says where it applies, if limited."""
+  return flags.DEFINE_bool(
+      "tta", False, help=f"Scale test-time augmentation{scope}: average the probabilities "
+      "of each input sent at its spacing times 0.85, 1.0, 1.15 (export.inference."
+      "TTA_SCALES; about 3x slower). Needs a model exported with --target_spacing_mm.")

@@ -79,14 +79,8 @@ _OUTPUT_FORMAT = flags.DEFINE_enum(
     "DICOM Segmentation (BINARY; segments 1 intervertebral disc, 2 vertebra) "
     "referencing the series' images; any other input fails. Needs pip install -e "
     "\".[dicom_seg]\" (highdicom).")
-_SPACING_2D_MM = flags.DEFINE_string(
-    "spacing_2d_mm", None, help="mm per pixel of 2D inputs (one value, or ROW,COLUMN); "
-    "required for them when the model was trained with spine-convert "
-    "--target_spacing_mm. NIfTI volumes carry their own spacing.")
-_TTA = flags.DEFINE_bool(
-    "tta", False, help="Scale test-time augmentation: average the probabilities of the "
-    "input sent at its spacing times 0.85, 1.0, 1.15 (about 3x slower). Needs a model "
-    "exported with --target_spacing_mm.")
+_SPACING_2D_MM = model_flags.define_spacing_2d("2D inputs")
+_TTA = model_flags.define_tta()
 _SAVE_PROBABILITIES = flags.DEFINE_bool(
     "save_probabilities", False, help="Also write the mean class probabilities (float32, "
     "last axis 3 classes) beside each mask: NAME_probabilities.npy [H, W, 3] for 2D, "
@@ -104,7 +98,6 @@ _REPORT = flags.DEFINE_bool(
     "outputs that look wrong. An existing report needs --overwrite.")
 _PROTOCOL = model_flags.define_protocol(
     "predicting", "--report names the protocol used.")
-flags.adopt_module_key_flags(model_flags)  # --help lists the two flags above
 _PIPELINE = flags.DEFINE_enum(
     "pipeline", "streaming", ["streaming", "sequential"], help="streaming: inputs are "
     "read and decoded a few ahead of the model and written behind it, in threads, with "
@@ -125,6 +118,9 @@ _REPORT_MIN_SLICES = flags.DEFINE_integer(
 _REPORT_MAX_COMPONENTS = flags.DEFINE_integer(
     "report_max_components", 30, help="--report flags a class in more connected pieces "
     "than this (a whole spine has 23 discs and 24 vertebrae).", lower_bound=1)
+
+# After the last model_flags flag: --help lists those as this command's own.
+flags.adopt_module_key_flags(model_flags)
 
 
 def _beam_engine(runner: str, beam_args: list[str]):

@@ -87,24 +87,28 @@ def saved_model() -> pathlib.Path:
   target = cache_dir() / f"{NAME}-{weights_sha256()[:16]}" / "1"
   if (target / "saved_model.pb").is_file():
     return target
-  print(f"spineseg: exporting the shipped model once to {target} (about half a minute; "
-        f"${CACHE_ENV} moves the cache)", file=sys.stderr, flush=True)
   try:
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = open(target.parent / ".export.lock", "a")  # pylint: disable=consider-using-with
   except OSError as e:
     raise OSError(e.errno, f"cannot create the model cache ({e.strerror}); set "
                   f"${CACHE_ENV} to a writable folder", str(target.parent)) from e
-  with lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+  with lock:  # the lock is released when the file closes
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"spineseg: waiting for another process that exports the shipped model to "
+            f"{target}", file=sys.stderr, flush=True)
+      fcntl.flock(lock, fcntl.LOCK_EX)
     if (target / "saved_model.pb").is_file():
       return target  # another process exported it while this one waited
+    print(f"spineseg: exporting the shipped model once to {target} (about half a "
+          f"minute; ${CACHE_ENV} moves the cache)", file=sys.stderr, flush=True)
     # Imported here: it loads Keras, which predict and evaluate otherwise never need.
     from export import serving  # pylint: disable=g-import-not-at-top
     # overwrite: a folder of that name without a SavedModel in it (the export itself is
     # renamed into place whole, so it is none of ours).
     return serving.export(model_dir(), target, overwrite=True, protocol=DEFAULT_PROTOCOL)
-
 
 
 def weights_digest(weights: Iterable[np.ndarray]) -> str:

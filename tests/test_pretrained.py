@@ -95,7 +95,7 @@ def test_segments_phantom_and_shared_slices_in_a_fresh_process(tmp_path):
 
 
 def test_a_process_that_waits_for_the_cache_lock_uses_the_export_made_meanwhile(
-    tmp_path, monkeypatch):
+    tmp_path, monkeypatch, capfd):
   from export import serving  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("SPINESEG_CACHE", str(tmp_path))
   exports = []
@@ -113,6 +113,8 @@ def test_a_process_that_waits_for_the_cache_lock_uses_the_export_made_meanwhile(
     (target / "saved_model.pb").write_bytes(b"the other process's export")
   waiter.join(timeout=30)
   assert result == {"path": target} and not exports  # used, not exported again
+  said = capfd.readouterr().err  # what the waiting process told its user: no export
+  assert "waiting for another process" in said and "exporting" not in said, said
 
 
 def test_unwritable_cache_is_one_line(tmp_path):

@@ -29,6 +29,7 @@ import shutil
 import sys
 from typing import Iterable
 
+from absl import logging
 import numpy as np
 
 from data_prep import fileio
@@ -106,9 +107,16 @@ def saved_model() -> pathlib.Path:
           f"minute; ${CACHE_ENV} moves the cache)", file=sys.stderr, flush=True)
     # Imported here: it loads Keras, which predict and evaluate otherwise never need.
     from export import serving  # pylint: disable=g-import-not-at-top
-    # overwrite: a folder of that name without a SavedModel in it (the export itself is
-    # renamed into place whole, so it is none of ours).
-    return serving.export(model_dir(), target, overwrite=True, protocol=DEFAULT_PROTOCOL)
+    # Writing a SavedModel logs each step at INFO (absl), as spine-export quiets too:
+    # those lines would come between spine-predict's own.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.WARNING)
+    try:
+      # overwrite: a folder of that name without a SavedModel in it (the export itself
+      # is renamed into place whole, so it is none of ours).
+      return serving.export(model_dir(), target, overwrite=True, protocol=DEFAULT_PROTOCOL)
+    finally:
+      logging.set_verbosity(verbosity)
 
 
 def weights_digest(weights: Iterable[np.ndarray]) -> str:

@@ -69,6 +69,8 @@ def test_segments_phantom_and_shared_slices_in_a_fresh_process(tmp_path):
                 f"--output_json={tmp_path / 'phantom.json'}"], {"SPINESEG_CACHE": str(cache)})
   assert first.returncode == 0, first.stderr
   assert "exporting the shipped model once" in first.stderr
+  # Only our line: TensorFlow's INFO lines of writing a SavedModel stay quiet.
+  assert not re.search(r"^I\d{4} ", first.stderr, re.MULTILINE), first.stderr
   [export] = cache.glob("pretrained-*/1")
   assert (export / "saved_model.pb").is_file()
   dice = _dice(tmp_path / "phantom.json")

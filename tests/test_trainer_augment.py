@@ -1,6 +1,5 @@
 """Scanner/sequence augmentations (`trainer.augment.random_appearance`): per-region
-contrast remapping, blur, low resolution; darkened discs (`random_disc_dimming`); and the
-default augmentation kept as it was."""
+contrast remapping, blur, low resolution; and the default augmentation kept as it was."""
 import dataclasses
 import hashlib
 
@@ -273,49 +272,3 @@ def test_train_config_wires_and_checks_the_appearance_settings():
       config_lib.check_config(dataclasses.replace(config, **{name: value}))
   with pytest.raises(config_lib.ConfigError, match="aug_remap_prob=0.3 with --noaugment"):
     config_lib.check_config(dataclasses.replace(base, aug_remap_prob=0.3, augment=False))
-
-
-def test_disc_dimming_darkens_outlined_discs_only_and_keeps_their_texture():
-  image, mask = t2_like_slice()
-  no_disc = np.where(mask == DISC, schema.set_label((BACKGROUND, DISC)), mask)  # vb-only
-  images = np.stack([image, image])[..., None]
-  masks = np.stack([mask, no_disc])[..., None].astype(np.uint8)
-  config = appearance_only(disc_dim_prob=1.0, disc_dim_max=1.0)
-  out, out_masks = augment.augment_batch(images, masks, tf.constant([5, 1]), config)
-  out = out.numpy()[..., 0]
-  np.testing.assert_array_equal(out_masks, masks)
-  np.testing.assert_array_equal(out[1], image)  # no disc outlined: nothing to darken
-  disc, vertebra = interior(mask == DISC), interior(mask == VERTEBRA)
-  before = image[mask == DISC].mean() - image[mask == VERTEBRA].mean()
-  after = out[0][mask == DISC].mean() - image[mask == VERTEBRA].mean()
-  assert 0 < after < 0.9 * before, (before, after)  # darker, by a drawn share of the way
-  np.testing.assert_array_equal(out[0][vertebra], image[vertebra])
-  far = ~scipy.ndimage.binary_dilation(mask == DISC, np.ones((2 * EDGE_RADIUS + 1,) * 2))
-  np.testing.assert_array_equal(out[0][far], image[far])
-  # A smooth shift: the disc's texture (its pixels' spread) stays nearly as it was.
-  assert abs(out[0][disc].std() - image[disc].std()) < 0.02
-  # The full amount everywhere takes the disc to the vertebrae's mean.
-  full = augment.dim_discs(images[:1], masks[:1], tf.ones_like(images[:1])).numpy()[0, ..., 0]
-  np.testing.assert_allclose(full[disc].mean(), image[mask == VERTEBRA].mean(), atol=0.02)
-
-
-def test_disc_dimming_same_eagerly_in_tf_data_and_compiled():
-  images, masks = synthetic_batch(8)
-  config = appearance_only(disc_dim_prob=0.5)
-  seed = tf.constant([-3, 2**40 + 1], tf.int64)
-  eager = augment.augment_batch(images, masks, seed, config)[0]
-  graph = next(iter(tf.data.Dataset.from_tensors((images, masks, seed)).map(
-      lambda i, m, s: augment.augment_batch(i, m, s, config))))[0]
-  compiled = tf.function(lambda i, m, s: augment.augment_batch(i, m, s, config, True),
-                         jit_compile=True)(images, masks, seed)[0]
-  np.testing.assert_allclose(graph, eager, atol=1e-5)
-  np.testing.assert_allclose(compiled, eager, atol=1e-5)
-  changed = [not np.allclose(eager[i], images[i]) for i in range(len(images))]
-  assert any(changed) and not all(changed), changed
-
-
-def test_disc_dim_max_is_a_share():
-  base = config_lib.TrainConfig(data_dir="d", model_dir="m", aug_disc_dim_prob=0.3)
-  config_lib.check_config(base)
-  with pytest.raises(config_lib.ConfigError, match="--aug_disc_dim_max=1.5: expected a share"):
-    config_lib.check_config(dataclasses.replace(base, aug_disc_dim_max=1.5))

@@ -74,14 +74,6 @@ class AugmentConfig:
       "scanner resolution; 0: off.")
   lowres_max_factor: float = _range(
       3.0, "Largest down/upsampling factor, drawn in [1, max] per axis (>= 1).")
-  disc_dim_prob: float = _range(
-      0.0, "Share of slices whose outlined discs are darkened toward the mean of the "
-      "slice's vertebrae (of the whole slice where none is outlined), by an amount that "
-      "varies smoothly across the slice (`dim_discs`): degenerated discs lose their T2 "
-      "signal; 0: off.")
-  disc_dim_max: float = _range(
-      1.0, "Largest share of that way a disc is darkened (0..1; 1: down to the "
-      "vertebrae's mean).")
 
 
 # `remap_regions`: offsets b_k are drawn in [-REMAP_MAX_OFFSET, REMAP_MAX_OFFSET] (units of
@@ -434,42 +426,6 @@ def remap_regions(images: tf.Tensor, masks: tf.Tensor, scale: tf.Tensor,
   return mean + std * (remapped - new_mean) / new_std
 
 
-def dim_discs(images: tf.Tensor, masks: tf.Tensor, amount: tf.Tensor) -> tf.Tensor:
-  """Darkens the outlined discs toward the vertebrae's intensity, per sample.
-
-  With D the disc pixels (class 1), V the vertebra pixels (class 2), x the image:
-
-    target = mean(x over V), or mean(x) where a sample has no V
-    w = G * 1_D (G a Gaussian of REMAP_EDGE_SIGMA px, as `remap_regions`: no new edges)
-    x' = x + w * amount * (target - mean(x over D))
-
-  so a disc's texture is kept and its mean moves `amount` of the way to the target.
-  Samples without an outlined disc (a folder that does not annotate them) are returned
-  unchanged.
-
-  Args:
-    images: float32 [B, H, W, 1].
-    masks: integer [B, H, W, 1] mask values (only read).
-    amount: float32 [B, H, W, 1], the share of the way (0: untouched).
-
-  Returns:
-    float32 [B, H, W, 1].
-  """
-  axes = [1, 2, 3]
-  labels = tf.cast(masks, tf.int32)
-  disc = tf.cast(tf.equal(labels, 1), tf.float32)
-  vertebra = tf.cast(tf.equal(labels, 2), tf.float32)
-  mean_over = lambda region: (tf.reduce_sum(images * region, axis=axes, keepdims=True) /
-                              tf.maximum(tf.reduce_sum(region, axis=axes, keepdims=True), 1.0))
-  has_vertebra = tf.reduce_sum(vertebra, axis=axes, keepdims=True) > 0
-  target = tf.where(has_vertebra, mean_over(vertebra),
-                    tf.reduce_mean(images, axis=axes, keepdims=True))
-  taps = _gaussian_taps(tf.constant([REMAP_EDGE_SIGMA]),
-                        math.ceil(3 * REMAP_EDGE_SIGMA))[0]
-  weight = _convolve_axis(_convolve_axis(disc, taps, 1), taps, 2)
-  return images + weight * amount * (target - mean_over(disc))
-
-
 def gaussian_blur(images: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
   """Separable Gaussian blur, sigma [B] pixels per sample, taps t = -radius..radius.
 
@@ -536,26 +492,6 @@ def _lowres_where(images, factor, apply):
   side = tf.cast(tf.shape(images)[1:3], tf.float32)
   coarse = tf.clip_by_value(tf.round(side / factor), 1.0, side)
   return _select(apply, downsample_upsample(images, coarse), images)
-
-
-@tf.function(jit_compile=True)
-def _dim_discs_where(images, masks, coarse, apply):
-  shape = tf.shape(images)
-  amount = tf.einsum("hk,bkl,wl->bhw", _bilinear_matrix(shape[1], coarse.shape[1]), coarse,
-                     _bilinear_matrix(shape[2], coarse.shape[2]))[..., tf.newaxis]
-  return _select(apply, dim_discs(images, masks, amount), images)
-
-
-def random_disc_dimming(images, masks, seed, config: AugmentConfig):
-  """`dim_discs` on a share `disc_dim_prob` of the samples; the amount is a 4 x 4 grid
-  drawn in [0, disc_dim_max] and upsampled bilinearly, so that the discs of one slice
-  darken by different amounts (degeneration is mostly one or two levels)."""
-  seeds = tf.unstack(tf.random.experimental.stateless_split(_portable_seed(seed), 2))
-  batch = tf.shape(images)[:1]
-  coarse = _portable_uniform(seeds[0], tf.concat([batch, [4, 4]], 0), 0.0,
-                             config.disc_dim_max)
-  apply = _portable_uniform(seeds[1], batch) < config.disc_dim_prob
-  return _dim_discs_where(images, masks, coarse, apply)
 
 
 def random_appearance(images, masks, seed, config: AugmentConfig):
@@ -628,10 +564,6 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor,
     # Before the gamma/bias/noise changes: those act on whatever contrast comes out.
     appearance_seed = tf.random.experimental.stateless_fold_in(_portable_seed(seed), 3)
     images = random_appearance(images, masks, appearance_seed, config)
-  if config.disc_dim_prob > 0 and config.disc_dim_max > 0:
-    # Its own seed too (folded in), for the same reason.
-    dim_seed = tf.random.experimental.stateless_fold_in(_portable_seed(seed), 4)
-    images = random_disc_dimming(images, masks, dim_seed, config)
   return random_intensity(images, int_seed, config, static_shapes), masks
 
 

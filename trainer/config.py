@@ -270,9 +270,6 @@ def check_config(config: TrainConfig) -> None:
   for name in below_one:
     if not 0 <= getattr(config, name) < 1:
       raise ConfigError(f"--{name}={getattr(config, name)}: expected 0 <= value < 1")
-  if not 0 <= config.aug_disc_dim_max <= 1:
-    raise ConfigError(f"--aug_disc_dim_max={config.aug_disc_dim_max}: expected a share, "
-                      "0 <= value <= 1")
   if config.aug_elastic_grid < 2:
     raise ConfigError(f"--aug_elastic_grid={config.aug_elastic_grid}: expected >= 2")
   if not config.aug_lowres_max_factor >= 1:

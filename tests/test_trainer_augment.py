@@ -272,3 +272,58 @@ def test_train_config_wires_and_checks_the_appearance_settings():
       config_lib.check_config(dataclasses.replace(config, **{name: value}))
   with pytest.raises(config_lib.ConfigError, match="aug_remap_prob=0.3 with --noaugment"):
     config_lib.check_config(dataclasses.replace(base, aug_remap_prob=0.3, augment=False))
+
+
+def test_cut_field_of_view_pads_a_band_of_the_labelled_extent_on_one_side():
+  image, mask = t2_like_slice()  # rows 42: are padding (IGNORE_LABEL)
+  images = np.stack([image] * 5)[..., None]
+  masks = np.stack([mask] * 5)[..., None]
+  side = tf.constant([0, 1, 2, 3, 1])
+  share = tf.constant([0.25, 0.25, 0.5, 0.5, 0.0])
+  out, out_masks = augment.cut_field_of_view(images, masks, side, share)
+  out, out_masks = out.numpy()[..., 0], out_masks.numpy()[..., 0]
+  low = image.min()
+  cut = np.zeros((5,) + mask.shape, bool)
+  cut[0, :11] = True         # top: a quarter of the 42 labelled rows, 0..10
+  cut[1, 31:] = True         # bottom: rows after 41 - 10.5 (padding rows included)
+  cut[2, :, :24] = True      # left: half of the 48 columns
+  cut[3, :, 24:] = True      # right
+  for i in range(5):
+    np.testing.assert_array_equal(out_masks[i][cut[i]], schema.IGNORE_LABEL)
+    np.testing.assert_array_equal(out_masks[i][~cut[i]], mask[~cut[i]])
+    np.testing.assert_array_equal(out[i][cut[i]], low)
+    np.testing.assert_array_equal(out[i][~cut[i]], image[~cut[i]])
+  # The band is measured on the labelled extent, not the square: the bottom cut reaches
+  # into the anatomy although the square's last rows are padding already.
+  assert (out_masks[1][31:42] == schema.IGNORE_LABEL).all()
+  # Nothing but padding: unchanged.
+  empty = np.full((1,) + mask.shape + (1,), schema.IGNORE_LABEL, np.uint8)
+  same, same_mask = augment.cut_field_of_view(images[:1], empty, tf.constant([1]),
+                                              tf.constant([0.2]))
+  np.testing.assert_array_equal(same, images[:1])
+  np.testing.assert_array_equal(same_mask, empty)
+
+
+def test_cut_is_drawn_per_sample_and_the_same_eagerly_in_tf_data_and_compiled():
+  images, masks = synthetic_batch(8)
+  config = appearance_only(cut_prob=0.5, cut_max=0.4)
+  seed = tf.constant([-3, 2**40 + 1], tf.int64)
+  eager = augment.augment_batch(images, masks, seed, config)
+  graph = next(iter(tf.data.Dataset.from_tensors((images, masks, seed)).map(
+      lambda i, m, s: augment.augment_batch(i, m, s, config))))
+  compiled = tf.function(lambda i, m, s: augment.augment_batch(i, m, s, config, True),
+                         jit_compile=True)(images, masks, seed)
+  for out in (graph, compiled):
+    np.testing.assert_allclose(out[0], eager[0], atol=1e-5)
+    np.testing.assert_array_equal(out[1], eager[1])
+  out_masks = eager[1].numpy()
+  cut = [(out_masks[i] == schema.IGNORE_LABEL).sum() > (masks[i] == schema.IGNORE_LABEL).sum()
+         for i in range(len(images))]
+  assert any(cut) and not all(cut), cut
+
+
+def test_cut_max_is_below_one():
+  base = config_lib.TrainConfig(data_dir="d", model_dir="m", aug_cut_prob=0.3)
+  config_lib.check_config(base)
+  with pytest.raises(config_lib.ConfigError, match="--aug_cut_max=1.0: expected 0 <= value < 1"):
+    config_lib.check_config(dataclasses.replace(base, aug_cut_max=1.0))

@@ -329,7 +329,7 @@ def test_augment_settings_keep_their_flag_names_defaults_and_help():
               "elastic_grid", "gamma_min", "gamma_max", "gamma_prob", "contrast_min",
               "contrast_max", "brightness", "contrast_prob", "bias_field_strength",
               "bias_field_prob", "noise_std", "noise_prob", "remap_prob", "blur_prob",
-              "blur_max_sigma", "lowres_prob", "lowres_max_factor"]
+              "blur_max_sigma", "lowres_prob", "lowres_max_factor", "cut_prob", "cut_max"]
   fields = {f.name: f for f in dataclasses.fields(train.TrainConfig)}
   names = [n for n in fields if n.startswith(("aug_", "elastic_"))]
   assert sorted(names) == sorted(["elastic_prob", "elastic_alpha"] +

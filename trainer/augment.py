@@ -74,6 +74,14 @@ class AugmentConfig:
       "scanner resolution; 0: off.")
   lowres_max_factor: float = _range(
       3.0, "Largest down/upsampling factor, drawn in [1, max] per axis (>= 1).")
+  cut_prob: float = _range(
+      0.0, "Share of slices whose field of view is cut short on one random side: a band "
+      "of the labelled extent becomes padding (`cut_field_of_view`), so that anatomy "
+      "may end at the edge of a scan, as in a volume whose lowest disc sits on its "
+      "border; 0: off.")
+  cut_max: float = _range(
+      0.3, "Largest share of the slice's labelled extent (along the cut's axis) that a cut "
+      "removes (0 < r < 1).")
 
 
 # `remap_regions`: offsets b_k are drawn in [-REMAP_MAX_OFFSET, REMAP_MAX_OFFSET] (units of
@@ -202,6 +210,64 @@ def _elastic_where(images, masks, coarse, alpha, apply):
   cols = tf.cast(tf.range(size[1]), tf.float32)[None, None, :] + offsets[..., 1]
   warped_images, warped_masks = _sample(images, masks, rows, cols, fill=None)
   return _select(apply, warped_images, images), _select(apply, warped_masks, masks)
+
+
+def cut_field_of_view(images: tf.Tensor, masks: tf.Tensor, side: tf.Tensor,
+                      share: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """Cuts each slice's field of view short on one side.
+
+  The extent is the bounding box of the pixels that are not `schema.IGNORE_LABEL` (the
+  slice without its padding). On `side` (0 top, 1 bottom, 2 left, 3 right) the rows or
+  columns within `share` of that extent from its edge become padding: the image takes
+  its own minimum (the padding value, as `warp`), the mask `schema.IGNORE_LABEL` (no loss
+  there). A slice with nothing but padding is returned unchanged.
+
+  Args:
+    images: float32 [B, H, W, 1].
+    masks: integer [B, H, W, 1].
+    side: int32 [B].
+    share: float32 [B], in [0, 1).
+
+  Returns:
+    (images, masks) of the same shapes and dtypes.
+  """
+  valid = tf.not_equal(masks[..., 0], tf.cast(schema.IGNORE_LABEL, masks.dtype))
+  shape = tf.shape(masks)
+
+  def extent(axis):  # first and last index holding a valid pixel, per sample
+    index = tf.range(shape[axis], dtype=tf.float32)[tf.newaxis]
+    any_valid = tf.reduce_any(valid, axis=3 - axis)  # [B, size]
+    first = tf.reduce_min(tf.where(any_valid, index, 1e9), axis=1)
+    last = tf.reduce_max(tf.where(any_valid, index, -1e9), axis=1)
+    return first, last
+
+  top, bottom = extent(1)
+  left, right = extent(2)
+  rows = tf.range(shape[1], dtype=tf.float32)[tf.newaxis, :, tf.newaxis]
+  cols = tf.range(shape[2], dtype=tf.float32)[tf.newaxis, tf.newaxis, :]
+  per = lambda x: x[:, tf.newaxis, tf.newaxis]
+  height = per(bottom - top + 1) * per(share)
+  width = per(right - left + 1) * per(share)
+  side = per(side)
+  cut = ((tf.equal(side, 0) & (rows < per(top) + height)) |
+         (tf.equal(side, 1) & (rows > per(bottom) - height)) |
+         (tf.equal(side, 2) & (cols < per(left) + width)) |
+         (tf.equal(side, 3) & (cols > per(right) - width)))
+  cut = (cut & per(tf.reduce_any(valid, axis=[1, 2])))[..., tf.newaxis]
+  low = tf.reduce_min(images, axis=[1, 2, 3], keepdims=True)
+  ignore = tf.cast(schema.IGNORE_LABEL, masks.dtype)
+  return tf.where(cut, low, images), tf.where(cut, ignore, masks)
+
+
+def random_cut(images, masks, seed, config: AugmentConfig):
+  """`cut_field_of_view` on a share `cut_prob` of the samples: a side drawn uniformly,
+  a share of the extent in [0, cut_max]."""
+  seeds = tf.unstack(tf.random.experimental.stateless_split(_portable_seed(seed), 3))
+  batch = tf.shape(images)[:1]
+  side = tf.cast(tf.minimum(_portable_uniform(seeds[0], batch, 0.0, 4.0), 3.0), tf.int32)
+  share = _portable_uniform(seeds[1], batch, 0.0, config.cut_max)
+  share = tf.where(_portable_uniform(seeds[2], batch) < config.cut_prob, share, 0.0)
+  return cut_field_of_view(images, masks, side, share)
 
 
 def random_geometry(images, masks, seed, config: AugmentConfig):
@@ -558,6 +624,10 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, seed: tf.Tensor,
   images, masks = random_geometry(images, masks, geo_seed, config)
   if config.elastic_prob > 0 and config.elastic_alpha > 0:
     images, masks = random_elastic(images, masks, elastic_seed, config)
+  if config.cut_prob > 0 and config.cut_max > 0:
+    # Its own seed, folded in, as the appearance changes below: the default draws stay.
+    cut_seed = tf.random.experimental.stateless_fold_in(_portable_seed(seed), 5)
+    images, masks = random_cut(images, masks, cut_seed, config)
   if config.remap_prob > 0 or config.blur_prob > 0 or config.lowres_prob > 0:
     # Its own seed, folded in: the three above stay as they were, so with these
     # transforms off (the default) the output is what it was before they existed.

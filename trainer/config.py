@@ -266,7 +266,7 @@ def check_config(config: TrainConfig) -> None:
   for name in not_negative:
     if not getattr(config, name) >= 0:
       raise ConfigError(f"--{name}={getattr(config, name)}: expected >= 0")
-  below_one = ("dropout", "aug_scale_range", "aug_max_translation")
+  below_one = ("dropout", "aug_scale_range", "aug_max_translation", "aug_cut_max")
   for name in below_one:
     if not 0 <= getattr(config, name) < 1:
       raise ConfigError(f"--{name}={getattr(config, name)}: expected 0 <= value < 1")

@@ -1,5 +1,6 @@
-"""The flags that choose a model and its output head, shared by spine-predict and
-spine-evaluate: one wording of --saved_model and --protocol for both.
+"""The flags that choose a model, its output head and how it is applied, shared by
+spine-predict and spine-evaluate: one wording of --saved_model, --protocol,
+--spacing_2d_mm and --tta for both.
 
 Defining a flag here imports nothing heavy, so `--help` stays fast.
 """

@@ -2,7 +2,9 @@
 
 Geometry (rotation, isotropic scale, translation) is ONE affine matrix applied to both the
 image (bilinear) and the mask (nearest), so labels stay on the anatomy they came from;
-an optional smooth elastic field (off by default) is likewise shared by both.
+an optional smooth elastic field (off by default) is likewise shared by both, and so is
+an optional field-of-view cut (off by default; on in the multi-scanner recipe): a band on
+one side of the labelled extent becomes padding, as at the border of a scan.
 Intensity changes (gamma, contrast/brightness, bias field, noise) touch the image only, as
 do the scanner/sequence changes, all off by default (`random_appearance`: per-region
 contrast remapping, Gaussian blur, low resolution), which let a model trained on one

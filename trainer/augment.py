@@ -83,7 +83,7 @@ class AugmentConfig:
       "border; 0: off.")
   cut_max: float = _range(
       0.3, "Largest share of the slice's labelled extent (along the cut's axis) that a cut "
-      "removes (0 < r < 1).")
+      "removes (0 <= r < 1; 0: off).")
 
 
 # `remap_regions`: offsets b_k are drawn in [-REMAP_MAX_OFFSET, REMAP_MAX_OFFSET] (units of

@@ -81,6 +81,11 @@ class ConvertOptions:
       None, f"mm per pixel of 2D images (they carry none): {readers.SPACING_HELP}. Stored "
       "with each example; required for 2D images with --target_spacing_mm.",
       parse=readers.parse_spacing_mm)
+  resample_masks: bool = _setting(
+      False, "A NIfTI label volume on another grid than its image's (a slice more, "
+      "another affine) is resampled onto the image's grid, nearest neighbour by the two "
+      "affines, when it covers the whole image and no labelled voxel falls outside it. "
+      "Default: such a pair is skipped as mismatched.")
   normalization: str = _setting(
       "percentile", "Intensity normalization, per image (2D) or per volume (NIfTI).",
       choices=preprocess.NORMALIZATIONS)
@@ -199,7 +204,8 @@ class ConvertOptions:
                 label_map=schema.parse_label_map(self.label_map),
                 annotated_labels=list(self.annotated_labels),
                 target_spacing_mm=self.target_spacing_mm, spacing_2d_mm=self.spacing_2d_mm,
-                protocol=self.protocol, slices_per_case=self.slices_per_case)
+                protocol=self.protocol, slices_per_case=self.slices_per_case,
+                resample_masks=self.resample_masks)
 
   def pipeline_options(self):
     """Beam's PipelineOptions for `runner` and `beam_args` (`beam_convert`)."""
@@ -211,10 +217,13 @@ class ConvertOptions:
 
     Key order and values are those dataset.json has always held (JSON-ready: lists, ""
     for an absent label map or regex, the examples per shard used), so that a
-    conversion's manifest bytes stay put; `slices_per_case` is added only when set.
+    conversion's manifest bytes stay put; `slices_per_case` and `resample_masks` are added
+    only when set.
     """
     given = ({} if self.slices_per_case is None
              else {"slices_per_case": self.slices_per_case})
+    if self.resample_masks:
+      given["resample_masks"] = True
     return dict(images_dir=str(images_dir), masks_dir=str(masks_dir),
                 output_dir=str(output_dir), required_labels=list(self.required_labels),
                 annotated_labels=list(self.annotated_labels),

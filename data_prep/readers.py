@@ -256,14 +256,59 @@ def read_image(path: str | os.PathLike,
               original_shape=data.shape, spacing_known=spacing_2d is not None)
 
 
-def read_case(image_path: str | os.PathLike, mask_path: str | os.PathLike,
-              spacing_2d: Optional[tuple[float, float]] = None) -> Case:
-  """Reads an image and its label mask into one display-order `Case`.
+RESAMPLE_HINT = ("--resample_masks resamples a label volume onto its image's grid by "
+                 "their affines")
 
-  `spacing_2d` as for `read_image`.
+
+def resample_to_grid(labels: np.ndarray, affine: np.ndarray, shape: tuple[int, ...],
+                     target_affine: np.ndarray, path: str, image_path: str) -> np.ndarray:
+  """A label volume on another grid: nearest neighbour in world coordinates.
+
+  Each voxel of the target grid (`shape`, `target_affine`: the image's) takes the label
+  of the `labels` voxel (grid `affine`) nearest to its centre. A pure shift of whole
+  voxels, the common case (a label volume with a slice more than its image), is a copy.
 
   Raises:
-    InputError: either file is unusable, or the two disagree in shape or affine.
+    InputError: the label volume does not cover the whole image grid, or a labelled
+      voxel lies outside the image (it would be lost); the message says how many.
+  """
+  to_labels = np.linalg.inv(affine) @ target_affine  # image voxel -> label voxel
+  corners = np.array([[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                      for k in (0, shape[2] - 1)], dtype=np.float64)
+  at = (corners @ to_labels.T)[:, :3]
+  if (at < -0.5).any() or (at > np.array(labels.shape) - 0.5).any():
+    raise InputError(f"{path}: label volume {labels.shape} does not cover the whole of "
+                     f"image {image_path} {tuple(shape)} in world coordinates; nothing "
+                     "to resample from outside it")
+  labelled = np.argwhere(labels != 0)
+  if labelled.size:
+    back = (np.c_[labelled, np.ones(len(labelled))] @ np.linalg.inv(to_labels).T)[:, :3]
+    outside = int(((back < -0.5) | (back > np.array(shape) - 0.5)).any(axis=1).sum())
+    if outside:
+      raise InputError(f"{path}: {outside} labelled voxels lie outside image {image_path} "
+                       f"{tuple(shape)}; resampling would drop them")
+  out = np.empty(shape, dtype=labels.dtype)
+  jj, kk = np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij")
+  for i in range(shape[0]):  # one plane at a time: a volume of indices would be large
+    points = np.stack([np.full(jj.shape, i), jj, kk, np.ones(jj.shape)], -1)
+    src = np.rint(points @ to_labels.T)[..., :3].astype(np.int64)
+    src = np.clip(src, 0, np.array(labels.shape) - 1)  # corners checked: rounding only
+    out[i] = labels[src[..., 0], src[..., 1], src[..., 2]]
+  return out
+
+
+def read_case(image_path: str | os.PathLike, mask_path: str | os.PathLike,
+              spacing_2d: Optional[tuple[float, float]] = None,
+              resample_masks: bool = False) -> Case:
+  """Reads an image and its label mask into one display-order `Case`.
+
+  `spacing_2d` as for `read_image`. `resample_masks`: a NIfTI label volume on another
+  grid than its image's (shape or affine) is resampled onto the image's grid
+  (`resample_to_grid`) instead of refused.
+
+  Raises:
+    InputError: either file is unusable, or the two disagree in shape or affine (and
+      `resample_masks` is off, or the label volume cannot be resampled without loss).
   """
   case = read_image(image_path, spacing_2d)
   mask_path = str(mask_path)
@@ -272,14 +317,21 @@ def read_case(image_path: str | os.PathLike, mask_path: str | os.PathLike,
       raise InputError(f"{mask_path}: expected a NIfTI label volume for the NIfTI image "
                        f"{case.image_path}")
     affine, data = _load_nifti(mask_path, "label")
-    if data.shape != case.original_shape:
+    labels = _as_int_mask(data, mask_path)
+    same_grid = (data.shape == case.original_shape
+                 and np.allclose(affine, case.affine, atol=1e-3))
+    if not same_grid and resample_masks:
+      labels = resample_to_grid(labels, affine, case.original_shape, case.affine,
+                                mask_path, case.image_path)
+      affine = case.affine
+    elif data.shape != case.original_shape:
       raise InputError(f"{mask_path}: label volume shape {data.shape} does not match image "
-                       f"{case.image_path} shape {case.original_shape}")
-    if not np.allclose(affine, case.affine, atol=1e-3):
+                       f"{case.image_path} shape {case.original_shape} ({RESAMPLE_HINT})")
+    elif not same_grid:
       raise InputError(f"{mask_path}: label affine does not match image {case.image_path}:"
-                       f"\nexpected\n{np.round(case.affine, 4)}\nfound\n{np.round(affine, 4)}")
-    mask = np.ascontiguousarray(
-        orientation.to_display(_as_int_mask(data, mask_path), affine)[0])
+                       f"\nexpected\n{np.round(case.affine, 4)}\nfound\n{np.round(affine, 4)}"
+                       f"\n({RESAMPLE_HINT})")
+    mask = np.ascontiguousarray(orientation.to_display(labels, affine)[0])
   else:
     if is_nifti(mask_path) or split_name(mask_path)[1] not in MASK_2D_SUFFIXES:
       raise InputError(f"{mask_path}: unsupported mask type for the 2D image "

@@ -121,7 +121,8 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
                  target_spacing_mm: Optional[float] = None,
                  spacing_2d_mm: Optional[tuple[float, float]] = None,
                  protocol: str = schema.DEFAULT_PROTOCOL,
-                 slices_per_case: Optional[int] = None) -> CaseResult:
+                 slices_per_case: Optional[int] = None,
+                 resample_masks: bool = False) -> CaseResult:
   """Reads one case and turns its kept slices into serialized examples.
 
   Args:
@@ -140,6 +141,8 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
     protocol: the labelling protocol of the masks, stored with every example.
     slices_per_case: keep at most this many of the slices that pass the label filter,
       chosen by `pick_slices`; the others are reported as skipped. None: all of them.
+    resample_masks: a label volume on another grid than its image's is resampled onto
+      the image's (`readers.read_case`) instead of skipped as a mismatched pair.
 
   Returns:
     A CaseResult. Input problems are reported in `error` (the case is skipped), label
@@ -148,7 +151,8 @@ def process_case(image_path: str, mask_path: str, *, image_size: int, normalizat
   result = CaseResult(case_id=readers.case_id_of(image_path), image_path=image_path,
                       mask_path=mask_path)
   try:
-    case = readers.read_case(image_path, mask_path, spacing_2d=spacing_2d_mm)
+    case = readers.read_case(image_path, mask_path, spacing_2d=spacing_2d_mm,
+                             resample_masks=resample_masks)
     if target_spacing_mm is not None and not case.spacing_known:
       result.fatal = (f"{image_path}: --target_spacing_mm={target_spacing_mm} needs the "
                       f"pixel spacing of 2D images, which carry none; pass --spacing_2d_mm")

@@ -145,6 +145,21 @@ def test_nifti_single_class_volumes_and_mismatched_pair(shared_data, tmp_path):
   assert m["totals"]["slices_written"] > 0 and m["class_pixel_counts"]["all"][2] == 0
 
 
+def test_resample_masks_converts_the_mismatched_pair(shared_data, tmp_path):
+  vb = tmp_path / "vb2_04"
+  for sub in ("images", "masks"):
+    (vb / sub).mkdir(parents=True)
+    (vb / sub / "vb2_04.nii.gz").symlink_to(shared_data / "spine3d" / sub / "vb2_04.nii.gz")
+  m = _convert(vb, tmp_path / "out", annotated_labels=[2], val_fraction=0,
+               resample_masks=True)
+  assert m["skipped"]["files"] == [] and [c["id"] for c in m["cases"]] == ["vb2_04"]
+  assert m["flags"]["resample_masks"] is True
+  assert m["totals"]["slices_written"] == 63  # label slices 11..73 of the image's 76
+  with pytest.raises(writer.ConversionError, match="does not match.*--resample_masks"):
+    _convert(vb, tmp_path / "plain", annotated_labels=[2], val_fraction=0)
+  assert "resample_masks" not in _convert(shared_data / "spine2d", tmp_path / "2d")["flags"]
+
+
 def test_label_map_grouping_and_shard_sizes(tmp_path):
   src = tmp_path / "src"
   _synthetic_2d(src, n=4, labels=(0, 3, 7), prefix="p1_")

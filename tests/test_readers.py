@@ -87,9 +87,9 @@ def test_nifti_float_labels_accepted_when_integral(tmp_path):
   assert case.image.shape == (4, 6, 5)  # RAS -> (R, I, P)
 
 
-def _expect(match, path, fn, *args):
+def _expect(match, path, fn, *args, **kwargs):
   with pytest.raises(readers.InputError) as info:
-    fn(*args)
+    fn(*args, **kwargs)
   message = str(info.value)
   assert str(path) in message, message
   assert all(m in message for m in match), message
@@ -144,3 +144,56 @@ def test_real_mismatched_pair(shared_data):
   mask = shared_data / "spine3d" / "masks" / "vb2_04.nii.gz"
   _expect(["(381, 381, 77)", "(381, 381, 76)", "does not match"], mask,
           readers.read_case, image, mask)
+
+
+def test_resample_masks_copies_a_label_volume_a_slice_longer(tmp_path):
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 200, (6, 7, 5)).astype(np.uint8)
+  labels = np.zeros((6, 7, 6), np.uint8)  # one slice more than the image, same affine
+  labels[1:4, 2:5, 1:4] = 2
+  affine = np.diag([1.0, 1.0, 2.0, 1.0])
+  img = _nifti(tmp_path / "v.nii.gz", image, affine)
+  msk = _nifti(tmp_path / "m.nii.gz", labels, affine)
+  _expect(["(6, 7, 6)", "(6, 7, 5)", "--resample_masks"], msk, readers.read_case, img, msk)
+  case = readers.read_case(img, msk, resample_masks=True)
+  same = readers.read_case(img, _nifti(tmp_path / "cut.nii.gz", labels[:, :, :5], affine))
+  np.testing.assert_array_equal(case.mask, same.mask)
+  assert (case.mask == 2).sum() == 27
+
+
+def test_resample_masks_nearest_neighbour_from_a_coarser_shifted_grid(tmp_path):
+  image = np.zeros((8, 6, 4), np.float32)
+  coarse = np.arange(4 * 3 * 2, dtype=np.uint8).reshape(4, 3, 2) % 3
+  # 2 mm voxels whose centres lie a quarter mm before the image's: fine voxel i (centre
+  # i mm) is nearest to coarse voxel round((i + 0.25) / 2).
+  coarse_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+  coarse_affine[:3, 3] = -0.25
+  coarse = np.pad(coarse, ((0, 1), (0, 1), (0, 1)))  # covers the fine grid's far edge
+  img = _nifti(tmp_path / "v.nii.gz", image)
+  msk = _nifti(tmp_path / "m.nii.gz", coarse, coarse_affine)
+  case = readers.read_case(img, msk, resample_masks=True)
+  idx = [np.rint((np.arange(n) + 0.25) / 2).astype(int) for n in image.shape]
+  expected = coarse[np.ix_(*idx)]
+  np.testing.assert_array_equal(case.mask, readers.read_case(
+      img, _nifti(tmp_path / "e.nii.gz", expected)).mask)
+
+
+def test_resample_masks_refuses_to_lose_labels_or_invent_them(tmp_path):
+  img = _nifti(tmp_path / "v.nii.gz", np.zeros((6, 7, 5), np.uint8))
+  labels = np.zeros((6, 7, 6), np.uint8)
+  labels[2, 3, 5] = 1  # on the extra slice, outside the image
+  lost = _nifti(tmp_path / "lost.nii.gz", labels)
+  _expect(["1 labelled voxels lie outside", "v.nii.gz"], lost, readers.read_case, img, lost,
+          resample_masks=True)
+  short = _nifti(tmp_path / "short.nii.gz", np.zeros((6, 7, 4), np.uint8))
+  _expect(["does not cover the whole", "v.nii.gz"], short, readers.read_case, img, short,
+          resample_masks=True)
+
+
+def test_real_mismatched_pair_resampled(shared_data):
+  image = shared_data / "spine3d" / "images" / "vb2_04.nii.gz"
+  mask = shared_data / "spine3d" / "masks" / "vb2_04.nii.gz"
+  case = readers.read_case(image, mask, resample_masks=True)
+  stored = np.asarray(nib.load(str(mask)).dataobj)
+  assert case.mask.shape == case.image.shape
+  assert (case.mask == 2).sum() == (stored == 2).sum()  # the extra slice holds no label

@@ -321,7 +321,7 @@ print(convert._options([2], [1], []) == options.ConvertOptions(
 def test_every_option_is_a_flag_with_its_default_and_help():
   proc = _binary([], code=_FLAGS_OF_OPTIONS)
   assert proc.returncode == 0, proc.stderr
-  assert proc.stdout.split() == ["True", "21"]
+  assert proc.stdout.split() == ["True", "22"]
 
 
 def test_label_map_parsing_and_regex_errors(tmp_path):

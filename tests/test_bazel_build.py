@@ -65,6 +65,16 @@ def test_build_file_is_current():
       "`.venv/bin/python tools/bazel/gen_build.py` and commit BUILD")
 
 
+def test_ci_bazel_smoke_targets_are_test_files():
+  """`make bazel-smoke` (CI) names test targets: each must still be a tests/ file."""
+  make = (REPO / "Makefile").read_text()
+  listed = re.search(r"BAZEL_SMOKE := \$\(addprefix //:test_,(.*?)\)\n", make, re.S)
+  names = listed.group(1).replace("\\\n", " ").split()
+  assert len(names) >= 10
+  missing = [n for n in names if not (REPO / "tests" / f"test_{n}.py").is_file()]
+  assert not missing, f"Makefile BAZEL_SMOKE names tests that do not exist: {missing}"
+
+
 def test_binaries_come_from_setup_py_only(tmp_path):
   gen = _gen_build()
   _write(tmp_path, {"setup.py": "import setuptools\nsetuptools.setup(name='x')\n"})

@@ -264,9 +264,20 @@ def resample_to_grid(labels: np.ndarray, affine: np.ndarray, shape: tuple[int, .
                      target_affine: np.ndarray, path: str, image_path: str) -> np.ndarray:
   """A label volume on another grid: nearest neighbour in world coordinates.
 
-  Each voxel of the target grid (`shape`, `target_affine`: the image's) takes the label
-  of the `labels` voxel (grid `affine`) nearest to its centre. A pure shift of whole
-  voxels, the common case (a label volume with a slice more than its image), is a copy.
+  Each voxel of the target grid takes the label of the `labels` voxel nearest to its
+  centre; a pure shift of whole voxels, the common case (a label volume with a slice more
+  than its image), comes out as an exact copy.
+
+  Args:
+    labels: int [X, Y, Z] labels in stored voxel order.
+    affine: their [4, 4] voxel-to-world affine.
+    shape: the target (image) grid's shape.
+    target_affine: the target grid's [4, 4] voxel-to-world affine.
+    path: the label file, for messages.
+    image_path: the image file, for messages.
+
+  Returns:
+    The labels on the target grid, `shape`, of `labels`' dtype.
 
   Raises:
     InputError: the label volume does not cover the whole image grid, or a labelled

@@ -71,6 +71,12 @@ _WITHIN_LEVELS = flags.DEFINE_bool(
     "labelled at some levels only, e.g. vertebral bodies T11-L5, where a predicted "
     "sacrum is unknown, not wrong. A diagnostic: the default scores every pixel.")
 
+_RESAMPLE_MASKS = flags.DEFINE_bool(
+    "resample_masks", False, help="Score a NIfTI label volume on another grid than its "
+    "image's (a slice more, another affine) on the image's grid, resampled as "
+    "spine-convert --resample_masks does (nearest neighbour by the two affines; refused "
+    "when a label would be lost). --images_dir only. Default: such a pair is a failure.")
+
 # After the last model_flags flag: --help lists those as this command's own.
 flags.adopt_module_key_flags(model_flags)
 
@@ -121,6 +127,9 @@ def main(argv):
                          "scored in its stored squares, at the model's target spacing)")
   if _DATA_DIR.value and _WITHIN_LEVELS.value:
     raise app.UsageError("--within_labelled_levels applies to --images_dir only")
+  if _DATA_DIR.value and _RESAMPLE_MASKS.value:
+    raise app.UsageError("--resample_masks applies to --images_dir only (a converted "
+                         "dataset was resampled, or not, by spine-convert)")
   if _DATA_DIR.value and _POSTPROCESS.value:  # given explicitly (None: the default)
     raise app.UsageError("--postprocess applies to --images_dir only (a converted split "
                          "is scored in its padded squares, not the input's geometry)")
@@ -158,6 +167,7 @@ def main(argv):
           batch_size=_BATCH_SIZE.value, spacing_2d_mm=spacing_2d,
           tta=_TTA.value, postprocess=_POSTPROCESS.value is not False,
           within_levels=_WITHIN_LEVELS.value, protocol=_PROTOCOL.value,
+          resample_masks=_RESAMPLE_MASKS.value,
           progress=sys.stderr.isatty())  # no bar in logs and captured output
     else:
       report = evaluate_lib.evaluate_split(model, _DATA_DIR.value, _SPLIT.value,

@@ -62,6 +62,7 @@ class _FolderJob:
   postprocess: bool
   within_levels: bool
   protocol: str | None = None
+  resample_masks: bool = False
 
 
 @dataclasses.dataclass
@@ -86,7 +87,8 @@ def evaluate_folders(model: inference.Model, images_dir: str, masks_dir: str, *,
                      spacing_2d_mm: tuple[float, float] | None = None,
                      tta: bool = False, postprocess: bool = False,
                      within_levels: bool = False,
-                     protocol: str | None = None) -> dict[str, Any]:
+                     protocol: str | None = None,
+                     resample_masks: bool = False) -> dict[str, Any]:
   """Scores the model on image/mask pairs of two folders.
 
   Predictions are in each input's own geometry (a model trained at a target spacing
@@ -98,7 +100,8 @@ def evaluate_folders(model: inference.Model, images_dir: str, masks_dir: str, *,
   each class scored only within the rows its ground truth covers
   (`metrics.within_labelled_levels`), for masks labelled at some levels only.
   `protocol`: the labelling protocol whose head is scored (every model must have it);
-  None: each model's default.
+  None: each model's default. `resample_masks`: a NIfTI label volume on another grid
+  than its image's is resampled onto it (`readers.read_case`) instead of a failed pair.
 
   Returns:
     {"cases": [row...], "overall": summarize(rows), "failures": [message...],
@@ -115,7 +118,7 @@ def evaluate_folders(model: inference.Model, images_dir: str, masks_dir: str, *,
   inference.check_protocol(model, protocol)
   pairs, orphans = readers.pair_files(images_dir, masks_dir)
   job = _FolderJob(model, label_map or {}, spacing_2d_mm, tta, postprocess, within_levels,
-                   protocol)
+                   protocol, resample_masks)
   scores = _Scores(
       fileio.Progress(len(pairs), "spine-evaluate", unit="cases", enabled=progress),
       [f"{path}: {reason}" for path, reason in orphans])
@@ -145,7 +148,8 @@ def _score_volumes_pass_on_2d(job: _FolderJob, scores: _Scores,
   failure of that pair only."""
   for case_id, image_path, mask_path in pairs:
     try:
-      case = readers.read_case(image_path, mask_path, spacing_2d=job.spacing_2d_mm)
+      case = readers.read_case(image_path, mask_path, spacing_2d=job.spacing_2d_mm,
+                               resample_masks=job.resample_masks)
       gt = schema.apply_label_map(case.mask, job.label_map, mask_path)
       spacing = inference.spacing_for(job.model, case)
       if case.kind == "2d":

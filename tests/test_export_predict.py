@@ -277,6 +277,17 @@ def test_evaluate_volumes_dice_and_hd95_against_known_truth(threshold, tmp_path)
   assert row["hd95_mm"]["hd95_disc"] == 0.0
   # Every vertebra surface voxel has its twin exactly one slice away: 2.0 mm, not 0.8/0.9.
   assert row["hd95_mm"]["hd95_vertebra"] == pytest.approx(2.0)
+  # --resample_masks: the label volume's extra (empty) row of voxels is dropped onto the
+  # image's grid, and the pair scores as the first on its classes (background differs:
+  # the image is a row smaller).
+  both = evaluate_lib.evaluate_folders(threshold, images, masks, progress=False,
+                                       resample_masks=True)
+  assert both["failures"] == []
+  resampled, same = both["cases"]
+  assert (resampled["case_id"], same) == ("bad", row)
+  for key in ("dice_disc", "dice_vertebra"):
+    assert resampled["dice"][key] == row["dice"][key]
+  assert resampled["hd95_mm"] == row["hd95_mm"]
 
 
 def test_spacing_changes_nothing_for_a_model_without_target_spacing(model):

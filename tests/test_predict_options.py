@@ -353,3 +353,7 @@ def test_evaluate_within_labelled_levels(model_a, tmp_path):
               f"--data_dir={tmp_path}", "--within_labelled_levels")
   assert proc.returncode != 0
   assert "--within_labelled_levels applies to --images_dir only" in proc.stderr
+  proc = _run("export.evaluate", f"--saved_model={model_a.path}",
+              f"--data_dir={tmp_path}", "--resample_masks")
+  assert proc.returncode != 0
+  assert "--resample_masks applies to --images_dir only" in proc.stderr

@@ -141,8 +141,8 @@ def test_bad_sources_are_one_line_and_leave_the_model_dir_unwritten(source, tmp_
       (source["data"], tmp_path / "missing", "does not exist"),
       (source["data"], truncated, "cut.keras: unreadable Keras model (truncated"),
       (source["data"], cut_ckpt, "unreadable checkpoint (truncated or corrupt"),
-      # the shipped model (export/pretrained_model) saw 256 px squares
-      (source["data"], "pretrained", "was trained with image_size 256, --data_dir has 32"),
+      # the shipped model (export/pretrained_model) saw 336 px squares
+      (source["data"], "pretrained", "was trained with image_size 336, --data_dir has 32"),
       (source["data"], tmp_path, "holds neither best.keras nor a checkpoint"),
       (big, source["model_dir"], "was trained with image_size 32, --data_dir has 64"),
       (big, source["export"], "was trained with image_size 32, --data_dir has 64"),

@@ -3,7 +3,7 @@
 # the multi-scanner recipe (tools/recipe.sh, README "Recipe (b)") with one seed and
 # --deterministic, then packs its run without optimizer state. `make pretrained` runs it.
 #   Same TensorFlow build and CPU: the same weights bit for bit (the weights sha256 it
-#   prints equals the card's). About 30 minutes on 2 CPU cores.
+#   prints equals the card's). About 40 minutes on 2 CPU cores.
 #   The held-out volumes stay out of training so that the card's Dice is measured on
 #   scans the model never saw; its scores land in $PRETRAINED_OUT/eval/.
 # Environment: PRETRAINED_OUT (pretrained_out), RECIPE_DATA (../shared/data),
@@ -11,9 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${PRETRAINED_OUT:-pretrained_out}"
-# --aug_cut_prob=0: the shipped model was trained before the recipe adopted the cut; the
-# flag keeps this command reproducing it bit for bit. Drop it to train the current recipe.
-RECIPE_SEEDS=0 RECIPE_TRAIN_FLAGS="--deterministic --aug_cut_prob=0" RECIPE_OUT="$OUT" \
+RECIPE_SEEDS=0 RECIPE_TRAIN_FLAGS="--deterministic" RECIPE_OUT="$OUT" \
   tools/recipe.sh
 "${PYTHON:-.venv/bin/python}" tools/pack_pretrained.py "$OUT/runs/seed0" \
   "${PRETRAINED_DEST:-export/pretrained_model}"

@@ -337,7 +337,9 @@ def test_recipe_script_runs_shrunk_on_the_shared_data(tmp_path):
   # The flagfiles' settings reached the data and the model, the overrides too.
   volumes = json.loads((tmp_path / "data" / "spine3d_extra" / "dataset.json").read_text())
   assert volumes["annotated_labels"] == [0, 2]
-  assert volumes["image_size"] == 64 and volumes["target_spacing_mm"] == pytest.approx(336 * 1.1 / 64, rel=1e-3)
+  assert volumes["image_size"] == 64
+  # The flagfiles' field of view (336 px x 1.1 mm) on the 64 px square.
+  assert volumes["target_spacing_mm"] == pytest.approx(336 * 1.1 / 64, rel=1e-3)
   config = json.loads((tmp_path / "runs" / "seed0" / "config.json").read_text())
   assert config["dataset_weights"] == "1,1,1" and config["steps_per_epoch"] == 2
   assert config["base_filters"] == 4 and config["epochs"] == 1

@@ -17,8 +17,8 @@
 # the figures must stay the same: they are checked against $STUDY_OUT/settings.txt).
 # Then tools/study_table.py prints the table and the verdict and writes study.svg.
 # Run from anywhere (`make finetune-study` does). Full size (2 seeds, k = 1 2 4 8: 2 base
-# and 8 recipe trainings of ~12 min each on 2 CPU cores, 8 short fine-tunings) takes
-# about 2.5 hours there.
+# and 8 recipe trainings of train.flags' 1,200 steps, ~35 min each on 2 CPU cores at
+# 336 px, 8 short fine-tunings) takes about 6 hours there.
 # Shrink it with the environment (tests/test_finetune_study.py does):
 #   STUDY_SEEDS="0 1"        training seeds
 #   STUDY_K="1 2 4 8"        labelled slices of the new scanner: 1 or even numbers

@@ -5,8 +5,8 @@
 #   seed (one output head per protocol) -> spine-export per seed -> spine-evaluate of the
 #   ensemble with --tta on held-out volumes, each with the head of its protocol.
 # Run from anywhere (`make recipe` does). Rerunning starts afresh under $RECIPE_OUT.
-# Full size (3 seeds x 30 x 20 steps, then 3 models x 3 TTA scales per held-out volume)
-# takes about 2 hours on 2 CPU cores.
+# Full size (3 seeds x 60 x 20 steps, then 3 models x 3 TTA scales per held-out volume)
+# takes about 3.5 hours on 2 CPU cores.
 # Shrink it with the environment (tests/test_docs.py does):
 #   RECIPE_SEEDS="0 1 2"     training seeds, one model each (the ensemble's members)
 #   RECIPE_EPOCHS, RECIPE_STEPS   override train.flags' --epochs / --steps_per_epoch

@@ -36,7 +36,8 @@ finetune-study: $(STAMP)
 	tools/finetune_study.sh
 
 # The model that ships with spineseg (export/pretrained_model/): the recipe with one seed,
-# --deterministic, packed without optimizer state (about 40 minutes on 2 CPU cores).
+# --deterministic and 600 steps (tools/pretrained.sh says why), packed without optimizer
+# state (about 40 minutes on 2 CPU cores).
 pretrained: $(STAMP)
 	tools/pretrained.sh
 

@@ -35,9 +35,9 @@ recipe: $(STAMP)
 finetune-study: $(STAMP)
 	tools/finetune_study.sh
 
-# The model that ships with spineseg (export/pretrained_model/): the recipe with one seed,
-# --deterministic and 600 steps (tools/pretrained.sh says why), packed without optimizer
-# state (about 40 minutes on 2 CPU cores).
+# The model that ships with spineseg (export/pretrained_model/): the recipe with one seed
+# and --deterministic, packed without optimizer state (its training: about 35 minutes on
+# 2 fast CPU cores, 2 hours 15 minutes on 2 slow ones).
 pretrained: $(STAMP)
 	tools/pretrained.sh
 

@@ -3,8 +3,8 @@
 # the multi-scanner recipe (tools/recipe.sh, README "Recipe (b)") with one seed and
 # --deterministic, then packs its run without optimizer state. `make pretrained` runs it.
 #   Same TensorFlow build and CPU: the same weights bit for bit (the weights sha256 it
-#   prints equals the card's). Training takes
-#   35 minutes (fast cores) to 2 hours 15 minutes (slow ones) on 2 CPU cores.
+#   prints equals the card's). Training takes 35 minutes (fast cores) to 2 hours
+#   15 minutes (slow ones) on 2 CPU cores.
 #   The held-out volumes stay out of training so that the card's Dice is measured on
 #   scans the model never saw; its scores land in $PRETRAINED_OUT/eval/.
 # Environment: PRETRAINED_OUT (pretrained_out), RECIPE_DATA (../shared/data),

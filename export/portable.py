@@ -163,7 +163,7 @@ def _onnx_bytes(signature, protocol: str | None = None) -> bytes:
 
   # A tf.function with named inputs and a dict of outputs: the ONNX model gets the
   # signature's names (images -> probabilities, mask).
-  @tf.function(input_signature=spec)
+  @tf.function(input_signature=spec, autograph=False)
   def serve(images):
     if protocol is None:
       return signature(images=images)
@@ -258,7 +258,8 @@ def _litert_bytes(model_dir: str | os.PathLike, protocol: str | None) -> bytes:
   holder.serve = tf.function(
       lambda images: tf.nest.pack_sequence_as(serve.structured_outputs,
                                               tf.nest.flatten(frozen(images))),
-      input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name="images")])
+      input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name="images")],
+      autograph=False)
   # Through a SavedModel of that one signature: the .tflite then has a signature runner
   # with the names images -> probabilities, mask (from_concrete_functions loses them).
   with tempfile.TemporaryDirectory(prefix=".litert-") as tmp:

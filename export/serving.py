@@ -87,6 +87,18 @@ SIGNATURES = ("serving_default", "segment_spacing", "segment_uint8", "segment_ui
 # The twin of signature S that takes a `protocol` input (a model of several heads).
 PROTOCOL_SUFFIX = "_protocol"
 PROTOCOL_SPEC = tf.TensorSpec([], tf.string, name="protocol")
+_IMAGES = tf.TensorSpec([None, None, None, 1], tf.float32, name="images")
+_SPACING = tf.TensorSpec([2], tf.float32, name="spacing")
+
+
+def _signature(*specs: tf.TensorSpec) -> Any:
+  """The tf.function decorator of a serving signature taking `specs`.
+
+  AutoGraph off: the graphs hold no Python control flow on tensors (tf.where, tf.map_fn
+  and Python values only; a tensor in an `if` fails the export loudly), and converting
+  every traced function took 60% of an export (9.5 of 15.8 s for a 1x1 model, measured).
+  """
+  return tf.function(input_signature=list(specs), autograph=False)
 
 
 def tile_weights(size: int) -> np.ndarray:
@@ -371,46 +383,38 @@ class SegmentationModule(tf.Module):
 
   # --------------------------------------------------------------------- signatures
 
-  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32,
-                                              name="images")])
+  @_signature(_IMAGES)
   def serve_float32(self, images):
     """Raw slices, no spacing: taken to be at the model's target spacing (no resampling;
     for a model without one, fitted by the longer side). Old clients keep working."""
     return self._segment(images)
 
-  @tf.function(input_signature=[
-      tf.TensorSpec([None, None, None, 1], tf.float32, name="images"),
-      tf.TensorSpec([2], tf.float32, name="spacing")])
+  @_signature(_IMAGES, _SPACING)
   def segment_spacing(self, images, spacing):
     """Raw slices of [row, column] `spacing` mm per pixel, resampled to the target."""
     return self._segment(images, spacing=spacing)
 
-  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.uint8,
-                                              name="images")])
+  @_signature(tf.TensorSpec([None, None, None, 1], tf.uint8, name="images"))
   def serve_uint8(self, images):
     return self._segment(images)
 
-  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.uint16,
-                                              name="images")])
+  @_signature(tf.TensorSpec([None, None, None, 1], tf.uint16, name="images"))
   def serve_uint16(self, images):
     return self._segment(images)
 
-  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32,
-                                              name="images")])
+  @_signature(_IMAGES)
   def segment_volume(self, images):
     return self._segment(images, per_image=False, chunked=True)
 
-  @tf.function(input_signature=[
-      tf.TensorSpec([None, None, None, 1], tf.float32, name="images"),
-      tf.TensorSpec([2], tf.float32, name="spacing")])
+  @_signature(_IMAGES, _SPACING)
   def segment_volume_spacing(self, images, spacing):
     return self._segment(images, per_image=False, chunked=True, spacing=spacing)
 
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="png")])
+  @_signature(tf.TensorSpec([None], tf.string, name="png"))
   def segment_png(self, png):
     return self._segment_png(png)
 
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+  @_signature(tf.TensorSpec([None], tf.string, name="examples"))
   def segment_examples(self, examples):
     return self._segment_examples(examples)
 
@@ -495,7 +499,7 @@ class SegmentationModule(tf.Module):
   def _twin(self, function: Any, body: Any) -> Any:
     """The concrete `_protocol` twin of tf.function `function`: its inputs plus
     `protocol`, segmented by `body(*inputs, head=...)` with that protocol's head."""
-    @tf.function(input_signature=[*function.input_signature, PROTOCOL_SPEC])
+    @_signature(*function.input_signature, PROTOCOL_SPEC)
     def twin(*args):
       *inputs, protocol = args
       return body(*inputs, head=self._head_index(protocol))

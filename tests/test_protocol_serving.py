@@ -4,6 +4,7 @@ protocol exactly as a one-head export of it does, each `_protocol` twin with the
 `protocol` input names; spine-predict and spine-evaluate take --protocol (and
 --protocol=list), ensembles and --tta included; ONNX and LiteRT get a file per protocol.
 """
+import functools
 import json
 import os
 import pathlib
@@ -97,9 +98,16 @@ def _inputs():
   }
 
 
+@functools.lru_cache(maxsize=None)
+def _load(path):
+  """The SavedModel at `path`, loaded once per test process (a load and each signature's
+  first call cost seconds)."""
+  return tf.saved_model.load(str(path))
+
+
 def _run_all(path, twin_protocol=None):
   """{signature: {output: array}} of every signature (their twins given a protocol)."""
-  signatures = tf.saved_model.load(str(path)).signatures
+  signatures = _load(path).signatures
   out = {}
   for name, inputs in _inputs().items():
     if twin_protocol is not None:
@@ -130,7 +138,7 @@ def test_default_and_twins_equal_the_one_head_exports_bit_for_bit(exports):
 
 def test_signatures_and_metadata_name_every_protocol(exports):
   twins = [s + "_protocol" for s in serving.SIGNATURES]
-  loaded = tf.saved_model.load(str(exports["all_vb"]))
+  loaded = _load(exports["all_vb"])
   assert sorted(loaded.signatures) == sorted(list(serving.SIGNATURES) + twins)
   twin = loaded.signatures["segment_volume_spacing_protocol"]
   assert sorted(twin.structured_input_signature[1]) == ["images", "protocol", "spacing"]
@@ -138,7 +146,7 @@ def test_signatures_and_metadata_name_every_protocol(exports):
   assert metadata["protocol"] == "vb" and metadata["protocols"] == ["full", "vb"]
   assert metadata["signatures"] == list(serving.SIGNATURES) + twins
   # A one-head model: no twins, as before protocols.
-  one = tf.saved_model.load(str(exports["one_vb"]))
+  one = _load(exports["one_vb"])
   assert sorted(one.signatures) == sorted(serving.SIGNATURES)
   metadata = json.loads((exports["one_vb"] / serving.METADATA_FILE).read_text())
   assert (metadata["protocol"], metadata["protocols"]) == ("vb", ["vb"])
@@ -147,8 +155,7 @@ def test_signatures_and_metadata_name_every_protocol(exports):
 
 
 def test_an_unknown_protocol_fails_in_the_graph_listing_the_names(exports):
-  twin = tf.saved_model.load(str(exports["all_full"])).signatures[
-      "serving_default_protocol"]
+  twin = _load(exports["all_full"]).signatures["serving_default_protocol"]
   with pytest.raises(tf.errors.InvalidArgumentError,
                      match=r"unknown protocol: expected one of full, vb; found\] \[thin"):
     twin(images=tf.zeros([1, 20, 30, 1]), protocol=tf.constant("thin"))

@@ -7,7 +7,7 @@ not change the cost) both ways, a one-head model and a model of `--protocols` he
 (every signature twice: plain and `_protocol` twin), each export in a fresh process as
 spine-export runs it, and checks that both exports segment a batch bit for bit alike.
 
-  .venv/bin/python bench/export_bench.py                  # ~3-5 minutes on 2 cores
+  .venv/bin/python bench/export_bench.py                  # about 5 minutes on 2 cores
   .venv/bin/python bench/export_bench.py --base_filters=8 --depth=3 --image_size=128
 """
 from __future__ import annotations
